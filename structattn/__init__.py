@@ -1,0 +1,3 @@
+"""structattn: attention as a latent alignment in a probabilistic graphical model."""
+
+__version__ = "0.1.0"

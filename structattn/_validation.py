@@ -1,0 +1,95 @@
+"""Argument checks shared by every public entry point.
+
+Checks follow Pyro's ``validate_args`` convention: they run while
+``torch.distributions.Distribution`` validation is on (the default, also toggled by
+``pyro.enable_validation``) and can be switched off for speed.  Every failure is a
+``ValueError`` that names the argument and says what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributions import Distribution
+
+
+def validation_enabled() -> bool:
+    """Whether argument validation is on (``pyro.enable_validation`` toggles it)."""
+    return bool(Distribution._validate_args)
+
+
+def normalize_dim(tensor: torch.Tensor, dim: int, name: str = "dim") -> int:
+    """Return ``dim`` as a non-negative index into ``tensor``'s shape, or raise."""
+    if not isinstance(dim, int):
+        raise ValueError(f"{name} must be an int, got {type(dim).__name__}")
+    if tensor.dim() == 0:
+        raise ValueError(f"{name}={dim} is invalid for a 0-dimensional tensor")
+    if not -tensor.dim() <= dim < tensor.dim():
+        raise ValueError(
+            f"{name}={dim} is out of range for a tensor of shape {tuple(tensor.shape)}"
+        )
+    return dim % tensor.dim()
+
+
+def check_nonempty(tensor: torch.Tensor, dim: int, name: str) -> None:
+    """Raise when ``tensor`` has size zero along ``dim``."""
+    if tensor.shape[dim] == 0:
+        raise ValueError(
+            f"{name} has an empty dimension {dim} (shape {tuple(tensor.shape)}): "
+            "there is nothing to attend to"
+        )
+
+
+def broadcast_mask(
+    mask: torch.Tensor | None, shape: torch.Size, name: str = "mask"
+) -> torch.Tensor | None:
+    """Check that a boolean ``mask`` (True = valid) broadcasts to ``shape``; return it as bool.
+
+    The mask may have fewer dims than ``shape`` (aligned on the right, numpy style) but may
+    never enlarge ``shape``.
+    """
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        if mask.is_floating_point() or mask.is_complex():
+            raise ValueError(f"{name} must be a boolean (or 0/1 integer) tensor, got {mask.dtype}")
+        mask = mask != 0
+    try:
+        full = torch.broadcast_shapes(mask.shape, shape)
+    except RuntimeError as err:
+        raise ValueError(
+            f"{name} of shape {tuple(mask.shape)} does not broadcast to shape {tuple(shape)}"
+        ) from err
+    if full != torch.Size(shape):
+        raise ValueError(
+            f"{name} of shape {tuple(mask.shape)} would enlarge shape {tuple(shape)} "
+            f"to {tuple(full)}; it must broadcast to it"
+        )
+    return mask
+
+
+def check_finite(
+    tensor: torch.Tensor, name: str, mask: torch.Tensor | None = None
+) -> None:
+    """Raise when ``tensor`` holds NaN or +-inf (only at positions where ``mask`` is True)."""
+    bad = ~torch.isfinite(tensor)
+    if mask is not None:
+        bad = bad & mask
+    if bool(bad.any()):
+        kind = "NaN" if bool(torch.isnan(tensor).any()) else "infinite"
+        raise ValueError(
+            f"{name} contains {kind} values; pass finite scores and exclude positions with "
+            "a boolean mask instead of -inf"
+        )
+
+
+def check_some_valid(mask: torch.Tensor | None, dim: int, name: str = "mask") -> None:
+    """Raise when some slice of ``mask`` along ``dim`` has no True entry."""
+    if mask is None or mask.shape[dim] == 0:
+        return
+    if not bool(mask.any(dim).all()):
+        raise ValueError(
+            f"{name} masks every key of at least one query (all False along dim {dim}); "
+            "each query needs at least one valid key"
+        )
