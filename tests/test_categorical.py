@@ -1,0 +1,297 @@
+"""CategoricalAlignment, SparsemaxAlignment and RelaxedAlignment as distributions."""
+
+import math
+
+import pyro
+import pytest
+import torch
+from torch.distributions import kl_divergence
+
+from structattn.distributions import CategoricalAlignment, RelaxedAlignment, SparsemaxAlignment
+
+torch.set_num_threads(1)
+
+
+def _scores(*shape, dtype=torch.float64):
+    return torch.randn(*shape, dtype=dtype)
+
+
+def _key_mask(batch, queries, keys):
+    lengths = torch.tensor([keys, keys - 2, 1])[:batch]
+    return (torch.arange(keys) < lengths[:, None])[:, None, :].expand(batch, queries, keys)
+
+
+def test_attention_is_masked_softmax_with_exact_zeros():
+    scores = _scores(3, 2, 5)
+    mask = _key_mask(3, 2, 5)
+    dist = CategoricalAlignment(logits=scores, mask=mask)
+    expected = scores.masked_fill(~mask, -math.inf).softmax(-1)
+    assert torch.allclose(dist.attention, expected)
+    assert (dist.attention[~mask] == 0).all()
+    assert dist.batch_shape == (3, 2) and dist.event_shape == ()
+
+
+def test_masked_keys_get_zero_gradient():
+    scores = _scores(3, 2, 5).requires_grad_()
+    mask = _key_mask(3, 2, 5)
+    dist = CategoricalAlignment(logits=scores, mask=mask)
+    (dist.attention * torch.randn(3, 2, 5, dtype=torch.float64)).sum().backward()
+    assert (scores.grad[~mask] == 0).all()
+    assert scores.grad[mask].abs().sum() > 0
+
+
+def test_mask_broadcasts_from_key_lengths():
+    scores = _scores(3, 4, 5)
+    key_mask = torch.arange(5) < torch.tensor([5, 3, 2])[:, None]
+    dist = CategoricalAlignment(logits=scores, mask=key_mask[:, None, :])
+    assert (dist.attention[1, :, 3:] == 0).all()
+    assert torch.allclose(dist.attention.sum(-1), torch.ones(3, 4, dtype=torch.float64))
+
+
+def test_probs_constructor_masks_and_normalises():
+    probs = torch.rand(2, 3, 4, dtype=torch.float64)
+    mask = torch.tensor([True, True, False, True])
+    dist = CategoricalAlignment(probs=probs, mask=mask)
+    assert (dist.attention[..., 2] == 0).all()
+    assert torch.allclose(dist.attention.sum(-1), torch.ones(2, 3, dtype=torch.float64))
+
+
+def test_entropy_matches_brute_force_with_padding():
+    scores = _scores(3, 2, 5)
+    mask = _key_mask(3, 2, 5)
+    dist = CategoricalAlignment(logits=scores, mask=mask)
+    probs = dist.attention
+    brute = -(probs * probs.clamp_min(1e-300).log()).sum(-1)
+    assert torch.allclose(dist.entropy(), brute)
+    assert torch.isfinite(dist.entropy()).all()
+
+
+def test_kl_matches_brute_force_and_is_zero_for_itself():
+    mask = _key_mask(3, 2, 5)
+    p = CategoricalAlignment(logits=_scores(3, 2, 5), mask=mask)
+    q = CategoricalAlignment(logits=_scores(3, 2, 5), mask=mask)
+    pp, qp = p.attention, q.attention
+    brute = torch.where(mask, pp * (pp.clamp_min(1e-300).log() - qp.clamp_min(1e-300).log()), 0)
+    assert torch.allclose(kl_divergence(p, q), brute.sum(-1))
+    assert torch.allclose(kl_divergence(p, p), torch.zeros(3, 2, dtype=torch.float64))
+
+
+def test_kl_is_infinite_when_p_puts_mass_where_q_forbids():
+    scores = _scores(1, 1, 4)
+    p = CategoricalAlignment(logits=scores)
+    q = CategoricalAlignment(logits=scores, mask=torch.tensor([True, True, True, False]))
+    assert torch.isinf(kl_divergence(p, q)).all()
+    assert torch.isfinite(kl_divergence(q, p)).all()
+
+
+def test_expand_keeps_class_and_values():
+    dist = CategoricalAlignment(logits=_scores(2, 5), mask=torch.tensor([1, 1, 1, 0, 0]))
+    big = dist.expand((4, 2))
+    assert type(big) is CategoricalAlignment
+    assert big.batch_shape == (4, 2)
+    assert torch.equal(big.attention[3], dist.attention)
+
+
+def test_log_prob_broadcasts_enumerated_values():
+    dist = CategoricalAlignment(logits=_scores(3, 2, 4))
+    support = dist.enumerate_support(expand=False)
+    assert support.shape == (4, 1, 1)
+    log_prob = dist.log_prob(support)
+    assert log_prob.shape == (4, 3, 2)
+    assert torch.allclose(log_prob.exp().sum(0), torch.ones(3, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(logits=torch.tensor([[0.0, float("nan")]])), "NaN"),
+        (dict(logits=torch.tensor([[0.0, float("inf")]])), "infinite"),
+        (dict(logits=torch.tensor([[0.0, -float("inf")]])), "infinite"),
+        (dict(logits=torch.zeros(2, 0)), "empty"),
+        (dict(logits=torch.zeros(2, 3), mask=torch.tensor([[True, False, True],
+                                                           [False, False, False]])), "every key"),
+        (dict(logits=torch.zeros(2, 3), mask=torch.ones(2, 4, dtype=torch.bool)), "broadcast"),
+        (dict(logits=torch.zeros(2, 3), mask=torch.ones(5, 2, 3, dtype=torch.bool)), "enlarge"),
+        (dict(logits=torch.tensor(1.0)), "key dimension"),
+        (dict(), "exactly one"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_the_problem(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CategoricalAlignment(**kwargs)
+
+
+def test_nan_at_masked_positions_is_allowed():
+    logits = torch.tensor([[0.0, 1.0, float("nan")]])
+    dist = CategoricalAlignment(logits=logits, mask=torch.tensor([True, True, False]))
+    assert torch.isfinite(dist.attention).all()
+
+
+def test_validation_can_be_switched_off():
+    pyro.enable_validation(False)
+    dist = CategoricalAlignment(logits=torch.zeros(2, 3),
+                                mask=torch.tensor([[True, False, True], [False] * 3]))
+    assert dist.attention.shape == (2, 3)
+
+
+# --- SparsemaxAlignment -----------------------------------------------------------------
+
+
+def _sparse_scores():
+    return torch.tensor(
+        [[[3.0, 2.5, -1.0, -2.0, 0.0], [0.1, 0.0, 0.2, -0.1, 0.05]],
+         [[5.0, -5.0, -5.0, -5.0, -5.0], [1.0, 1.0, -3.0, -3.0, -3.0]]],
+        dtype=torch.float64,
+    )
+
+
+def _sparsemax_reference(scores):
+    """Sort-based sparsemax in float64 (Martins & Astudillo 2016), written for the tests."""
+    z, _ = scores.sort(-1, descending=True)
+    k = torch.arange(1, scores.shape[-1] + 1, dtype=scores.dtype)
+    cumsum = z.cumsum(-1)
+    support = 1 + k * z > cumsum
+    k_star = support.sum(-1, keepdim=True)
+    tau = (cumsum.gather(-1, k_star - 1) - 1) / k_star
+    return (scores - tau).clamp_min(0)
+
+
+def test_sparsemax_alignment_probabilities_are_sparsemax():
+    scores = _sparse_scores()
+    dist = SparsemaxAlignment(scores=scores)
+    assert torch.allclose(dist.attention, _sparsemax_reference(scores))
+    assert (dist.attention == 0).any()
+    assert torch.equal(dist.support_size(), (_sparsemax_reference(scores) > 0).sum(-1))
+
+
+def test_sparsemax_enumerate_support_lists_only_the_union_of_supports():
+    scores = _sparse_scores()
+    dist = SparsemaxAlignment(scores=scores)
+    support = dist.enumerate_support(expand=False)
+    union = (_sparsemax_reference(scores) > 0).reshape(-1, 5).any(0).nonzero().squeeze(-1)
+    assert torch.equal(support.reshape(-1), union)
+    assert support.shape == (len(union), 1, 1)
+    # the enumerated values carry all the probability mass
+    mass = dist.log_prob(support).exp().sum(0)
+    assert torch.allclose(mass, torch.ones(2, 2, dtype=torch.float64))
+
+
+def test_sparse_prior_with_dense_guide_has_infinite_kl_unless_smoothed():
+    scores = _sparse_scores()
+    guide = CategoricalAlignment(logits=torch.zeros_like(scores))
+    assert torch.isinf(kl_divergence(guide, SparsemaxAlignment(scores=scores))).any()
+    eps = 1e-3
+    smoothed = SparsemaxAlignment(scores=scores, smoothing=eps)
+    kl = kl_divergence(guide, smoothed)
+    assert torch.isfinite(kl).all()
+    assert (kl <= math.log(5 / eps) + 1e-9).all()
+    expected = (1 - eps) * _sparsemax_reference(scores) + eps / 5
+    assert torch.allclose(smoothed.attention, expected)
+
+
+def test_sparse_guide_against_its_own_prior_has_finite_kl():
+    scores = _sparse_scores()
+    q = SparsemaxAlignment(scores=scores)
+    p = SparsemaxAlignment(scores=scores * 0.5)
+    kl = kl_divergence(q, p)
+    assert torch.isfinite(kl).all() and (kl >= -1e-12).all()
+
+
+def test_sparsemax_alignment_rebuilds_from_logits_as_pyro_does():
+    dist = SparsemaxAlignment(scores=_sparse_scores())
+    rebuilt = SparsemaxAlignment(logits=dist.logits)
+    assert torch.allclose(rebuilt.attention, dist.attention)
+
+
+def test_sparsemax_alignment_with_mask_and_entmax15():
+    scores = _sparse_scores()
+    mask = torch.tensor([True, True, True, False, True])
+    for alpha in (2.0, 1.5, 1.7):
+        dist = SparsemaxAlignment(scores=scores, mask=mask, alpha=alpha)
+        assert (dist.attention[..., 3] == 0).all()
+        assert torch.allclose(dist.attention.sum(-1), torch.ones(2, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kwargs", [dict(smoothing=1.0), dict(alpha=1.0), dict(smoothing=-0.1)])
+def test_sparsemax_alignment_rejects_bad_settings(kwargs):
+    with pytest.raises(ValueError):
+        SparsemaxAlignment(scores=_sparse_scores(), **kwargs)
+
+
+# --- RelaxedAlignment -------------------------------------------------------------------
+
+
+def test_relaxed_samples_stay_on_the_simplex_with_padding():
+    keys = 200
+    logits = torch.randn(8, 16, keys)
+    mask = torch.arange(keys) < torch.randint(1, keys, (8, 1, 1))
+    dist = RelaxedAlignment(logits=logits, temperature=0.3, mask=mask, straight_through=False)
+    sample = dist.rsample((4,))
+    assert sample.shape == (4, 8, 16, keys)
+    assert (sample.masked_select(~mask.expand(4, 8, 16, keys)) == 0).all()
+    assert (sample.sum(-1) - 1).abs().max() <= 1e-6
+    assert torch.isfinite(dist.log_prob(sample)).all()
+
+
+def test_straight_through_sample_is_exactly_one_hot_with_relaxed_gradient():
+    logits = torch.randn(3, 4, 6, requires_grad=True)
+    dist = RelaxedAlignment(logits=logits, temperature=0.5)
+    value = dist.rsample()
+    assert set(value.detach().unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(value.detach().sum(-1), torch.ones(3, 4))
+    (value * torch.randn(3, 4, 6)).sum().backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_relaxed_log_prob_matches_pyro_without_padding():
+    logits = torch.randn(2, 3, 5, dtype=torch.float64)
+    ours = RelaxedAlignment(logits=logits, temperature=0.7, straight_through=False)
+    theirs = pyro.distributions.RelaxedOneHotCategorical(torch.tensor(0.7, dtype=torch.float64),
+                                                         logits=logits)
+    value = theirs.sample((3,))
+    assert torch.allclose(ours.log_prob(value), theirs.log_prob(value))
+
+
+def test_relaxed_log_prob_on_padded_face_equals_unpadded_density():
+    logits = torch.randn(4, dtype=torch.float64)
+    padded = RelaxedAlignment(logits=torch.cat([logits, torch.zeros(2, dtype=torch.float64)]),
+                              temperature=0.5, mask=torch.tensor([True] * 4 + [False] * 2),
+                              straight_through=False)
+    plain = RelaxedAlignment(logits=logits, temperature=0.5, straight_through=False)
+    value = plain.sample()
+    padded_value = torch.cat([value, torch.zeros(2, dtype=torch.float64)])
+    assert torch.allclose(padded.log_prob(padded_value), plain.log_prob(value))
+
+
+def test_relaxed_concrete_density_integrates_to_one_for_two_keys():
+    # On two keys the Concrete density is one-dimensional: integrate it numerically.
+    dist = RelaxedAlignment(logits=torch.tensor([0.3, -0.4], dtype=torch.float64),
+                            temperature=0.8, straight_through=False)
+    grid = torch.linspace(1e-6, 1 - 1e-6, 200001, dtype=torch.float64)
+    points = torch.stack([grid, 1 - grid], -1)
+    # density w.r.t. the first coordinate on the simplex
+    total = torch.trapezoid(dist.log_prob(points).exp(), grid)
+    assert abs(total.item() - 1.0) < 1e-3
+
+
+def test_relaxed_expand_and_categorical():
+    dist = RelaxedAlignment(logits=torch.randn(2, 5), temperature=torch.tensor([0.5, 1.0]),
+                            mask=torch.tensor([True, True, True, True, False]))
+    big = dist.expand((3, 2))
+    assert big.batch_shape == (3, 2) and big.event_shape == (5,)
+    assert big.rsample().shape == (3, 2, 5)
+    assert isinstance(dist.categorical(), CategoricalAlignment)
+    assert torch.allclose(dist.categorical().attention, dist.attention)
+
+
+def test_relaxed_rejects_non_positive_temperature():
+    with pytest.raises(ValueError, match="temperature"):
+        RelaxedAlignment(logits=torch.randn(2, 3), temperature=0.0)
+
+
+def test_every_small_alignment_is_enumerated_once():
+    dist = CategoricalAlignment(logits=torch.randn(2, 3))
+    support = dist.enumerate_support(expand=True)
+    assert support.shape == (3, 2)
+    for column in support.T:
+        assert sorted(column.tolist()) == [0, 1, 2]

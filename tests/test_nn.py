@@ -1,0 +1,87 @@
+"""Scorers and LatentAttention."""
+
+import math
+
+import pytest
+import torch
+
+import structattn as sa
+from structattn.nn import AdditiveScorer, BilinearScorer, DotScorer, MultiHeadScorer
+
+torch.set_num_threads(1)
+
+
+def test_dot_scorer_is_scaled_dot_product():
+    q, k = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    expected = torch.einsum("bqd,bkd->bqk", q, k) / math.sqrt(8)
+    assert torch.allclose(DotScorer()(q, k), expected, atol=1e-6)
+
+
+def test_bilinear_and_additive_scorers_match_their_formulas():
+    q, k = torch.randn(2, 3, 4), torch.randn(2, 5, 6)
+    bilinear = BilinearScorer(4, 6)
+    expected = torch.einsum("bqd,de,bke->bqk", q, bilinear.proj.weight.T, k)
+    assert torch.allclose(bilinear(q, k), expected, atol=1e-5)
+    additive = AdditiveScorer(4, 6, hidden=7)
+    manual = torch.zeros(2, 3, 5)
+    for i in range(3):
+        for j in range(5):
+            hidden = torch.tanh(additive.query_proj(q[:, i]) + additive.key_proj(k[:, j]))
+            manual[:, i, j] = additive.out(hidden).squeeze(-1)
+    assert torch.allclose(additive(q, k), manual, atol=1e-5)
+
+
+def test_multihead_scores_have_a_head_axis():
+    scores = MultiHeadScorer(4, 6, heads=3, head_dim=2)(torch.randn(2, 5, 4), torch.randn(2, 7, 6))
+    assert scores.shape == (2, 3, 5, 7)
+
+
+def test_scorers_broadcast_over_enumeration_dims():
+    scorer = BilinearScorer(4, 4)
+    q = torch.randn(6, 1, 2, 3, 4)           # extra leading dims, as under enumeration
+    k = torch.randn(2, 5, 4)
+    assert scorer(q, k).shape == (6, 1, 2, 3, 5)
+
+
+@pytest.mark.parametrize("normalizer, cls", [("softmax", sa.CategoricalAlignment),
+                                             ("sparsemax", sa.SparsemaxAlignment),
+                                             ("entmax15", sa.SparsemaxAlignment),
+                                             ("relaxed", sa.RelaxedAlignment)])
+def test_latent_attention_returns_a_masked_alignment(normalizer, cls):
+    attention = sa.nn.LatentAttention(4, 6, normalizer=normalizer)
+    key_mask = torch.arange(5) < torch.tensor([5, 2])[:, None]
+    dist = attention(torch.randn(2, 3, 4), torch.randn(2, 5, 6), key_mask)
+    assert isinstance(dist, cls)
+    assert dist.batch_shape == (2, 3)
+    assert (dist.attention[1, :, 2:] == 0).all()
+    assert torch.allclose(dist.attention.sum(-1), torch.ones(2, 3))
+
+
+def test_latent_attention_multihead_mask_broadcasts_over_heads():
+    attention = sa.nn.LatentAttention(4, 6, score="multihead", heads=2, head_dim=3)
+    key_mask = torch.arange(5) < torch.tensor([5, 2])[:, None]
+    dist = attention(torch.randn(2, 3, 4), torch.randn(2, 5, 6), key_mask)
+    assert dist.batch_shape == (2, 2, 3)
+    assert (dist.attention[1, :, :, 2:] == 0).all()
+
+
+def test_latent_attention_rejects_bad_settings():
+    with pytest.raises(ValueError, match="normalizer"):
+        sa.nn.LatentAttention(4, 4, normalizer="magic")
+    with pytest.raises(ValueError, match="score"):
+        sa.nn.LatentAttention(4, 4, score="magic")
+    attention = sa.nn.LatentAttention(4, 4)
+    with pytest.raises(ValueError, match="key_mask"):
+        attention(torch.randn(2, 3, 4), torch.randn(2, 5, 4), torch.ones(2, 4, dtype=torch.bool))
+
+
+def test_readout_modes():
+    dist = sa.CategoricalAlignment(logits=torch.randn(2, 3, 5))
+    values = torch.randn(2, 5, 4)
+    soft = sa.infer.readout(dist, values, "soft")
+    assert torch.allclose(soft, dist.attention @ values)
+    argmax = sa.infer.readout(dist, values, "argmax")
+    assert torch.equal(argmax, sa.infer.gather(values, dist.attention.argmax(-1)))
+    assert sa.infer.readout(dist, values, "sample").shape == (2, 3, 4)
+    with pytest.raises(ValueError, match="mode"):
+        sa.infer.readout(dist, values, "enum")
