@@ -159,10 +159,12 @@ def _compare(args) -> int:
         if set(modes) - set(COPY_MODES):
             print(f"error: the copy task has modes {', '.join(COPY_MODES)}", file=sys.stderr)
             return 2
+        steps, eval_size = args.steps or 400, args.eval_size or 256
+        if args.quick:
+            steps, eval_size = min(steps, 60), min(eval_size, 64)
         copy_args = argparse.Namespace(
-            modes=modes, steps=60 if args.quick else (args.steps or 400),
-            batch_size=args.batch_size or 32, length=20, vocab=50, hidden=args.hidden or 64,
-            noise=0.1, lr=args.lr or 3e-3, eval_size=64 if args.quick else (args.eval_size or 256),
+            modes=modes, steps=steps, batch_size=args.batch_size or 32, length=20, vocab=50,
+            hidden=args.hidden or 64, noise=0.1, lr=args.lr or 3e-3, eval_size=eval_size,
             seed=args.seed, device=args.device, out=args.out,
         )
         compare_copy(copy_args, progress=not args.no_progress)

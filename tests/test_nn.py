@@ -85,3 +85,37 @@ def test_readout_modes():
     assert sa.infer.readout(dist, values, "sample").shape == (2, 3, 4)
     with pytest.raises(ValueError, match="mode"):
         sa.infer.readout(dist, values, "enum")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_birnn_matches_a_packed_bidirectional_rnn(cell):
+    from torch import nn
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    from structattn.nn.rnn import BiRNN, reverse_padded
+
+    torch.manual_seed(0)
+    ours = BiRNN(5, 8, cell=cell).double()
+    reference = (nn.LSTM if cell == "lstm" else nn.GRU)(5, 4, batch_first=True,
+                                                        bidirectional=True).double()
+    with torch.no_grad():
+        for name, param in ours.forward_rnn.named_parameters():
+            getattr(reference, name).copy_(param)
+            getattr(reference, name + "_reverse").copy_(getattr(ours.backward_rnn, name))
+    lengths = torch.tensor([6, 2, 4])
+    mask = torch.arange(6) < lengths[:, None]
+    inputs = torch.randn(3, 6, 5, dtype=torch.float64)
+    packed = pack_padded_sequence(inputs, lengths, batch_first=True, enforce_sorted=False)
+    expected, _ = pad_packed_sequence(reference(packed)[0], batch_first=True, total_length=6)
+    found = ours(inputs, mask)
+    assert torch.allclose(found[mask], expected[mask])
+    assert torch.equal(reverse_padded(reverse_padded(inputs, mask), mask), inputs)
+
+
+def test_birnn_rejects_odd_hidden_and_unknown_cell():
+    from structattn.nn.rnn import BiRNN
+
+    with pytest.raises(ValueError, match="even"):
+        BiRNN(4, 5)
+    with pytest.raises(ValueError, match="cell"):
+        BiRNN(4, 6, cell="transformer")

@@ -64,8 +64,8 @@ def test_both_objectives_train(objective):
 
 
 def test_compare_cli_writes_results_and_plot(tmp_path, capsys):
-    code = main(["compare", "--quick", "--steps", "5", "--length", "6", "--vocab", "10",
-                 "--hidden", "8", "--eval-size", "8", "--out", str(tmp_path), "--no-progress"])
+    code = main(["compare", "--task", "copy", "--quick", "--steps", "5", "--hidden", "8",
+                 "--eval-size", "8", "--out", str(tmp_path), "--no-progress"])
     assert code == 0
     rows = json.loads((tmp_path / "results.json").read_text())
     assert [row["mode"] for row in rows] == ["soft", "marginal"]
@@ -82,13 +82,14 @@ def test_compare_cli_help_explains_every_flag(capsys):
         main(["compare", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--task", "--modes", "--steps", "--batch-size", "--device", "--quick", "--out"):
+    for flag in ("--task", "--modes", "--steps", "--batch-size", "--device", "--quick", "--out",
+                 "--max-train", "--beam-size", "--threads"):
         assert flag in text
 
 
 def test_compare_cli_rejects_unknown_mode():
     with pytest.raises(SystemExit):
-        main(["compare", "--modes", "soft,telepathy"])
+        main(["compare", "--task", "copy", "--modes", "soft,telepathy"])
 
 
 def test_plot_alignments_rejects_mismatched_shapes(tmp_path):

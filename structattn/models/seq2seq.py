@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from structattn.distributions.categorical import CategoricalAlignment
-from structattn.infer.estimators import AlignmentTerms, make_estimator
+from structattn.infer.estimators import AlignmentTerms, ExactEstimator, make_estimator
 from structattn.infer.exact import marginal_log_likelihood, posterior
 from structattn.infer.readout import gather
 from structattn.nn.attention import LatentAttention
 from structattn.nn.inference import InferenceNetwork
+from structattn.nn.rnn import BiRNN
 
 __all__ = ["MODES", "SOFT_MODES", "Seq2Seq"]
 
@@ -104,7 +104,7 @@ class Seq2Seq(nn.Module):
         self.target_vocab_size = target_vocab_size
         self.chunk_elements = chunk_elements
         self.src_embed = nn.Embedding(source_vocab_size, embed_dim, padding_idx=pad_id)
-        self.encoder = nn.LSTM(embed_dim, hidden // 2, batch_first=True, bidirectional=True)
+        self.encoder = BiRNN(embed_dim, hidden, cell="lstm")
         self.tgt_embed = nn.Embedding(target_vocab_size, embed_dim, padding_idx=pad_id)
         self.decoder = nn.LSTM(embed_dim, hidden, batch_first=True)
         self.dropout = nn.Dropout(dropout)
@@ -115,9 +115,10 @@ class Seq2Seq(nn.Module):
         self.out = nn.Linear(hidden, target_vocab_size)
         self.inference = None
         if mode.startswith("variational"):
+            # q reads the model's source states (one extra bi-GRU, over the target only)
             self.inference = InferenceNetwork(
-                embed_dim, embed_dim, hidden=hidden, target_vocab=target_vocab_size,
-                source_vocab=source_vocab_size,
+                embed_dim, hidden, hidden=hidden, target_vocab=target_vocab_size,
+                encode_source=False,
             )
         self.estimator = None
         if mode in _ESTIMATOR:
@@ -136,12 +137,7 @@ class Seq2Seq(nn.Module):
         lengths = source_mask.sum(-1)
         if bool((lengths == 0).any()):
             raise ValueError("source_mask has an empty source sequence")
-        embedded = self.dropout(self.src_embed(source))
-        packed = pack_padded_sequence(embedded, lengths.cpu(), batch_first=True,
-                                      enforce_sorted=False)
-        states, _ = self.encoder(packed)
-        states, _ = pad_packed_sequence(states, batch_first=True, total_length=source.shape[1])
-        return states
+        return self.encoder(self.dropout(self.src_embed(source)), source_mask)
 
     def decode(self, inputs: torch.Tensor, state=None):
         """Decoder states ``(batch, T, hidden)`` for input ids ``(batch, T)``, and the state."""
@@ -153,25 +149,38 @@ class Seq2Seq(nn.Module):
         return self.out(torch.tanh(self.combine_state(states) + self.combine_context(context)))
 
     def emission_table(
-        self, states: torch.Tensor, enc: torch.Tensor, targets: torch.Tensor
+        self,
+        states: torch.Tensor,
+        enc: torch.Tensor,
+        targets: torch.Tensor,
+        target_mask: torch.Tensor | None = None,
+        source_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``log p(y_t | h_t, enc_k)`` for every source position: ``(batch, T, S)``.
 
-        Computed in chunks of source positions so that no more than ``chunk_elements``
-        logits exist at once.
+        Only (target, source) pairs that are both real are evaluated (others are 0), in
+        chunks of at most ``chunk_elements`` logits.
         """
         batch, length, _ = states.shape
         keys = enc.shape[1]
-        step = max(1, self.chunk_elements // max(1, batch * length * self.target_vocab_size))
-        state_part = self.combine_state(states).unsqueeze(2)           # (B, T, 1, H)
-        context_part = self.combine_context(enc).unsqueeze(1)          # (B, 1, S, H)
+        valid = torch.ones(batch, length, keys, dtype=torch.bool, device=states.device)
+        if target_mask is not None:
+            valid = valid & target_mask[:, :, None]
+        if source_mask is not None:
+            valid = valid & source_mask[:, None, :]
+        rows, steps, positions = valid.nonzero(as_tuple=True)
+        state_part = self.combine_state(states)[rows, steps]           # (N, H)
+        context_part = self.combine_context(enc)[rows, positions]      # (N, H)
+        words = targets[rows, steps].unsqueeze(-1)
+        chunk = max(1, self.chunk_elements // self.target_vocab_size)
         pieces = []
-        for start in range(0, keys, step):
-            logits = self.out(torch.tanh(state_part + context_part[:, :, start:start + step]))
-            log_probs = logits.log_softmax(-1)
-            index = targets[:, :, None, None].expand(-1, -1, log_probs.shape[2], 1)
-            pieces.append(log_probs.gather(-1, index).squeeze(-1))
-        return torch.cat(pieces, -1)
+        for start in range(0, rows.shape[0], chunk):
+            hidden = torch.tanh(state_part[start:start + chunk] + context_part[start:start + chunk])
+            log_probs = self.out(hidden).log_softmax(-1)
+            pieces.append(log_probs.gather(-1, words[start:start + chunk]).squeeze(-1))
+        values = torch.cat(pieces) if pieces else state_part.new_zeros(0)
+        table = values.new_zeros(batch, length, keys)
+        return table.index_put((rows, steps, positions), values)
 
     def _emission_at(self, states, enc, targets, z: torch.Tensor) -> torch.Tensor:
         """``log p(y_t | h_t, c(z))`` at alignments ``z``: ``(n, batch, T)``."""
@@ -188,11 +197,16 @@ class Seq2Seq(nn.Module):
         prior = self.attention(states, enc, batch.source_mask)
         return enc, states, prior, targets, target_mask
 
-    def guide(self, batch):
-        """``q(z | x, y)``, batch shape ``(batch, T)`` (variational modes only)."""
+    def guide(self, batch, enc: torch.Tensor | None = None):
+        """``q(z | x, y)``, batch shape ``(batch, T)`` (variational modes only).
+
+        ``enc``: the source states ``(batch, S, hidden)`` if already computed.
+        """
         if self.inference is None:
             raise ValueError(f"mode {self.mode!r} has no inference network")
-        return self.inference(batch.target[:, 1:], batch.source, batch.source_mask,
+        if enc is None:
+            enc = self.encode(batch.source, batch.source_mask)
+        return self.inference(batch.target[:, 1:], enc, batch.source_mask,
                               batch.target_mask[:, 1:])
 
     # ---------------------------------------------------------------- objectives
@@ -216,7 +230,7 @@ class Seq2Seq(nn.Module):
         enc, states, prior, targets, target_mask = self._pieces(batch)
         if self.mode in SOFT_MODES:
             return self._soft_token_log_probs(enc, states, prior, targets, target_mask)
-        table = self.emission_table(states, enc, targets)
+        table = self.emission_table(states, enc, targets, target_mask, batch.source_mask)
         return marginal_log_likelihood(prior, table, target_mask)
 
     def loss(self, batch) -> dict[str, torch.Tensor]:
@@ -227,8 +241,9 @@ class Seq2Seq(nn.Module):
             log_lik = self._soft_token_log_probs(enc, states, prior, targets, target_mask)
             total = -log_lik.sum()
             return {"loss": total / tokens, "nll": total.detach() / tokens}
-        if self.estimator.__class__.__name__ == "ExactEstimator":
-            log_likelihood = self.emission_table(states, enc, targets)
+        if isinstance(self.estimator, ExactEstimator):
+            log_likelihood = self.emission_table(states, enc, targets, target_mask,
+                                                 batch.source_mask)
         else:
             def log_likelihood(z: torch.Tensor) -> torch.Tensor:
                 return self._emission_at(states, enc, targets, z)
@@ -238,7 +253,7 @@ class Seq2Seq(nn.Module):
             soft = self._soft_token_log_probs(enc, states, prior, targets, target_mask).detach()
         terms = AlignmentTerms(prior=prior, log_likelihood=log_likelihood, mask=target_mask,
                                soft_log_likelihood=soft)
-        guide = self.guide(batch) if self.inference is not None else None
+        guide = self.guide(batch, enc) if self.inference is not None else None
         surrogate = self.estimator.loss(terms, guide)
         objective = -self.estimator.stats["objective"]
         return {"loss": surrogate / tokens,
@@ -256,14 +271,14 @@ class Seq2Seq(nn.Module):
         ``posterior_map``: their argmaxes.
         """
         enc, states, prior, targets, target_mask = self._pieces(batch)
-        table = self.emission_table(states, enc, targets)
+        table = self.emission_table(states, enc, targets, target_mask, batch.source_mask)
         dense_prior = prior if isinstance(prior, CategoricalAlignment) else CategoricalAlignment(
             probs=prior.attention.clamp_min(0), validate_args=False)
         post = posterior(dense_prior, table)
         result = {"prior": prior.attention, "posterior": post,
                   "prior_argmax": prior.attention.argmax(-1), "posterior_map": post.argmax(-1)}
         if self.inference is not None:
-            result["guide"] = self.guide(batch).attention
+            result["guide"] = self.guide(batch, enc).attention
         return result
 
     # ---------------------------------------------------------------- decoding

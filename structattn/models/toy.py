@@ -11,13 +11,13 @@ import pyro
 import pyro.distributions as pdist
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from structattn.data.copy import CopyBatch
 from structattn.infer.exact import marginal_log_likelihood, posterior
 from structattn.infer.readout import gather
 from structattn.infer.sites import sample_alignment
 from structattn.nn.attention import LatentAttention
+from structattn.nn.rnn import BiRNN
 
 __all__ = ["AlignedCopyModel"]
 
@@ -40,7 +40,7 @@ class AlignedCopyModel(nn.Module):
             raise ValueError(f"hidden must be even (bidirectional encoder), got {hidden}")
         self.vocab_size = vocab_size
         self.src_embed = nn.Embedding(vocab_size, hidden)
-        self.encoder = nn.GRU(hidden, hidden // 2, batch_first=True, bidirectional=True)
+        self.encoder = BiRNN(hidden, hidden, cell="gru")
         self.tgt_embed = nn.Embedding(vocab_size + 1, hidden)  # last id: begin-of-sequence
         self.decoder = nn.GRU(hidden, hidden, batch_first=True)
         self.attention = LatentAttention(hidden, hidden, score="bilinear", normalizer=normalizer)
@@ -50,13 +50,7 @@ class AlignedCopyModel(nn.Module):
 
     def encode(self, batch: CopyBatch) -> torch.Tensor:
         """Source states ``(batch, S, H)``."""
-        lengths = batch.src_mask.sum(-1).cpu()
-        packed = pack_padded_sequence(self.src_embed(batch.src), lengths, batch_first=True,
-                                      enforce_sorted=False)
-        states, _ = self.encoder(packed)
-        states, _ = pad_packed_sequence(states, batch_first=True,
-                                        total_length=batch.src.shape[1])
-        return states
+        return self.encoder(self.src_embed(batch.src), batch.src_mask)
 
     def decode(self, batch: CopyBatch) -> torch.Tensor:
         """Decoder states ``(batch, T, H)`` from the previous target tokens."""
