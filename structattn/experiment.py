@@ -242,13 +242,14 @@ def plot_examples(
         source_len = int(batch.source_mask[row].sum())
         target_len = int(batch.target_mask[row, 1:].sum())
         panels = {}
-        for mode, alignments in found.items():
-            panels[f"{mode}: attention"] = alignments["prior"][row, :target_len, :source_len]
-            panels[f"{mode}: posterior"] = alignments["posterior"][row, :target_len, :source_len]
+        for key, label in (("prior", "attention"), ("posterior", "posterior")):
+            for mode, alignments in found.items():
+                panels[f"{mode}: {label}"] = alignments[key][row, :target_len, :source_len]
         target = list(example.target) + ["</s>"]
         path = out / f"{config.task}_example{row}.png"
         plot_alignments(panels, path, source=list(example.source), target=target,
-                        title=f"{config.task}: soft attention vs hard-attention posterior")
+                        title=f"{config.task}: attention (top) vs exact hard-attention "
+                        "posterior (bottom)", columns=len(found))
         paths.append(path)
     return paths
 

@@ -16,6 +16,7 @@ def plot_alignments(
     source: Sequence[str] | None = None,
     target: Sequence[str] | None = None,
     title: str | None = None,
+    columns: int | None = None,
 ) -> Path:
     """Draw each ``(T, S)`` alignment matrix as a heatmap, side by side, into ``path`` (PNG).
 
@@ -26,6 +27,7 @@ def plot_alignments(
         source: tick labels of the source positions (columns).
         target: tick labels of the target positions (rows).
         title: figure title.
+        columns: panels per row (default: all in one row).
     """
     import matplotlib
 
@@ -39,9 +41,13 @@ def plot_alignments(
         raise ValueError(f"every alignment must be one (target, source) matrix; got {shapes}")
     rows, cols = next(iter(shapes))
     width = max(3.0, 0.28 * cols + 1.5)
-    figsize = (width * len(alignments), 0.28 * rows + 1.8)
-    fig, axes = plt.subplots(1, len(alignments), figsize=figsize, squeeze=False)
-    for ax, (name, matrix) in zip(axes[0], alignments.items(), strict=True):
+    columns = min(columns or len(alignments), len(alignments))
+    grid_rows = -(-len(alignments) // columns)
+    figsize = (width * columns, (0.28 * rows + 1.8) * grid_rows)
+    fig, axes = plt.subplots(grid_rows, columns, figsize=figsize, squeeze=False)
+    for ax in axes.flat[len(alignments):]:
+        ax.axis("off")
+    for ax, (name, matrix) in zip(axes.flat, alignments.items(), strict=False):
         ax.imshow(matrix.detach().float().cpu().numpy(), cmap="Greys", vmin=0.0, vmax=1.0,
                   aspect="auto", interpolation="nearest")
         ax.set_title(name, fontsize=9)
