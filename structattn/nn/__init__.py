@@ -8,13 +8,17 @@ from structattn.nn.scorers import (
     MultiHeadScorer,
     make_scorer,
 )
+from structattn.nn.simplex import Entmax15, EntmaxBisect, Sparsemax
 
 __all__ = [
     "NORMALIZERS",
     "AdditiveScorer",
     "BilinearScorer",
     "DotScorer",
+    "Entmax15",
+    "EntmaxBisect",
     "LatentAttention",
     "MultiHeadScorer",
+    "Sparsemax",
     "make_scorer",
 ]
