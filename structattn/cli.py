@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -196,6 +197,8 @@ def _train(args) -> int:
     data = load_task(config)
     model, timing = train_mode(config, data, args.out, resume=args.resume,
                                progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 evaluates
+        return 0
     metrics = {"mode": config.mode, **evaluate_mode(model, config, data, "dev"), **timing}
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics, indent=2))

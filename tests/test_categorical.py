@@ -108,8 +108,13 @@ def test_log_prob_broadcasts_enumerated_values():
         (dict(logits=torch.tensor([[0.0, float("inf")]])), "infinite"),
         (dict(logits=torch.tensor([[0.0, -float("inf")]])), "infinite"),
         (dict(logits=torch.zeros(2, 0)), "empty"),
-        (dict(logits=torch.zeros(2, 3), mask=torch.tensor([[True, False, True],
-                                                           [False, False, False]])), "every key"),
+        (
+            dict(
+                logits=torch.zeros(2, 3),
+                mask=torch.tensor([[True, False, True], [False, False, False]]),
+            ),
+            "every key",
+        ),
         (dict(logits=torch.zeros(2, 3), mask=torch.ones(2, 4, dtype=torch.bool)), "broadcast"),
         (dict(logits=torch.zeros(2, 3), mask=torch.ones(5, 2, 3, dtype=torch.bool)), "enlarge"),
         (dict(logits=torch.tensor(1.0)), "key dimension"),
@@ -129,8 +134,9 @@ def test_nan_at_masked_positions_is_allowed():
 
 def test_validation_can_be_switched_off():
     pyro.enable_validation(False)
-    dist = CategoricalAlignment(logits=torch.zeros(2, 3),
-                                mask=torch.tensor([[True, False, True], [False] * 3]))
+    dist = CategoricalAlignment(
+        logits=torch.zeros(2, 3), mask=torch.tensor([[True, False, True], [False] * 3])
+    )
     assert dist.attention.shape == (2, 3)
 
 
@@ -139,8 +145,10 @@ def test_validation_can_be_switched_off():
 
 def _sparse_scores():
     return torch.tensor(
-        [[[3.0, 2.5, -1.0, -2.0, 0.0], [0.1, 0.0, 0.2, -0.1, 0.05]],
-         [[5.0, -5.0, -5.0, -5.0, -5.0], [1.0, 1.0, -3.0, -3.0, -3.0]]],
+        [
+            [[3.0, 2.5, -1.0, -2.0, 0.0], [0.1, 0.0, 0.2, -0.1, 0.05]],
+            [[5.0, -5.0, -5.0, -5.0, -5.0], [1.0, 1.0, -3.0, -3.0, -3.0]],
+        ],
         dtype=torch.float64,
     )
 
@@ -246,17 +254,21 @@ def test_straight_through_sample_is_exactly_one_hot_with_relaxed_gradient():
 def test_relaxed_log_prob_matches_pyro_without_padding():
     logits = torch.randn(2, 3, 5, dtype=torch.float64)
     ours = RelaxedAlignment(logits=logits, temperature=0.7, straight_through=False)
-    theirs = pyro.distributions.RelaxedOneHotCategorical(torch.tensor(0.7, dtype=torch.float64),
-                                                         logits=logits)
+    theirs = pyro.distributions.RelaxedOneHotCategorical(
+        torch.tensor(0.7, dtype=torch.float64), logits=logits
+    )
     value = theirs.sample((3,))
     assert torch.allclose(ours.log_prob(value), theirs.log_prob(value))
 
 
 def test_relaxed_log_prob_on_padded_face_equals_unpadded_density():
     logits = torch.randn(4, dtype=torch.float64)
-    padded = RelaxedAlignment(logits=torch.cat([logits, torch.zeros(2, dtype=torch.float64)]),
-                              temperature=0.5, mask=torch.tensor([True] * 4 + [False] * 2),
-                              straight_through=False)
+    padded = RelaxedAlignment(
+        logits=torch.cat([logits, torch.zeros(2, dtype=torch.float64)]),
+        temperature=0.5,
+        mask=torch.tensor([True] * 4 + [False] * 2),
+        straight_through=False,
+    )
     plain = RelaxedAlignment(logits=logits, temperature=0.5, straight_through=False)
     value = plain.sample()
     padded_value = torch.cat([value, torch.zeros(2, dtype=torch.float64)])
@@ -265,8 +277,11 @@ def test_relaxed_log_prob_on_padded_face_equals_unpadded_density():
 
 def test_relaxed_concrete_density_integrates_to_one_for_two_keys():
     # On two keys the Concrete density is one-dimensional: integrate it numerically.
-    dist = RelaxedAlignment(logits=torch.tensor([0.3, -0.4], dtype=torch.float64),
-                            temperature=0.8, straight_through=False)
+    dist = RelaxedAlignment(
+        logits=torch.tensor([0.3, -0.4], dtype=torch.float64),
+        temperature=0.8,
+        straight_through=False,
+    )
     grid = torch.linspace(1e-6, 1 - 1e-6, 200001, dtype=torch.float64)
     points = torch.stack([grid, 1 - grid], -1)
     # density w.r.t. the first coordinate on the simplex
@@ -275,8 +290,11 @@ def test_relaxed_concrete_density_integrates_to_one_for_two_keys():
 
 
 def test_relaxed_expand_and_categorical():
-    dist = RelaxedAlignment(logits=torch.randn(2, 5), temperature=torch.tensor([0.5, 1.0]),
-                            mask=torch.tensor([True, True, True, True, False]))
+    dist = RelaxedAlignment(
+        logits=torch.randn(2, 5),
+        temperature=torch.tensor([0.5, 1.0]),
+        mask=torch.tensor([True, True, True, True, False]),
+    )
     big = dist.expand((3, 2))
     assert big.batch_shape == (3, 2) and big.event_shape == (5,)
     assert big.rsample().shape == (3, 2, 5)

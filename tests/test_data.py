@@ -119,8 +119,9 @@ def g2p():
 
 
 def test_cmudict_gives_the_known_pronunciation_of_attention(g2p):
-    entry = next(ex for split in (g2p.train, g2p.dev, g2p.test) for ex in split
-                 if ex.word == "attention")
+    entry = next(
+        ex for split in (g2p.train, g2p.dev, g2p.test) for ex in split if ex.word == "attention"
+    )
     assert entry.source == tuple("attention")
     assert entry.target == ("AH", "T", "EH", "N", "SH", "AH", "N")
 
@@ -241,7 +242,7 @@ def test_module_root_can_come_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("STRUCTATTN_SWORD_PATH", str(tmp_path))
     monkeypatch.setenv("SWORD_PATH", str(tmp_path))
     module = tmp_path / "modules" / "texts" / "ztext" / "demo"
-    _write_ztext(module, "ot", ["", "<x/>", "In the <w lemma=\"strong:H07225\">beginning</w>"])
+    _write_ztext(module, "ot", ["", "<x/>", 'In the <w lemma="strong:H07225">beginning</w>'])
     _write_ztext(module, "nt", ["", ""])
     assert sword_module_path("demo") == module
 

@@ -27,8 +27,12 @@ def test_perplexity_is_exp_of_mean_nll():
 
 @pytest.mark.parametrize(
     ("total_nll", "num_tokens", "name"),
-    [(1.0, 0, "num_tokens"), (float("nan"), 3, "total_nll"), (-1.0, 3, "total_nll"),
-     ("1", 3, "total_nll")],
+    [
+        (1.0, 0, "num_tokens"),
+        (float("nan"), 3, "total_nll"),
+        (-1.0, 3, "total_nll"),
+        ("1", 3, "total_nll"),
+    ],
 )
 def test_perplexity_rejects_bad_counts(total_nll, num_tokens, name):
     with pytest.raises(ValueError, match=name):
@@ -79,8 +83,9 @@ def test_error_rates_reject_mismatched_lengths():
 def test_bleu_matches_hand_computed_ngram_precisions():
     # Precisions 5/6, 3/5, 2/4, 1/3, equal lengths (no brevity penalty).
     expected = 100 * (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25
-    score = bleu([["the", "cat", "sat", "on", "the", "mat"]],
-                 [["the", "cat", "sat", "on", "a", "mat"]])
+    score = bleu(
+        [["the", "cat", "sat", "on", "the", "mat"]], [["the", "cat", "sat", "on", "a", "mat"]]
+    )
     assert score == pytest.approx(expected, abs=1e-6)
 
 
@@ -117,8 +122,11 @@ def test_perfect_alignment_has_zero_error():
 
 @pytest.mark.parametrize(
     ("predicted", "sure", "name"),
-    [({(0, -1)}, {(0, 0)}, "predicted"), ({(0, 0)}, {(0, "a")}, "sure"),
-     ([{(0, 0)}], [{(0, 0)}, {(1, 1)}], "same number")],
+    [
+        ({(0, -1)}, {(0, 0)}, "predicted"),
+        ({(0, 0)}, {(0, "a")}, "sure"),
+        ([{(0, 0)}], [{(0, 0)}, {(1, 1)}], "same number"),
+    ],
 )
 def test_alignment_error_rate_rejects_bad_links(predicted, sure, name):
     with pytest.raises(ValueError, match=name):

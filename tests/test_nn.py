@@ -38,15 +38,20 @@ def test_multihead_scores_have_a_head_axis():
 
 def test_scorers_broadcast_over_enumeration_dims():
     scorer = BilinearScorer(4, 4)
-    q = torch.randn(6, 1, 2, 3, 4)           # extra leading dims, as under enumeration
+    q = torch.randn(6, 1, 2, 3, 4)  # extra leading dims, as under enumeration
     k = torch.randn(2, 5, 4)
     assert scorer(q, k).shape == (6, 1, 2, 3, 5)
 
 
-@pytest.mark.parametrize("normalizer, cls", [("softmax", sa.CategoricalAlignment),
-                                             ("sparsemax", sa.SparsemaxAlignment),
-                                             ("entmax15", sa.SparsemaxAlignment),
-                                             ("relaxed", sa.RelaxedAlignment)])
+@pytest.mark.parametrize(
+    "normalizer, cls",
+    [
+        ("softmax", sa.CategoricalAlignment),
+        ("sparsemax", sa.SparsemaxAlignment),
+        ("entmax15", sa.SparsemaxAlignment),
+        ("relaxed", sa.RelaxedAlignment),
+    ],
+)
 def test_latent_attention_returns_a_masked_alignment(normalizer, cls):
     attention = sa.nn.LatentAttention(4, 6, normalizer=normalizer)
     key_mask = torch.arange(5) < torch.tensor([5, 2])[:, None]
@@ -96,8 +101,9 @@ def test_birnn_matches_a_packed_bidirectional_rnn(cell):
 
     torch.manual_seed(0)
     ours = BiRNN(5, 8, cell=cell).double()
-    reference = (nn.LSTM if cell == "lstm" else nn.GRU)(5, 4, batch_first=True,
-                                                        bidirectional=True).double()
+    reference = (nn.LSTM if cell == "lstm" else nn.GRU)(
+        5, 4, batch_first=True, bidirectional=True
+    ).double()
     with torch.no_grad():
         for name, param in ours.forward_rnn.named_parameters():
             getattr(reference, name).copy_(param)

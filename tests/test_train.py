@@ -84,15 +84,19 @@ def epoch_batch_generator(epoch: int):
     yield from epoch_batches(epoch)
 
 
-@pytest.mark.parametrize("batches", [epoch_batches, epoch_batch_generator],
-                         ids=["sequence", "generator"])
+@pytest.mark.parametrize(
+    "batches", [epoch_batches, epoch_batch_generator], ids=["sequence", "generator"]
+)
 def test_resume_after_crash_gives_bitwise_identical_parameters(tmp_path, batches):
     reference = TinyRegressor()
     make_trainer(reference, train_batches=batches).fit()
 
     with pytest.raises(Crash):
         make_trainer(
-            TinyRegressor(), train_batches=batches, checkpoint_dir=tmp_path, checkpoint_every=7,
+            TinyRegressor(),
+            train_batches=batches,
+            checkpoint_dir=tmp_path,
+            checkpoint_every=7,
             log_fn=crash_at(9),
         ).fit()
     saved = read_checkpoint(tmp_path / CHECKPOINT_NAME)
@@ -123,20 +127,28 @@ def test_epochs_stop_training_and_count_every_batch():
 def test_log_and_eval_records_reach_the_callback():
     records = []
     trainer = make_trainer(
-        TinyRegressor(), max_steps=4, log_fn=records.append, eval_every=2,
+        TinyRegressor(),
+        max_steps=4,
+        log_fn=records.append,
+        eval_every=2,
         eval_fn=lambda model: {"weight_norm": model.linear.weight.norm()},
     )
     trainer.fit()
     kinds = [(r["kind"], r["step"]) for r in records]
-    assert kinds == [("train", 1), ("train", 2), ("eval", 2), ("train", 3), ("train", 4),
-                     ("eval", 4)]
+    assert kinds == [
+        ("train", 1),
+        ("train", 2),
+        ("eval", 2),
+        ("train", 3),
+        ("train", 4),
+        ("eval", 4),
+    ]
     assert {"loss", "mae", "lr", "grad_norm"} <= set(records[0])
     assert isinstance(records[2]["weight_norm"], float)
 
 
 def test_resume_true_without_checkpoint_starts_fresh(tmp_path):
-    summary = make_trainer(TinyRegressor(), max_steps=3, checkpoint_dir=tmp_path,
-                           resume=True).fit()
+    summary = make_trainer(TinyRegressor(), max_steps=3, checkpoint_dir=tmp_path, resume=True).fit()
     assert summary.step == 3
     assert read_checkpoint(tmp_path / CHECKPOINT_NAME)["step"] == 3
 
@@ -278,8 +290,16 @@ def test_torchrun_with_two_cpu_processes_matches_one_process_on_joined_batches(t
     script.write_text(DDP_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", "2", str(script), str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(tmp_path),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -302,7 +322,13 @@ def test_torchrun_with_two_cpu_processes_matches_one_process_on_joined_batches(t
         inputs, goal = batch
         return (model.linear(inputs).squeeze(-1) - goal).pow(2).mean()
 
-    Trainer(single, lambda p: torch.optim.SGD(p, lr=0.05), joined, epochs=3,
-            loss_fn=plain_loss, progress=False).fit()
+    Trainer(
+        single,
+        lambda p: torch.optim.SGD(p, lr=0.05),
+        joined,
+        epochs=3,
+        loss_fn=plain_loss,
+        progress=False,
+    ).fit()
     torch.testing.assert_close(single.linear.weight.detach(), ranks[0]["weight"])
     torch.testing.assert_close(single.linear.bias.detach(), ranks[0]["bias"])

@@ -1,6 +1,8 @@
 """Torch modules: scorers and latent attention, broadcast-safe under Pyro enumeration."""
 
 from structattn.nn.attention import NORMALIZERS, LatentAttention
+from structattn.nn.inference import InferenceNetwork
+from structattn.nn.rnn import BiRNN
 from structattn.nn.scorers import (
     AdditiveScorer,
     BilinearScorer,
@@ -13,10 +15,12 @@ from structattn.nn.simplex import Entmax15, EntmaxBisect, Sparsemax
 __all__ = [
     "NORMALIZERS",
     "AdditiveScorer",
+    "BiRNN",
     "BilinearScorer",
     "DotScorer",
     "Entmax15",
     "EntmaxBisect",
+    "InferenceNetwork",
     "LatentAttention",
     "MultiHeadScorer",
     "Sparsemax",

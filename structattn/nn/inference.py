@@ -1,0 +1,126 @@
+"""Inference network ``q(z | x, y)`` for variational attention.
+
+The posterior over where target position ``t`` looks depends on the whole target, so the guide
+reads the target with a bidirectional GRU and scores every source position bilinearly against
+its (optionally bi-GRU re-encoded) source states, as in Deng et al. 2018, "Latent Alignment and
+Variational Attention".  Its output is an alignment distribution with the prior's batch shape
+``(batch, queries)``, ready for the estimators of :mod:`structattn.infer`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from structattn.distributions.categorical import CategoricalAlignment, SparsemaxAlignment
+from structattn.nn.rnn import BiRNN
+
+__all__ = ["InferenceNetwork"]
+
+_NORMALIZERS = ("softmax", "sparsemax", "entmax15")
+
+
+class InferenceNetwork(nn.Module):
+    """``q(z_t | x, y)``: bi-GRU over the target, bilinear scores over the source.
+
+    ``forward(target, source, source_mask=None, target_mask=None)`` returns a
+    :class:`~structattn.CategoricalAlignment` (or :class:`~structattn.SparsemaxAlignment`) with
+    batch shape ``(batch, queries)`` over ``keys`` source positions:
+    ``scores[b, t, s] = h_t^T W g_s`` with ``h = BiGRU(target)`` and ``g = BiGRU(source)``
+    (``g = source`` when ``encode_source=False``).
+
+    Args:
+        target_dim: size of target inputs; with ``target_vocab`` the embedding size.
+        source_dim: size of source inputs; with ``source_vocab`` the embedding size.
+        hidden: hidden size of each bi-GRU (even).
+        target_vocab: if given, ``target`` holds token ids ``(batch, queries)`` embedded here.
+        source_vocab: if given, ``source`` holds token ids ``(batch, keys)`` embedded here.
+        encode_source: run a bi-GRU over the source (else score raw source vectors).
+        normalizer: ``"softmax"``, ``"sparsemax"`` or ``"entmax15"``.
+
+    Shapes: ``target (batch, queries, target_dim)`` or ids ``(batch, queries)``;
+    ``source (batch, keys, source_dim)`` or ids ``(batch, keys)``; masks boolean
+    ``(batch, queries)`` / ``(batch, keys)``, True for real positions.
+    """
+
+    def __init__(
+        self,
+        target_dim: int,
+        source_dim: int,
+        hidden: int = 64,
+        target_vocab: int | None = None,
+        source_vocab: int | None = None,
+        encode_source: bool = True,
+        normalizer: str = "softmax",
+    ) -> None:
+        super().__init__()
+        for name, value in (("target_dim", target_dim), ("source_dim", source_dim),
+                            ("hidden", hidden)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if hidden % 2:
+            raise ValueError(f"hidden must be even (bidirectional GRU), got {hidden}")
+        if normalizer not in _NORMALIZERS:
+            raise ValueError(f"normalizer must be one of {_NORMALIZERS}, got {normalizer!r}")
+        self.target_embed = None if target_vocab is None else nn.Embedding(target_vocab,
+                                                                           target_dim)
+        self.source_embed = None if source_vocab is None else nn.Embedding(source_vocab,
+                                                                           source_dim)
+        self.target_rnn = BiRNN(target_dim, hidden, cell="gru")
+        self.source_rnn = BiRNN(source_dim, hidden, cell="gru") if encode_source else None
+        key_dim = hidden if encode_source else source_dim
+        self.bilinear = nn.Linear(hidden, key_dim, bias=False)
+        self.normalizer = normalizer
+
+    def _inputs(self, tensor: torch.Tensor, embed: nn.Module | None, name: str) -> torch.Tensor:
+        if embed is not None:
+            if tensor.dim() != 2 or tensor.is_floating_point():
+                raise ValueError(f"{name} must be token ids (batch, length), got "
+                                 f"{tuple(tensor.shape)} {tensor.dtype}")
+            return embed(tensor)
+        if tensor.dim() != 3 or not tensor.is_floating_point():
+            raise ValueError(f"{name} must be float (batch, length, dim), got "
+                             f"{tuple(tensor.shape)} {tensor.dtype}")
+        return tensor
+
+    def encode(
+        self,
+        target: torch.Tensor,
+        source: torch.Tensor,
+        source_mask: torch.Tensor | None = None,
+        target_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target states ``(batch, queries, hidden)`` and source states ``(batch, keys, K)``.
+
+        The target states are natural per-query features for a learned baseline.
+        """
+        target = self._inputs(target, self.target_embed, "target")
+        source = self._inputs(source, self.source_embed, "source")
+        if target.shape[0] != source.shape[0]:
+            raise ValueError(
+                f"target and source batch sizes differ: {target.shape[0]} vs {source.shape[0]}"
+            )
+        target_states = self.target_rnn(target, target_mask)
+        source_states = source if self.source_rnn is None else self.source_rnn(source,
+                                                                                 source_mask)
+        return target_states, source_states
+
+    def scores(self, target_states: torch.Tensor, source_states: torch.Tensor) -> torch.Tensor:
+        """Bilinear scores ``(batch, queries, keys)``."""
+        return torch.matmul(self.bilinear(target_states), source_states.transpose(-1, -2))
+
+    def forward(
+        self,
+        target: torch.Tensor,
+        source: torch.Tensor,
+        source_mask: torch.Tensor | None = None,
+        target_mask: torch.Tensor | None = None,
+    ):
+        """The guide's alignment distribution, batch shape ``(batch, queries)``."""
+        target_states, source_states = self.encode(target, source, source_mask, target_mask)
+        scores = self.scores(target_states, source_states)
+        mask = None if source_mask is None else source_mask.unsqueeze(-2)
+        if self.normalizer == "softmax":
+            return CategoricalAlignment(logits=scores, mask=mask)
+        alpha = 2.0 if self.normalizer == "sparsemax" else 1.5
+        return SparsemaxAlignment(scores=scores, mask=mask, alpha=alpha)

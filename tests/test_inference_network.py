@@ -1,0 +1,107 @@
+"""InferenceNetwork: q(z | x, y) from a bi-GRU over the target and bilinear source scores."""
+
+import pytest
+import torch
+
+from structattn.distributions import CategoricalAlignment, SparsemaxAlignment
+from structattn.infer import AlignmentTerms, ExactEstimator
+from structattn.nn.inference import InferenceNetwork
+
+torch.set_num_threads(1)
+
+B, T, S, D, V = 3, 5, 4, 6, 7
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randn(B, T, D, generator=g)
+    source = torch.randn(B, S, D, generator=g)
+    source_mask = torch.arange(S) < torch.tensor([S, 3, 2])[:, None]
+    target_mask = torch.arange(T) < torch.tensor([T, 4, 2])[:, None]
+    return target, source, source_mask, target_mask
+
+
+def test_returns_an_alignment_over_source_keys_per_target_query():
+    target, source, source_mask, target_mask = _inputs()
+    q = InferenceNetwork(D, D, hidden=8)(target, source, source_mask, target_mask)
+    assert isinstance(q, CategoricalAlignment)
+    assert q.batch_shape == (B, T) and q.attention.shape == (B, T, S)
+    assert torch.allclose(q.attention.sum(-1), torch.ones(B, T))
+    assert (q.attention.masked_select(~source_mask[:, None, :].expand(B, T, S)) == 0).all()
+
+
+def test_each_query_sees_the_whole_target_in_both_directions():
+    target, source, _, _ = _inputs()
+    net = InferenceNetwork(D, D, hidden=8)
+    base = net(target, source).attention
+    changed_first, changed_last = target.clone(), target.clone()
+    changed_first[:, 0] += 1.0
+    changed_last[:, -1] += 1.0
+    middle = T // 2
+    assert not torch.allclose(net(changed_last, source).attention[:, middle], base[:, middle])
+    assert not torch.allclose(net(changed_first, source).attention[:, middle], base[:, middle])
+
+
+def test_padding_of_the_target_does_not_change_real_queries():
+    target, source, source_mask, target_mask = _inputs()
+    net = InferenceNetwork(D, D, hidden=8)
+    base = net(target, source, source_mask, target_mask).attention
+    noisy = target.clone()
+    noisy[~target_mask] = 100.0
+    again = net(noisy, source, source_mask, target_mask).attention
+    assert torch.allclose(base[target_mask], again[target_mask], atol=1e-6)
+
+
+def test_token_ids_sparse_normalizer_and_raw_source_vectors():
+    g = torch.Generator().manual_seed(1)
+    target = torch.randint(V, (B, T), generator=g)
+    source = torch.randint(V, (B, S), generator=g)
+    q = InferenceNetwork(D, D, hidden=8, target_vocab=V, source_vocab=V, normalizer="sparsemax")(
+        target, source
+    )
+    assert isinstance(q, SparsemaxAlignment) and q.batch_shape == (B, T)
+    raw = InferenceNetwork(D, D, hidden=8, encode_source=False)
+    assert raw(*_inputs()[:2]).batch_shape == (B, T)
+
+
+def test_trains_as_a_guide_under_the_exact_elbo():
+    target, source, source_mask, target_mask = _inputs()
+    torch.manual_seed(0)
+    net = InferenceNetwork(D, D, hidden=8)
+    prior = CategoricalAlignment(logits=torch.zeros(B, T, S), mask=source_mask[:, None, :])
+    table = torch.randn(B, T, S, generator=torch.Generator().manual_seed(2)) * 3
+    terms = AlignmentTerms(prior, table, target_mask)
+    optim = torch.optim.Adam(net.parameters(), lr=0.05)
+    estimator = ExactEstimator()
+    losses = []
+    for _ in range(60):
+        optim.zero_grad()
+        loss = estimator.loss(terms, net(target, source, source_mask, target_mask))
+        loss.backward()
+        optim.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(target_dim=0, source_dim=D), "target_dim"),
+        (dict(target_dim=D, source_dim=D, hidden=7), "hidden"),
+        (dict(target_dim=D, source_dim=D, normalizer="magic"), "normalizer"),
+    ],
+)
+def test_bad_settings_raise_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        InferenceNetwork(**kwargs)
+
+
+def test_bad_inputs_raise_value_error():
+    target, source, _, _ = _inputs()
+    net = InferenceNetwork(D, D, hidden=8)
+    with pytest.raises(ValueError, match="target"):
+        net(target[0], source)
+    with pytest.raises(ValueError, match="batch"):
+        net(target, source[:2])
+    with pytest.raises(ValueError, match="target"):
+        InferenceNetwork(D, D, hidden=8, target_vocab=V)(target, source)
