@@ -189,8 +189,7 @@ def evaluate_mode(
     predicted: dict[str, list[set]] = {"prior_argmax": [], "posterior_map": [],
                                        "posterior_marginals": []}
     for batch in _eval_batches(examples, data, config.batch_size, config.device):
-        log_lik = model.token_log_likelihood(batch)
-        total_nll -= float(log_lik.sum())
+        total_nll -= float(model.log_likelihood(batch).sum())
         tokens += batch.num_target_tokens
         max_length = int(batch.target_mask.sum(-1).max()) + 10
         for ids in model.beam_search(batch.source, batch.source_mask, config.beam_size,

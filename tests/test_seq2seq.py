@@ -93,20 +93,48 @@ def test_token_log_likelihood_matches_a_brute_force_mixture(mode):
 
 
 def _sequence_log_prob(model, batch, row, sequence):
-    """log p(sequence + eos | source) under the model's decoding distribution."""
-    source = batch.source[row : row + 1]
-    mask = batch.source_mask[row : row + 1]
+    """log p(sequence + eos | source) under the model's step-by-step decoding distribution."""
+    source = batch.source[row:row + 1]
+    mask = batch.source_mask[row:row + 1]
     enc = model.encode(source, mask)
     tokens = [model.bos_id] + list(sequence) + [model.eos_id]
     states, _ = model.decode(torch.tensor([tokens[:-1]]))
+    filtered = torch.full(mask.shape, -torch.inf, dtype=enc.dtype)
+    filtered[:, 0] = 0.0
     total = 0.0
     for t in range(len(tokens) - 1):
-        log_probs = model._next_log_probs(states[:, t : t + 1], enc, mask)
+        if model.mode == "monotonic":
+            log_probs, joint = model._next_log_probs(states[:, t:t + 1], enc, mask, filtered)
+            chosen = joint[:, :, tokens[t + 1]]
+            filtered = chosen - chosen.logsumexp(-1, keepdim=True)
+        else:
+            log_probs = model._next_log_probs(states[:, t:t + 1], enc, mask)
         total += float(log_probs[0, tokens[t + 1]])
     return total
 
 
-@pytest.mark.parametrize("mode", ["soft", "marginal"])
+def test_monotonic_decoding_filter_reproduces_the_exact_likelihood():
+    batch, source_vocab, target_vocab = _toy()
+    model = _model("monotonic", source_vocab, target_vocab).double().eval()
+    with torch.no_grad():
+        exact = model.log_likelihood(batch)
+        for row in range(len(batch)):
+            target = batch.target[row, 1:][batch.target_mask[row, 1:]].tolist()[:-1]
+            assert abs(_sequence_log_prob(model, batch, row, target) - exact[row].item()) < 1e-9
+
+
+def test_monotonic_alignments_never_move_backwards():
+    batch, source_vocab, target_vocab = _toy()
+    model = _model("monotonic", source_vocab, target_vocab)
+    found = model.alignments(batch)
+    for row in range(len(batch)):
+        length = int(batch.target_mask[row, 1:].sum())
+        path = found["posterior_map"][row, :length]
+        assert (path[1:] >= path[:-1]).all()
+        assert torch.allclose(found["posterior"][row, :length].sum(-1), torch.ones(length))
+
+
+@pytest.mark.parametrize("mode", ["soft", "marginal", "monotonic"])
 def test_wide_beam_search_finds_the_exhaustive_best(mode):
     batch, source_vocab, target_vocab = _toy()
     model = _model(mode, source_vocab, target_vocab).double().eval()

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from structattn.distributions.categorical import CategoricalAlignment
+from structattn.distributions.monotonic import MonotonicAlignment
 from structattn.infer.estimators import AlignmentTerms, ExactEstimator, make_estimator
 from structattn.infer.exact import marginal_log_likelihood, posterior
 from structattn.infer.readout import gather
@@ -34,6 +35,7 @@ MODES = (
     "variational-enum",
     "variational-score",
     "variational-st",
+    "monotonic",
 )
 SOFT_MODES = ("soft", "sparsemax", "entmax15")
 _ESTIMATOR = {
@@ -59,6 +61,10 @@ class Seq2Seq(nn.Module):
     - ``variational-enum``: an inference network ``q(z | x, y)`` and the exact ELBO.
     - ``variational-score``: the same ELBO, sampled, with the leave-one-out baseline.
     - ``variational-st``: the same ELBO, straight-through Gumbel-softmax, analytic KL.
+    - ``monotonic``: hard monotonic attention (Wu & Cotterell 2019): ``z_t`` stays or moves
+      forward by at most ``max_jump`` source positions, ``p(z_t = k | z_{t-1} = j)`` is the
+      softmax of the attention scores over ``j <= k <= j + max_jump``; trained by the exact
+      ``log p(y | x)`` with the alignment summed out (forward algorithm).
 
     Batches are :class:`structattn.data.batching.Seq2SeqBatch`: ``source (batch, S)``,
     ``target (batch, T + 1)`` framed ``bos y_1 .. y_n eos``, with boolean masks.
@@ -73,8 +79,9 @@ class Seq2Seq(nn.Module):
         num_samples: draws per query for the sampling estimators.
         temperature: Gumbel-softmax temperature of ``variational-st``.
         pad_id, bos_id, eos_id: special target ids.
-        chunk_elements: upper bound on the ``(batch, T, keys, vocab)`` logits computed at once
-            when the emission is evaluated at every source position.
+        chunk_elements: upper bound on the logits computed at once when the emission is
+            evaluated at every source position.
+        max_jump: largest forward move of the ``monotonic`` mode (``None``: unbounded).
     """
 
     def __init__(
@@ -93,6 +100,7 @@ class Seq2Seq(nn.Module):
         bos_id: int = 1,
         eos_id: int = 2,
         chunk_elements: int = 1 << 24,
+        max_jump: int | None = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -103,6 +111,7 @@ class Seq2Seq(nn.Module):
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
         self.target_vocab_size = target_vocab_size
         self.chunk_elements = chunk_elements
+        self.max_jump = max_jump
         self.src_embed = nn.Embedding(source_vocab_size, embed_dim, padding_idx=pad_id)
         self.encoder = BiRNN(embed_dim, hidden, cell="lstm")
         self.tgt_embed = nn.Embedding(target_vocab_size, embed_dim, padding_idx=pad_id)
@@ -227,15 +236,37 @@ class Seq2Seq(nn.Module):
         Soft modes: the soft-attention likelihood.  Latent modes: the exact marginal over the
         prior alignment (variational models are scored by their prior, as at test time).
         """
+        if self.mode == "monotonic":
+            raise ValueError("mode 'monotonic' has no per-token likelihood; use log_likelihood")
         enc, states, prior, targets, target_mask = self._pieces(batch)
         if self.mode in SOFT_MODES:
             return self._soft_token_log_probs(enc, states, prior, targets, target_mask)
         table = self.emission_table(states, enc, targets, target_mask, batch.source_mask)
         return marginal_log_likelihood(prior, table, target_mask)
 
+    def _monotonic(self, batch, enc, states, targets, target_mask, emission=True):
+        """The monotonic alignment chain: the posterior (with emissions) or the prior."""
+        scores, _ = self.attention.scores(states, enc)
+        table = None
+        if emission:
+            table = self.emission_table(states, enc, targets, target_mask, batch.source_mask)
+        return MonotonicAlignment(
+            scores, table, target_lengths=target_mask.sum(-1),
+            source_lengths=batch.source_mask.sum(-1), max_jump=self.max_jump)
+
+    def log_likelihood(self, batch) -> torch.Tensor:
+        """``log p(y | x)`` per sequence, ``(batch,)`` (see :meth:`token_log_likelihood`)."""
+        if self.mode != "monotonic":
+            return self.token_log_likelihood(batch).sum(-1)
+        enc, states, _, targets, target_mask = self._pieces(batch)
+        return self._monotonic(batch, enc, states, targets, target_mask).log_marginal_likelihood
+
     def loss(self, batch) -> dict[str, torch.Tensor]:
         """Training loss per target token, and logged extras."""
         tokens = batch.target_mask[:, 1:].sum().clamp_min(1)
+        if self.mode == "monotonic":
+            total = -self.log_likelihood(batch).sum()
+            return {"loss": total / tokens, "nll": total.detach() / tokens}
         enc, states, prior, targets, target_mask = self._pieces(batch)
         if self.mode in SOFT_MODES:
             log_lik = self._soft_token_log_probs(enc, states, prior, targets, target_mask)
@@ -271,6 +302,14 @@ class Seq2Seq(nn.Module):
         ``posterior_map``: their argmaxes.
         """
         enc, states, prior, targets, target_mask = self._pieces(batch)
+        if self.mode == "monotonic":
+            prior_chain = self._monotonic(batch, enc, states, targets, target_mask, False)
+            posterior_chain = self._monotonic(batch, enc, states, targets, target_mask)
+            prior_marginals = prior_chain.node_marginals
+            post = posterior_chain.node_marginals
+            return {"prior": prior_marginals, "posterior": post,
+                    "prior_argmax": prior_marginals.argmax(-1),
+                    "posterior_map": posterior_chain.argmax}
         table = self.emission_table(states, enc, targets, target_mask, batch.source_mask)
         dense_prior = prior if isinstance(prior, CategoricalAlignment) else CategoricalAlignment(
             probs=prior.attention.clamp_min(0), validate_args=False)
@@ -283,8 +322,27 @@ class Seq2Seq(nn.Module):
 
     # ---------------------------------------------------------------- decoding
 
-    def _next_log_probs(self, states, enc, source_mask) -> torch.Tensor:
-        """``log p(y_t | y_<t, x)`` over the vocabulary for one step: ``(N, V)``."""
+    def _monotone_predict(self, states, enc, source_mask, filtered):
+        """``log p(z_t = k | y_<t, x)`` ``(N, S)`` from the filter ``log p(z_{t-1} | y_<t, x)``."""
+        scores, _ = self.attention.scores(states, enc)                 # (N, 1, S)
+        positions = torch.arange(enc.shape[1], device=enc.device)
+        jump = positions[:, None] - positions[None, :]                 # [next, previous]
+        allowed = (jump >= 0) if self.max_jump is None else (jump >= 0) & (jump <= self.max_jump)
+        allowed = allowed & source_mask[:, :, None]
+        moves = scores[:, 0, :, None].masked_fill(~allowed, -torch.inf)     # (N, next, prev)
+        moves = torch.where(allowed, moves - moves.logsumexp(1, keepdim=True), -torch.inf)
+        return (moves + filtered[:, None, :]).logsumexp(-1)
+
+    def _next_log_probs(self, states, enc, source_mask, filtered=None) -> torch.Tensor:
+        """``log p(y_t | y_<t, x)`` over the vocabulary for one step: ``(N, V)``.
+
+        ``monotonic`` mode also returns the per-position joint ``(N, S, V)`` for the filter.
+        """
+        if self.mode == "monotonic":
+            predicted = self._monotone_predict(states, enc, source_mask, filtered)
+            log_probs = self.output_logits(states, enc).log_softmax(-1)     # (N, S, V)
+            joint = predicted.unsqueeze(-1) + log_probs
+            return joint.logsumexp(1), joint
         prior = self.attention(states, enc, source_mask)               # batch (N, 1)
         if self.mode in SOFT_MODES:
             return self.output_logits(states, gather(enc, prior.attention)).log_softmax(-1)[:, 0]
@@ -323,9 +381,17 @@ class Seq2Seq(nn.Module):
         finished = torch.zeros(batch, beam_size, dtype=torch.bool, device=source.device)
         state = None
         vocab = self.target_vocab_size
+        filtered = None
+        if self.mode == "monotonic":  # the virtual start z_{-1} = 0
+            filtered = torch.full(mask.shape, -torch.inf, device=source.device)
+            filtered[:, 0] = 0.0
         for step in range(max_length + 1):
             states, state = self.decode(tokens[:, -1:], state)
-            log_probs = self._next_log_probs(states, enc, mask).view(batch, beam_size, vocab)
+            if self.mode == "monotonic":
+                log_probs, joint = self._next_log_probs(states, enc, mask, filtered)
+            else:
+                log_probs = self._next_log_probs(states, enc, mask)
+            log_probs = log_probs.view(batch, beam_size, vocab)
             if step == max_length:  # out of room: every open hypothesis must end here
                 log_probs = torch.where(
                     torch.arange(vocab, device=source.device) == self.eos_id, log_probs,
@@ -341,6 +407,11 @@ class Seq2Seq(nn.Module):
             origin = origin.view(-1)
             tokens = torch.cat([tokens[origin], word.view(-1, 1)], 1)
             state = tuple(s[:, origin] for s in state)
+            if filtered is not None:  # condition the alignment filter on the chosen word
+                chosen = joint[origin].gather(
+                    -1, word.view(-1, 1, 1).expand(-1, joint.shape[1], 1)).squeeze(-1)
+                filtered = chosen - chosen.logsumexp(-1, keepdim=True)
+                filtered = torch.nan_to_num(filtered, nan=-torch.inf)
             finished = finished.view(-1)[origin].view(batch, beam_size) | (word == self.eos_id)
             if bool(finished.all()):
                 break
