@@ -5,11 +5,16 @@ sample, enumeration, structured marginals) is the caller's choice, and every est
 way of training through that choice.
 """
 
-from structattn import distributions, functional, infer, nn
+from structattn import distributions, functional, infer, models, nn
 from structattn.distributions import (
     CategoricalAlignment,
+    LinearChainCRF,
+    MonotonicAlignment,
+    NonProjectiveDependencyCRF,
+    ProjectiveDependencyCRF,
     RelaxedAlignment,
     SparsemaxAlignment,
+    segmentation_crf,
 )
 from structattn.functional import entmax15, entmax_bisect, masked_softmax, sparsemax
 
@@ -17,6 +22,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CategoricalAlignment",
+    "LinearChainCRF",
+    "MonotonicAlignment",
+    "NonProjectiveDependencyCRF",
+    "ProjectiveDependencyCRF",
     "RelaxedAlignment",
     "SparsemaxAlignment",
     "distributions",
@@ -25,6 +34,8 @@ __all__ = [
     "functional",
     "infer",
     "masked_softmax",
+    "models",
     "nn",
+    "segmentation_crf",
     "sparsemax",
 ]

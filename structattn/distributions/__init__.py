@@ -1,4 +1,4 @@
-"""Pyro distributions over alignments."""
+"""Pyro distributions over alignments: per-query categorical and structured."""
 
 from structattn.distributions.categorical import (
     CategoricalAlignment,
@@ -6,5 +6,20 @@ from structattn.distributions.categorical import (
     SparsemaxAlignment,
     mask_value,
 )
+from structattn.distributions.chain import LinearChainCRF, segmentation_crf
+from structattn.distributions.monotonic import MonotonicAlignment
+from structattn.distributions.structured import StructuredDistribution
+from structattn.distributions.tree import NonProjectiveDependencyCRF, ProjectiveDependencyCRF
 
-__all__ = ["CategoricalAlignment", "RelaxedAlignment", "SparsemaxAlignment", "mask_value"]
+__all__ = [
+    "CategoricalAlignment",
+    "LinearChainCRF",
+    "MonotonicAlignment",
+    "NonProjectiveDependencyCRF",
+    "ProjectiveDependencyCRF",
+    "RelaxedAlignment",
+    "SparsemaxAlignment",
+    "StructuredDistribution",
+    "mask_value",
+    "segmentation_crf",
+]

@@ -1,0 +1,171 @@
+"""Hard monotonic alignment with the alignment summed out exactly (an HMM over source positions).
+
+Target step ``t`` is aligned to one source position ``z_t``; the alignment may stay or move
+forward by at most ``max_jump`` positions per step (Wu & Cotterell 2019, "Exact hard monotonic
+attention for character-level transduction"; the HMM alignment of Wang et al. 2018). Given
+per-step emission log-likelihoods ``log p(y_t | z_t = s, ...)``, the exact marginal likelihood
+``log p(y | x)``, the posterior alignment marginals, the Viterbi path and posterior samples all
+come from the linear-chain dynamic program of :mod:`structattn.distributions.chain`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributions import constraints
+
+from .chain import LinearChainCRF
+from .structured import check_lengths, check_potentials, resolve_validation
+
+
+def _monotone_mask(num_sources: int, max_jump: int | None, device) -> torch.Tensor:
+    """``(S, S)`` bool, ``[next, previous]``: True where ``0 <= next - previous <= max_jump``."""
+    positions = torch.arange(num_sources, device=device)
+    step = positions.unsqueeze(-1) - positions
+    allowed = step >= 0
+    if max_jump is not None:
+        allowed = allowed & (step <= max_jump)
+    return allowed
+
+
+class MonotonicAlignment(LinearChainCRF):
+    r"""Posterior (or prior) over monotone alignments ``z_0 .. z_{T-1}`` of target steps to
+    source positions.
+
+    .. math::
+        p(z_t = k \mid z_{t-1} = j) = \frac{\exp a_{t,k}}{\sum_{k' = j}^{j + J} \exp a_{t,k'}}
+        \quad (j \le k \le j + J), \qquad
+        p(y, z \mid x) = \prod_t p(z_t \mid z_{t-1})\, p(y_t \mid z_t)
+
+    with a virtual start ``z_{-1} = 0`` (so ``z_0 <= J``), ``J = max_jump`` and sums cut at the
+    source length. Without emissions this is the prior ``p(z | x)`` (``log_partition`` is 0);
+    with them it is the posterior ``p(z | x, y)`` and ``log_partition`` is the exact
+    ``log p(y | x)`` with the alignment summed out.
+
+    ``node_marginals: (*batch, T, S)`` is the posterior attention; ``argmax`` the Viterbi
+    alignment; ``sample`` draws exact posterior alignments; ``log_prob(z) = log p(z | x, y)``.
+    Values are ``(*batch, T)`` int64 source positions, zero past each target length.
+
+    Args:
+        alignment_logits: ``(*batch, T, S)``, ``a_{t,k}``: score of moving to source ``k`` at
+            target step ``t``.
+        emission_log_likelihoods: ``(*batch, T, S)``, ``log p(y_t | z_t = k)`` (default none).
+        target_lengths: ``(*batch,)`` in ``[1, T]``.
+        source_lengths: ``(*batch,)`` in ``[1, S]``.
+        max_jump: largest forward move per step (default: unbounded).
+    """
+
+    arg_constraints = {
+        "alignment_logits": constraints.real,
+        "emission_log_likelihoods": constraints.real,
+    }
+    _batched_attributes = (
+        "potentials",
+        "lengths",
+        "initial_potentials",
+        "alignment_logits",
+        "emission_log_likelihoods",
+        "source_lengths",
+    )
+
+    def __init__(
+        self,
+        alignment_logits: torch.Tensor,
+        emission_log_likelihoods: torch.Tensor | None = None,
+        target_lengths: torch.Tensor | None = None,
+        source_lengths: torch.Tensor | None = None,
+        max_jump: int | None = None,
+        validate_args: bool | None = None,
+    ) -> None:
+        validate = resolve_validation(validate_args)
+        check_potentials(alignment_logits, "alignment_logits", 2, validate)
+        *batch, num_targets, num_sources = alignment_logits.shape
+        if num_targets == 0 or num_sources == 0:
+            raise ValueError(
+                "alignment_logits must have shape (*batch, T, S) with T, S >= 1, got "
+                f"{tuple(alignment_logits.shape)}"
+            )
+        if max_jump is not None and (not isinstance(max_jump, int) or max_jump < 1):
+            raise ValueError(f"max_jump must be a positive int or None, got {max_jump!r}")
+        if emission_log_likelihoods is None:
+            emission_log_likelihoods = alignment_logits.new_zeros(()).expand(alignment_logits.shape)
+        else:
+            check_potentials(emission_log_likelihoods, "emission_log_likelihoods", 2, validate)
+            try:
+                emission_log_likelihoods = emission_log_likelihoods.expand(alignment_logits.shape)
+            except RuntimeError as err:
+                raise ValueError(
+                    "emission_log_likelihoods of shape "
+                    f"{tuple(emission_log_likelihoods.shape)} does not broadcast to "
+                    f"alignment_logits' shape {tuple(alignment_logits.shape)}"
+                ) from err
+        batch_shape = torch.Size(batch)
+        source_lengths = check_lengths(
+            source_lengths,
+            batch_shape,
+            num_sources,
+            validate,
+            name="source_lengths",
+            device=alignment_logits.device,
+        )
+        self.alignment_logits = alignment_logits
+        self.emission_log_likelihoods = emission_log_likelihoods
+        self.source_lengths = source_lengths
+        self.max_jump = max_jump
+        initial, edges = self._chain_potentials()
+        super().__init__(
+            edges,
+            lengths=self._checked_target_lengths(target_lengths, batch_shape, validate),
+            initial_potentials=initial,
+            validate_args=validate_args,
+        )
+
+    def _checked_target_lengths(self, target_lengths, batch_shape, validate):
+        return check_lengths(
+            target_lengths,
+            batch_shape,
+            self.alignment_logits.shape[-2],
+            validate,
+            name="target_lengths",
+            device=self.alignment_logits.device,
+        )
+
+    def _chain_potentials(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(initial (*batch, S), edges (*batch, T-1, S, S))`` of the equivalent chain.
+
+        Forbidden moves get a finite score far below every allowed path (its ``exp`` is exactly
+        zero) rather than ``-inf``, so no gradient ever meets ``inf - inf``.
+        """
+        logits, emissions = self.alignment_logits, self.emission_log_likelihoods
+        num_sources = logits.shape[-1]
+        allowed = _monotone_mask(num_sources, self.max_jump, logits.device)
+        positions = torch.arange(num_sources, device=logits.device)
+        in_source = positions < self.source_lengths.unsqueeze(-1)
+        # [..., t, next, previous]
+        allowed = allowed & in_source[..., None, :, None]
+        start = allowed[..., 0, :, 0]
+        spread = (logits.detach().abs().amax() + emissions.detach().abs().amax()).item()
+        forbidden = -(2 * logits.shape[-2] + 1) * (spread + num_sources) - 1e4
+        scores = logits.unsqueeze(-1).expand(*logits.shape, num_sources)
+        scores = scores.masked_fill(~allowed, forbidden)
+        log_moves = scores - torch.logsumexp(scores, -2, keepdim=True)
+        log_moves = log_moves.masked_fill(~allowed, forbidden)
+        first = logits[..., 0, :].masked_fill(~start, forbidden)
+        first = first - torch.logsumexp(first, -1, keepdim=True)
+        initial = (first + emissions[..., 0, :]).masked_fill(~start, forbidden)
+        edges = log_moves[..., 1:, :, :] + emissions[..., 1:, :].unsqueeze(-1)
+        edges = edges.masked_fill(~allowed, forbidden)
+        return initial, edges
+
+    @property
+    def log_marginal_likelihood(self) -> torch.Tensor:
+        """``log p(y | x)`` with the alignment summed out, shape ``batch_shape``."""
+        return self.log_partition
+
+    @property
+    def target_lengths(self) -> torch.Tensor:
+        """``(*batch,)`` target lengths (the chain's ``lengths``)."""
+        return self.lengths
+
+    @constraints.dependent_property(is_discrete=True, event_dim=1)
+    def support(self) -> constraints.Constraint:
+        return constraints.independent(constraints.integer_interval(0, self.num_states - 1), 1)

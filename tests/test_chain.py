@@ -1,0 +1,317 @@
+"""LinearChainCRF and the segmentation CRF against brute-force enumeration of label sequences."""
+
+import itertools
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI, Trace_ELBO, TraceGraph_ELBO
+from pyro.optim import Adam
+
+from structattn.distributions.chain import LinearChainCRF, segmentation_crf
+
+torch.set_num_threads(1)
+
+
+def enumerate_sequences(crf: LinearChainCRF, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every label sequence of batch element ``index`` (zero-padded) and its exact log p."""
+    length = int(crf.lengths.reshape(-1)[index])
+    num_nodes = crf.event_shape[0]
+    labels = torch.tensor(list(itertools.product(range(crf.num_states), repeat=length)))
+    values = torch.zeros(len(labels), num_nodes, dtype=torch.long)
+    values[:, :length] = labels
+    batch = crf.batch_shape[0]
+    scores = crf.score(values.unsqueeze(1).expand(-1, batch, -1))[:, index]
+    return values, scores - torch.logsumexp(scores, 0)
+
+
+def random_crf(
+    batch=3, nodes=4, states=3, scale=1.0, dtype=torch.float64, with_lengths=True, seed=0
+):
+    generator = torch.Generator().manual_seed(seed)
+    phi = scale * torch.randn(batch, nodes - 1, states, states, generator=generator, dtype=dtype)
+    initial = torch.randn(batch, states, generator=generator, dtype=dtype)
+    lengths = torch.tensor([nodes, 1, nodes - 1][:batch]) if with_lengths else None
+    return LinearChainCRF(phi, lengths=lengths, initial_potentials=initial)
+
+
+def brute_force_marginals(crf, index):
+    values, log_p = enumerate_sequences(crf, index)
+    probs = log_p.exp()
+    nodes = torch.zeros(crf.event_shape[0], crf.num_states, dtype=probs.dtype)
+    edges = torch.zeros(crf.potentials.shape[1:], dtype=probs.dtype)
+    length = int(crf.lengths[index])
+    for value, p in zip(values, probs, strict=True):
+        for n in range(length):
+            nodes[n, value[n]] += p
+        for n in range(length - 1):
+            edges[n, value[n + 1], value[n]] += p
+    return nodes, edges
+
+
+def test_partition_matches_brute_force_with_lengths():
+    crf = random_crf()
+    for index in range(3):
+        values, _ = enumerate_sequences(crf, index)
+        scores = crf.score(values.unsqueeze(1).expand(-1, 3, -1))[:, index]
+        torch.testing.assert_close(crf.partition[index], torch.logsumexp(scores, 0))
+
+
+def test_log_prob_normalizes_over_every_sequence():
+    crf = random_crf()
+    for index in range(3):
+        values, _ = enumerate_sequences(crf, index)
+        log_p = crf.log_prob(values.unsqueeze(1).expand(-1, 3, -1))[:, index]
+        torch.testing.assert_close(torch.logsumexp(log_p, 0), torch.tensor(0.0, dtype=log_p.dtype))
+
+
+def test_edge_and_node_marginals_match_brute_force():
+    crf = random_crf()
+    for index in range(3):
+        nodes, edges = brute_force_marginals(crf, index)
+        torch.testing.assert_close(crf.node_marginals[index], nodes)
+        torch.testing.assert_close(crf.marginals[index], edges)
+
+
+@pytest.mark.parametrize(
+    "nodes, states, scale",
+    [(60, 2, 1.0), (60, 2, 300.0), (60, 4, 1.0), (9, 3, 1.0), (9, 3, 300.0), (9, 20, 1.0)],
+    ids=[
+        "blocked-probability",
+        "blocked-log",
+        "blocked-probability-4-states",
+        "sequential-probability",
+        "sequential-log",
+        "sequential-probability-wide",
+    ],
+)
+def test_fast_marginals_match_autograd_in_every_regime(nodes, states, scale):
+    generator = torch.Generator().manual_seed(9)
+    phi = scale * torch.randn(
+        2, nodes - 1, states, states, generator=generator, dtype=torch.float64
+    )
+    lengths = torch.tensor([nodes, nodes // 2])
+    crf = LinearChainCRF(phi, lengths=lengths)
+    leaf = phi.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(LinearChainCRF(leaf, lengths).partition.sum(), leaf)
+    torch.testing.assert_close(crf.marginals, grad)
+
+
+def test_argmax_is_the_best_sequence():
+    crf = random_crf()
+    best = crf.argmax
+    for index in range(3):
+        values, log_p = enumerate_sequences(crf, index)
+        torch.testing.assert_close(best[index], values[log_p.argmax()])
+
+
+def test_entropy_and_kl_match_brute_force():
+    p, q = random_crf(seed=1), random_crf(seed=2)
+    entropy, kl = p.entropy(), p.kl_divergence(q)
+    torch.testing.assert_close(torch.distributions.kl_divergence(p, q), kl)
+    for index in range(3):
+        _, log_p = enumerate_sequences(p, index)
+        _, log_q = enumerate_sequences(q, index)
+        torch.testing.assert_close(entropy[index], -(log_p.exp() * log_p).sum())
+        torch.testing.assert_close(kl[index], (log_p.exp() * (log_p - log_q)).sum())
+
+
+def test_sample_frequencies_match_probabilities():
+    torch.manual_seed(0)
+    crf = random_crf(batch=2, nodes=3, states=2, with_lengths=False)
+    draws = crf.sample((20000,))
+    assert draws.shape == (20000, 2, 3)
+    for index in range(2):
+        values, log_p = enumerate_sequences(crf, index)
+        codes = (draws[:, index] * torch.tensor([4, 2, 1])).sum(-1)
+        expected = (values * torch.tensor([4, 2, 1])).sum(-1)
+        freq = torch.stack([(codes == c).double().mean() for c in expected])
+        assert (freq - log_p.exp()).abs().max() < 0.015
+
+
+def test_samples_are_zero_past_each_length():
+    crf = random_crf()
+    draws = crf.sample((50,))
+    assert bool((draws[:, 1, 1:] == 0).all()) and bool((draws[:, 2, 3:] == 0).all())
+
+
+def test_log_prob_accepts_torch_struct_parts():
+    crf = random_crf(with_lengths=False)
+    value = crf.sample()
+    torch.testing.assert_close(crf.log_prob(crf.to_parts(value)), crf.log_prob(value))
+
+
+def test_gradcheck_log_partition_and_marginals_in_float64():
+    phi = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([4, 2])
+
+    def log_z(x):
+        return LinearChainCRF(x, lengths=lengths).partition
+
+    def marginals(x):
+        return LinearChainCRF(x, lengths=lengths).marginals
+
+    assert torch.autograd.gradcheck(log_z, (phi,))
+    assert torch.autograd.gradgradcheck(log_z, (phi,))
+    assert torch.autograd.gradcheck(marginals, (phi,))
+
+
+def test_variable_lengths_match_each_sequence_alone():
+    torch.manual_seed(3)
+    phi = torch.randn(3, 9, 4, 4)
+    lengths = torch.tensor([10, 4, 1])
+    batched = LinearChainCRF(phi, lengths=lengths)
+    for index, length in enumerate(lengths.tolist()):
+        alone = LinearChainCRF(phi[index : index + 1, : length - 1])
+        torch.testing.assert_close(batched.partition[index], alone.partition[0])
+        torch.testing.assert_close(batched.node_marginals[index, :length], alone.node_marginals[0])
+        torch.testing.assert_close(batched.argmax[index, :length], alone.argmax[0])
+        assert bool((batched.node_marginals[index, length:] == 0).all())
+
+
+def test_float32_scale_100_stays_finite_and_accurate():
+    torch.manual_seed(4)
+    phi = 100 * torch.randn(2, 63, 8, 8)
+    crf32, crf64 = LinearChainCRF(phi), LinearChainCRF(phi.double())
+    marginals = crf32.node_marginals
+    assert torch.isfinite(marginals).all() and torch.isfinite(crf32.partition).all()
+    torch.testing.assert_close(marginals.sum(-1), torch.ones(2, 64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(marginals.double(), crf64.node_marginals, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("states", [2, 8])
+def test_float32_length_1024_stays_finite(states):
+    torch.manual_seed(5)
+    crf = LinearChainCRF(10 * torch.randn(2, 1023, states, states))
+    marginals = crf.node_marginals
+    assert torch.isfinite(crf.partition).all()
+    torch.testing.assert_close(marginals.sum(-1), torch.ones(2, 1024), atol=1e-3, rtol=0)
+
+
+def test_half_potentials_run_in_float32_and_return_half():
+    phi = torch.randn(2, 5, 3, 3)
+    crf = LinearChainCRF(phi.half())
+    assert crf.partition.dtype == torch.float16
+    torch.testing.assert_close(
+        crf.partition.float(), LinearChainCRF(phi.half().float()).partition, atol=1e-2, rtol=0
+    )
+
+
+def test_marginals_build_no_graph_and_leave_the_input_alone():
+    phi = torch.randn(2, 5, 3, 3)
+    with torch.no_grad():
+        assert not LinearChainCRF(phi).marginals.requires_grad
+    with torch.inference_mode():
+        assert torch.isfinite(LinearChainCRF(phi).marginals).all()
+    assert not phi.requires_grad
+
+
+def test_instances_do_not_share_state():
+    phi = torch.randn(1, 4, 3, 3)
+    first = LinearChainCRF(phi)
+    before = first.partition.clone()
+    LinearChainCRF(torch.randn(1, 4, 3, 3), lengths=torch.tensor([2]))
+    torch.testing.assert_close(first.partition, before)
+
+
+def test_expand_and_multiple_batch_dims():
+    crf = random_crf(batch=1, with_lengths=False)
+    expanded = crf.expand(torch.Size([2, 1]))
+    assert expanded.batch_shape == (2, 1)
+    torch.testing.assert_close(expanded.partition, crf.partition.expand(2, 1))
+    assert expanded.sample((3,)).shape == (3, 2, 1, 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(log_potentials=torch.randn(2, 3, 3, 4)), "two equal state dims"),
+        (dict(log_potentials=torch.randn(3, 3)), "at least 3 dimensions"),
+        (dict(log_potentials=torch.randn(2, 3, 3, 3), lengths=torch.tensor([0, 4])), "lengths"),
+        (dict(log_potentials=torch.randn(2, 3, 3, 3), lengths=torch.tensor([5, 4])), "lengths"),
+        (dict(log_potentials=torch.randn(2, 3, 3, 3), lengths=torch.tensor([2.0, 4.0])), "integer"),
+        (dict(log_potentials=torch.randn(2, 3, 3, 3), lengths=torch.tensor([4, 4, 4])), "lengths"),
+        (dict(log_potentials=torch.full((2, 3, 3, 3), float("nan"))), "log_potentials"),
+        (dict(log_potentials=torch.randint(0, 3, (2, 3, 3, 3))), "floating-point"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_the_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LinearChainCRF(**kwargs)
+
+
+def test_segmentation_attention_is_the_marginal_of_state_one():
+    torch.manual_seed(6)
+    scores = torch.randn(2, 4, dtype=torch.float64)
+    transition = torch.randn(2, 2, dtype=torch.float64)
+    crf = segmentation_crf(scores, transition, lengths=torch.tensor([4, 3]))
+    attention = crf.node_marginals[..., 1]
+    for index, length in enumerate([4, 3]):
+        expected = torch.zeros(4, dtype=torch.float64)
+        weights = []
+        configs = list(itertools.product([0, 1], repeat=length))
+        for config in configs:
+            score = sum(scores[index, s] for s in range(length) if config[s] == 1)
+            score = score + sum(transition[config[s + 1], config[s]] for s in range(length - 1))
+            weights.append(torch.as_tensor(score, dtype=torch.float64))
+        probs = torch.softmax(torch.stack(weights), 0)
+        for config, p in zip(configs, probs, strict=True):
+            expected[:length] += p * torch.tensor(config[:length], dtype=torch.float64)
+        torch.testing.assert_close(attention[index], expected)
+
+
+def test_score_function_site_under_tracegraph_elbo():
+    pyro.clear_param_store()
+    torch.manual_seed(7)
+    prior = torch.randn(2, 4, 3, 3)
+    lengths = torch.tensor([5, 3])
+    observed = torch.randn(2, 5)
+
+    def model():
+        with pyro.plate("batch", 2):
+            z = pyro.sample("z", LinearChainCRF(prior, lengths=lengths))
+            pyro.sample("y", dist.Normal(z.float().sum(-1), 1.0), obs=observed.sum(-1))
+
+    def guide():
+        phi = pyro.param("phi", torch.zeros(2, 4, 3, 3))
+        with pyro.plate("batch", 2):
+            pyro.sample("z", LinearChainCRF(phi, lengths=lengths))
+
+    svi = SVI(model, guide, Adam({"lr": 0.01}), TraceGraph_ELBO())
+    losses = [svi.step() for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert torch.isfinite(pyro.param("phi")).all()
+    assert not torch.equal(pyro.param("phi").detach(), torch.zeros(2, 4, 3, 3))
+
+
+def test_log_partition_is_an_exact_marginal_likelihood_factor():
+    phi = torch.randn(2, 4, 3, 3, requires_grad=True)
+
+    def model():
+        pyro.factor("log_z", LinearChainCRF(phi).log_partition.sum())
+
+    trace = pyro.poutine.trace(model).get_trace()
+    trace.log_prob_sum().backward()
+    torch.testing.assert_close(phi.grad, LinearChainCRF(phi.detach()).marginals)
+
+
+def test_score_function_site_under_trace_elbo_moves_toward_the_prior():
+    pyro.clear_param_store()
+    torch.manual_seed(8)
+    prior = 3 * torch.randn(1, 3, 2, 2)
+
+    def model():
+        pyro.sample("z", LinearChainCRF(prior))
+
+    def guide():
+        pyro.sample("z", LinearChainCRF(pyro.param("phi", torch.zeros(1, 3, 2, 2))))
+
+    svi = SVI(
+        model, guide, Adam({"lr": 0.1}), Trace_ELBO(num_particles=16, vectorize_particles=True)
+    )
+    start = LinearChainCRF(torch.zeros(1, 3, 2, 2)).kl_divergence(LinearChainCRF(prior))
+    for _ in range(100):
+        svi.step()
+    end = LinearChainCRF(pyro.param("phi").detach()).kl_divergence(LinearChainCRF(prior))
+    assert float(end) < 0.5 * float(start)
