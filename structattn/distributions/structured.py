@@ -16,6 +16,7 @@ quantities, so that every structure is a Pyro distribution usable in ``pyro.samp
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 
 import torch
@@ -138,9 +139,9 @@ class StructuredDistribution(TorchDistribution):
         self._validate_args = resolve_validation(validate_args)
 
     # ----------------------------------------------------------------- hooks for subclasses
+    @abc.abstractmethod
     def _log_partition_flat(self, potentials: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """log Z of flat ``potentials: (B, ...)`` in the computation dtype; returns ``(B,)``."""
-        raise NotImplementedError
 
     def _marginals_flat(self, potentials: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Marginals ``(B, ...)`` shaped like the flat potentials."""
@@ -148,21 +149,21 @@ class StructuredDistribution(TorchDistribution):
             lambda phi: self._log_partition_flat(phi, lengths), potentials
         )
 
+    @abc.abstractmethod
     def _argmax_flat(self, potentials: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Highest-scoring structures ``(B, *event_shape)``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _sample_flat(
         self, potentials: torch.Tensor, lengths: torch.Tensor, num_samples: int
     ) -> torch.Tensor:
         """Exact samples ``(num_samples, B, *event_shape)``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _score_flat(
         self, value: torch.Tensor, potentials: torch.Tensor, lengths: torch.Tensor
     ) -> torch.Tensor:
         """Unnormalized log score of ``value: (K, B, *event_shape)``; returns ``(K, B)``."""
-        raise NotImplementedError
 
     def _parts_to_value(self, parts: torch.Tensor) -> torch.Tensor:
         """Convert a one-hot parts tensor (torch-struct's format) to a compact value."""

@@ -25,6 +25,7 @@ Use an estimator directly (``estimator.loss(terms, guide)``) or as
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -187,7 +188,7 @@ def _analytic_kl(guide, prior) -> torch.Tensor | None:
         return None
 
 
-class Estimator(nn.Module):
+class Estimator(nn.Module, abc.ABC):
     """Base class.  ``forward(model, guide, batch)`` returns the surrogate loss.
 
     ``model(batch)`` must return an :class:`AlignmentTerms`; ``guide`` is ``None`` or a
@@ -210,9 +211,9 @@ class Estimator(nn.Module):
         guide_dist = None if guide is None else guide(batch)
         return self.loss(terms, guide_dist)
 
+    @abc.abstractmethod
     def loss(self, terms: AlignmentTerms, guide=None) -> torch.Tensor:
         """Scalar surrogate loss: value ``-objective``, gradient the estimator's gradient."""
-        raise NotImplementedError
 
     def _prepare(self, terms: AlignmentTerms, guide):
         prior = terms.prior
