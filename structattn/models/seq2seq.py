@@ -279,11 +279,7 @@ class Seq2Seq(nn.Module):
             def log_likelihood(z: torch.Tensor) -> torch.Tensor:
                 return self._emission_at(states, enc, targets, z)
 
-        soft = None
-        if self.mode in ("hard-score", "variational-score"):
-            soft = self._soft_token_log_probs(enc, states, prior, targets, target_mask).detach()
-        terms = AlignmentTerms(prior=prior, log_likelihood=log_likelihood, mask=target_mask,
-                               soft_log_likelihood=soft)
+        terms = AlignmentTerms(prior=prior, log_likelihood=log_likelihood, mask=target_mask)
         guide = self.guide(batch, enc) if self.inference is not None else None
         surrogate = self.estimator.loss(terms, guide)
         objective = -self.estimator.stats["objective"]
