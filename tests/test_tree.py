@@ -8,6 +8,7 @@ import torch
 from pyro.infer import SVI, TraceGraph_ELBO
 from pyro.optim import Adam
 
+from structattn.distributions import tree as tree_module
 from structattn.distributions.tree import NonProjectiveDependencyCRF, ProjectiveDependencyCRF
 
 torch.set_num_threads(1)
@@ -184,6 +185,94 @@ def test_non_projective_float32_scale_100_stays_finite(multiroot):
     assert torch.isfinite(marginals).all() and torch.isfinite(crf32.partition).all()
     torch.testing.assert_close(crf32.partition.double(), crf64.partition, rtol=1e-5, atol=1e-2)
     torch.testing.assert_close(marginals.double(), crf64.marginals, atol=1e-3, rtol=0)
+
+
+def spy_float32_inverse(monkeypatch):
+    """Record, per call, whether the float32 inverse of the matrix-tree marginals was kept."""
+    kept = []
+    original = tree_module._float32_inverse_t
+
+    def spy(matrix, multiroot):
+        inverse_t = original(matrix, multiroot)
+        kept.append(inverse_t is not None)
+        return inverse_t
+
+    monkeypatch.setattr(tree_module, "_float32_inverse_t", spy)
+    return kept
+
+
+def paired_cycles(size, bonus):
+    """Scores whose best heads pair words into 2-cycles, every other arc ``bonus`` lower."""
+    scores = torch.zeros(2, size, size)
+    first = torch.arange(0, size - 1, 2)
+    scores[:, first, first + 1] = bonus
+    scores[:, first + 1, first] = bonus
+    return scores
+
+
+@pytest.mark.parametrize("multiroot", [False, True])
+def test_blocked_inverses_match_lapack(multiroot):
+    torch.manual_seed(5)
+    size = 100
+    weights = torch.rand(3, size, size, dtype=torch.float64)
+    matrix = torch.diag_embed(weights.sum(-2) + 0.1) - weights
+    if multiroot:
+        blocked = tree_module._dominant_inverse(matrix)
+    else:
+        matrix[:, 0] = torch.rand(3, size, dtype=torch.float64)  # a root row, not dominant
+        blocked = tree_module._bordered_inverse(matrix)
+    torch.testing.assert_close(blocked, torch.linalg.inv(matrix))
+
+
+@pytest.mark.parametrize("multiroot", [False, True])
+def test_non_projective_long_float32_marginals_run_in_float32_and_match_float64(
+    monkeypatch, multiroot
+):
+    kept = spy_float32_inverse(monkeypatch)
+    torch.manual_seed(6)
+    size = tree_module._BLOCKED_INVERSE_WORDS + 8
+    scores = torch.randn(3, size, size)
+    lengths = torch.tensor([size, size - 5, 1])
+    marginals = NonProjectiveDependencyCRF(scores, lengths=lengths, multiroot=multiroot).marginals
+    assert kept == [True]
+    expected = NonProjectiveDependencyCRF(
+        scores.double(), lengths=lengths, multiroot=multiroot
+    ).marginals
+    assert marginals.dtype == torch.float32
+    torch.testing.assert_close(marginals.double(), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("multiroot", [False, True])
+@pytest.mark.parametrize(
+    "scores",
+    [
+        100 * torch.randn(2, 80, 80, generator=torch.Generator().manual_seed(7)),
+        paired_cycles(80, 12.0),
+        paired_cycles(80, 20.0),  # exp(-20) all but vanishes next to 1 in a float32 sum
+    ],
+)
+def test_non_projective_ill_conditioned_float32_marginals_fall_back_to_float64(
+    monkeypatch, multiroot, scores
+):
+    kept = spy_float32_inverse(monkeypatch)
+    marginals = NonProjectiveDependencyCRF(scores, multiroot=multiroot).marginals
+    assert True not in kept  # refused by the condition estimate, or not tried at all
+    expected = NonProjectiveDependencyCRF(scores.double(), multiroot=multiroot).marginals
+    assert torch.isfinite(marginals).all()
+    torch.testing.assert_close(marginals.double(), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("multiroot", [False, True])
+def test_non_projective_float32_is_not_tried_for_widely_spread_scores(monkeypatch, multiroot):
+    kept = spy_float32_inverse(monkeypatch)
+    scores = 100 * torch.randn(2, 80, 80, generator=torch.Generator().manual_seed(8))
+    marginals = NonProjectiveDependencyCRF(scores, multiroot=multiroot).marginals
+    assert kept == [] and torch.isfinite(marginals).all()
+
+
+@pytest.mark.parametrize("multiroot", [False, True])
+def test_float32_inverse_of_a_singular_matrix_is_refused(multiroot):
+    assert tree_module._float32_inverse_t(torch.zeros(2, 80, 80), multiroot) is None
 
 
 def test_projective_float32_scale_100_stays_finite():
