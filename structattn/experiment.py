@@ -199,8 +199,11 @@ def evaluate_mode(
             found = model.alignments(batch)
             for row in range(len(batch)):
                 source_mask = batch.source_mask[row]
-                target_mask = batch.target_mask[row, 1:].clone()
-                target_mask[int(target_mask.sum()) - 1] = False      # the eos step
+                # The Strong's links cover tagged words only: score the target words that
+                # have a reference link (eos and untagged words are not judged).
+                target_mask = torch.zeros_like(batch.target_mask[row, 1:])
+                linked = sorted({t for _, t in examples[int(batch.indices[row])].possible})
+                target_mask[linked] = True
                 for key, matrix, threshold in (("prior_argmax", found["prior"], None),
                                                ("posterior_map", found["posterior"], None),
                                                ("posterior_marginals", found["posterior"], 0.5)):

@@ -289,3 +289,24 @@ def test_eval_rejects_a_corrupt_checkpoint(tmp_path, capsys):
     path.write_bytes(b"not a checkpoint at all")
     assert main(["eval", str(path)]) == 2
     assert "checkpoint" in capsys.readouterr().err
+
+
+def test_bible_compare_reports_alignment_error_rates(tmp_path):
+    from structattn.data.bible import SwordModuleNotFoundError, sword_module_path
+
+    try:
+        sword_module_path("engKJV2006eb")
+        sword_module_path("spaRV1909eb")
+    except SwordModuleNotFoundError:
+        pytest.skip("the SWORD Bible modules are not installed")
+    code = main(["compare", "--task", "bible", "--steps", "2", "--max-train", "40",
+                 "--max-length", "15", "--vocab-size", "200", "--eval-size", "4",
+                 "--beam-size", "1", "--hidden", "8", "--embed-dim", "4", "--batch-size", "4",
+                 "--modes", "soft,marginal", "--out", str(tmp_path), "--no-progress"])
+    assert code == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    for row in rows:
+        for key in ("aer_prior_argmax", "aer_posterior_map", "aer_posterior_marginals",
+                    "precision_posterior_map", "recall_posterior_map"):
+            assert 0.0 <= row[key] <= 1.0
+        assert row["bleu"] >= 0.0
