@@ -147,7 +147,9 @@ def bleu(
     reference_lines = [_as_line(item, "references") for item in references]
     if tokenize is None:
         tokenize = "none" if pretokenized else "13a"
-    result = sacrebleu.corpus_bleu(hypothesis_lines, [reference_lines], tokenize=tokenize)
+    # pre-tokenized input ends lines in " ." on purpose: no detokenization warning for it
+    result = sacrebleu.corpus_bleu(hypothesis_lines, [reference_lines], tokenize=tokenize,
+                                   force=pretokenized)
     return float(result.score)
 
 
