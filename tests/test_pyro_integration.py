@@ -290,3 +290,20 @@ def test_masked_queries_leak_no_baseline_gradient():
 
     TraceGraph_ELBO(max_plate_nesting=2).loss_and_grads(_model(p, None), guide)
     assert scores.grad is None or (scores.grad == 0).all()
+
+
+@pytest.mark.parametrize("value_shape, z_dims", [((3, 4, 5), 3), ((4, 5), 3), ((2, 3, 4, 5), 4),
+                                                 ((3, 4, 5), 5)])
+def test_gather_at_pyro_enumerated_support_takes_the_transpose_path_exactly(value_shape, z_dims):
+    keys = value_shape[-2]
+    values = torch.randn(*value_shape, dtype=torch.float64, requires_grad=True)
+    site = CategoricalAlignment(logits=torch.zeros((1,) * (z_dims - 1) + (keys,)))
+    support = site.enumerate_support(expand=False)
+    assert getattr(support, "_pyro_categorical_support", None)
+    plain = support.clone()  # same values, no marker: the general gather
+    fast, slow = gather(values, support), gather(values, plain)
+    assert fast.shape == slow.shape and torch.equal(fast, slow)
+    weights = torch.randn_like(fast)
+    (grad_fast,) = torch.autograd.grad((fast * weights).sum(), values)
+    (grad_slow,) = torch.autograd.grad((slow * weights).sum(), values)
+    assert torch.allclose(grad_fast, grad_slow)

@@ -42,6 +42,13 @@ def gather(values: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"z must hold integer key indices or float weights, got {z.dtype}")
     if z.dim() < 1:
         raise ValueError("z must have a query dimension; got a 0-dimensional tensor")
+    if _is_enumerated_support(z, values):
+        # Pyro's enumeration of every key: ``z = arange(keys)`` shaped ``(keys, 1, ..., 1)``,
+        # so reading values at it is a transpose, no gather (and a cheap backward)
+        extra = z.dim() - values.dim()
+        moved = values.movedim(-2, 0)
+        return moved.reshape((keys,) + (1,) * extra + moved.shape[1:-1] + (1,)
+                             + values.shape[-1:])
     if validation_enabled() and z.numel() and bool(((z < 0) | (z >= keys)).any()):
         raise ValueError(f"z holds key indices outside [0, {keys})")
     try:
@@ -55,6 +62,18 @@ def gather(values: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     index = z.expand(batch + z.shape[-1:]).unsqueeze(-1)
     index = index.expand(batch + z.shape[-1:] + values.shape[-1:])
     return torch.gather(table, -2, index)
+
+
+def _is_enumerated_support(z: torch.Tensor, values: torch.Tensor) -> bool:
+    """True when ``z`` is the full enumerated support Pyro built for a categorical site."""
+    if not getattr(z, "_pyro_categorical_support", None):
+        return False
+    keys = values.shape[-2]
+    return (
+        z.shape[0] == keys
+        and all(size == 1 for size in z.shape[1:])
+        and z.dim() >= values.dim()
+    )
 
 
 def readout(dist, values: torch.Tensor, mode: str = "soft") -> torch.Tensor:

@@ -102,14 +102,18 @@ class AlignedCopyModel(nn.Module):
             "posterior_map": post.argmax(-1),
         }
 
-    def pyro_model(self, batch: CopyBatch, estimator: str | None = "enum") -> None:
+    def pyro_model(
+        self, batch: CopyBatch, estimator: str | None = "enum", register: bool = True
+    ) -> None:
         """The same model as a Pyro program: ``z`` per (batch, target) position, ``y`` observed.
 
         With ``estimator="enum"`` and ``TraceEnum_ELBO(max_plate_nesting=2)`` and an empty
         guide its loss is ``-marginal_log_likelihood``; ``estimator=None`` leaves ``z`` to a
-        guide.
+        guide.  ``register=False`` skips ``pyro.module`` (the parameters are then not in
+        Pyro's param store: train them with a torch optimizer on ``differentiable_loss``).
         """
-        pyro.module("aligned_copy", self)
+        if register:
+            pyro.module("aligned_copy", self)
         prior, enc, states = self(batch)
         batch_size, length = batch.tgt.shape
         with pyro.plate("batch", batch_size, dim=-2), pyro.plate("target", length, dim=-1):
