@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handler = {"compare": _compare, "train": _train, "eval": _eval, "plot": _plot}
         return handler[args.command](args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
