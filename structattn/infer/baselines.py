@@ -25,6 +25,8 @@ Baselines:
 
 from __future__ import annotations
 
+import abc
+
 import torch
 from torch import nn
 
@@ -42,7 +44,7 @@ __all__ = [
 BASELINES = ("none", "mean", "learned", "soft", "loo")
 
 
-class Baseline(nn.Module):
+class Baseline(nn.Module, abc.ABC):
     """Base class: ``forward(reward, mask, soft_log_likelihood, features) -> baseline``.
 
     Args of ``forward``:
@@ -55,6 +57,7 @@ class Baseline(nn.Module):
     :meth:`loss` is an auxiliary loss that trains the baseline (0 for parameter-free ones).
     """
 
+    @abc.abstractmethod
     def forward(
         self,
         reward: torch.Tensor,
@@ -62,7 +65,7 @@ class Baseline(nn.Module):
         soft_log_likelihood: torch.Tensor | None = None,
         features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        raise NotImplementedError
+        """The baseline, broadcastable to ``reward``."""
 
     def loss(
         self, reward: torch.Tensor, baseline: torch.Tensor, mask: torch.Tensor | None
