@@ -39,6 +39,26 @@ def check_nonempty(tensor: torch.Tensor, dim: int, name: str) -> None:
         )
 
 
+def check_broadcasts_to(
+    shape: tuple[int, ...], target: tuple[int, ...], name: str, target_name: str = "shape"
+) -> None:
+    """Raise unless a tensor of ``shape`` broadcasts to ``target`` without enlarging it."""
+    target = torch.Size(target)
+    try:
+        full = torch.broadcast_shapes(shape, target)
+    except RuntimeError:
+        full = None
+    if full is None:
+        raise ValueError(
+            f"{name} of shape {tuple(shape)} does not broadcast to {target_name} {tuple(target)}"
+        )
+    if full != target:
+        raise ValueError(
+            f"{name} of shape {tuple(shape)} would enlarge {target_name} {tuple(target)} "
+            f"to {tuple(full)}; it must broadcast to it"
+        )
+
+
 def broadcast_mask(
     mask: torch.Tensor | None, shape: torch.Size, name: str = "mask"
 ) -> torch.Tensor | None:
@@ -55,17 +75,7 @@ def broadcast_mask(
         if mask.is_floating_point() or mask.is_complex():
             raise ValueError(f"{name} must be a boolean (or 0/1 integer) tensor, got {mask.dtype}")
         mask = mask != 0
-    try:
-        full = torch.broadcast_shapes(mask.shape, shape)
-    except RuntimeError as err:
-        raise ValueError(
-            f"{name} of shape {tuple(mask.shape)} does not broadcast to shape {tuple(shape)}"
-        ) from err
-    if full != torch.Size(shape):
-        raise ValueError(
-            f"{name} of shape {tuple(mask.shape)} would enlarge shape {tuple(shape)} "
-            f"to {tuple(full)}; it must broadcast to it"
-        )
+    check_broadcasts_to(mask.shape, shape, name)
     return mask
 
 

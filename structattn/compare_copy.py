@@ -16,10 +16,11 @@ import torch
 from tqdm.auto import tqdm
 
 from structattn.data.copy import aligned_copy_batch
+from structattn.experiment import format_results
 from structattn.models.toy import AlignedCopyModel
 from structattn.viz import plot_alignments
 
-__all__ = ["COPY_MODES", "compare_copy", "format_table"]
+__all__ = ["COPY_MODES", "compare_copy"]
 
 COPY_MODES = ("soft", "marginal")
 
@@ -68,20 +69,6 @@ def _evaluate(model: AlignedCopyModel, args) -> tuple[dict, dict]:
     return metrics, example
 
 
-def format_table(rows: list[dict]) -> str:
-    """A plain-text table, one row per mode."""
-    columns = ["mode", "soft_nll", "marginal_nll", "align_acc_soft_argmax",
-               "align_acc_posterior_map", "ms_per_step"]
-    head = {"mode": "mode (trained by)", "soft_nll": "NLL/tok soft",
-            "marginal_nll": "NLL/tok marginal", "align_acc_soft_argmax": "acc soft argmax",
-            "align_acc_posterior_map": "acc posterior MAP", "ms_per_step": "ms/step"}
-    widths = {c: max(len(head[c]), 10) for c in columns}
-    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["  ".join(head[c].ljust(widths[c]) for c in columns)]
-    lines += ["  ".join(cell(row[c]).ljust(widths[c]) for c in columns) for row in rows]
-    return "\n".join(lines)
-
-
 def compare_copy(args, progress: bool = True) -> list[dict]:
     """Train every mode in ``args.modes`` on the copy task; print, and write ``args.out``."""
     rows, examples = [], {}
@@ -91,7 +78,8 @@ def compare_copy(args, progress: bool = True) -> list[dict]:
         rows.append({"mode": mode, **metrics, "ms_per_step": 1000 * seconds,
                      "seconds": seconds * args.steps})
         examples[mode] = example
-    print(format_table(rows))
+    print(format_results(rows, ["soft_nll", "marginal_nll", "align_acc_soft_argmax",
+                                "align_acc_posterior_map", "ms_per_step"]))
     print("\nalignment of one held-out example (true: target t reads source t)")
     for mode, example in examples.items():
         print(f"  {mode:9s} soft argmax   : {' '.join(map(str, example['soft_argmax'].tolist()))}")

@@ -256,11 +256,15 @@ def plot_examples(
     return paths
 
 
-def format_results(rows: list[dict[str, Any]]) -> str:
-    """One line per mode with the metrics present in the rows."""
+def format_results(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    """A plain-text table, one line per mode (``rows`` hold a ``"mode"`` key).
+
+    ``columns``: metric keys to show, in order; default the usual seq2seq metrics present.
+    """
     preferred = ["ppl", "wer", "per", "bleu", "aer_prior_argmax", "aer_posterior_map",
                  "aer_posterior_marginals", "ms_per_step", "seconds"]
-    columns = ["mode"] + [c for c in preferred if any(c in row for row in rows)]
+    chosen = columns or [c for c in preferred if any(c in row for row in rows)]
+    columns = ["mode"] + chosen
     width = {c: max(len(c), 9) for c in columns}
     width["mode"] = max(len("mode"), *(len(row["mode"]) for row in rows))
 

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from structattn._validation import (
     broadcast_mask,
+    check_broadcasts_to,
     check_finite,
     check_nonempty,
     check_some_valid,
@@ -558,15 +559,8 @@ def _alpha_rows(alpha: float | Tensor, scores: Tensor, dim: int) -> Tensor | flo
     if checking:
         if not alpha.is_floating_point():
             raise ValueError(f"alpha must be a float or a floating-point tensor, got {alpha.dtype}")
-        try:
-            full = torch.broadcast_shapes(alpha.shape, tuple(reduced))
-        except RuntimeError:
-            full = None
-        if full != torch.Size(reduced):
-            raise ValueError(
-                f"alpha of shape {tuple(alpha.shape)} must broadcast to the scores' shape with "
-                f"dim {dim} reduced to 1, {tuple(reduced)}"
-            )
+        check_broadcasts_to(alpha.shape, reduced, "alpha",
+                            f"the scores' shape with dim {dim} reduced to 1,")
         if not bool(torch.isfinite(alpha).all()):
             raise ValueError("alpha contains NaN or infinite values")
         if not bool((alpha >= 1).all()):

@@ -23,7 +23,7 @@ import torch
 from pyro.distributions import TorchDistribution
 from torch.distributions.kl import register_kl
 
-from structattn._validation import check_finite, validation_enabled
+from structattn._validation import check_broadcasts_to, check_finite, validation_enabled
 
 from .semiring import computation_dtype
 
@@ -62,18 +62,7 @@ def check_lengths(
         lengths = torch.as_tensor(lengths)
     if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor, got {lengths.dtype}")
-    try:
-        full = torch.broadcast_shapes(lengths.shape, batch_shape)
-    except RuntimeError as err:
-        raise ValueError(
-            f"{name} of shape {tuple(lengths.shape)} does not broadcast to the batch shape "
-            f"{tuple(batch_shape)}"
-        ) from err
-    if full != batch_shape:
-        raise ValueError(
-            f"{name} of shape {tuple(lengths.shape)} would enlarge the batch shape "
-            f"{tuple(batch_shape)}"
-        )
+    check_broadcasts_to(lengths.shape, batch_shape, name, "the batch shape")
     if validate and lengths.numel() > 0:
         low, high = int(lengths.min()), int(lengths.max())
         if low < 1 or high > max_length:

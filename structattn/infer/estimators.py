@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.distributions import kl_divergence
 
+from structattn._validation import check_broadcasts_to
 from structattn.infer.baselines import Baseline, LeaveOneOutBaseline, make_baseline
 from structattn.infer.exact import exact_elbo, marginal_log_likelihood
 
@@ -110,17 +111,7 @@ def evaluate_log_likelihood(
         value = log_likelihood(z)
         if not isinstance(value, torch.Tensor):
             raise ValueError("log_likelihood(z) must return a tensor")
-        try:
-            full = torch.broadcast_shapes(value.shape, expected)
-        except RuntimeError as err:
-            raise ValueError(
-                f"log_likelihood(z) must return shape {tuple(expected)}, got "
-                f"{tuple(value.shape)}"
-            ) from err
-        if full != expected:
-            raise ValueError(
-                f"log_likelihood(z) must return shape {tuple(expected)}, got {tuple(value.shape)}"
-            )
+        check_broadcasts_to(value.shape, expected, "log_likelihood(z)", "the expected shape")
         return value.expand(expected)
     table = log_likelihood
     if not isinstance(table, torch.Tensor):
@@ -159,14 +150,7 @@ def likelihood_table(
     keys = torch.arange(num_keys, device=device).reshape((num_keys,) + (1,) * len(batch_shape))
     value = log_likelihood(keys)
     expected = torch.Size((num_keys,)) + batch_shape
-    try:
-        full = torch.broadcast_shapes(value.shape, expected)
-    except RuntimeError:
-        full = None
-    if full != expected:
-        raise ValueError(
-            f"log_likelihood(z) must broadcast to {tuple(expected)}, got {tuple(value.shape)}"
-        )
+    check_broadcasts_to(value.shape, expected, "log_likelihood(z)", "the expected shape")
     return value.expand(expected).movedim(0, -1)
 
 
