@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from structattn.metrics import (
+from structattn.app.metrics import (
     alignment_error_rate,
     attention_to_links,
     bleu,

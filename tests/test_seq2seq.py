@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from structattn.cli import main
+from structattn.app.cli import main
 from structattn.data.batching import collate_seq2seq
 from structattn.data.vocab import Vocab
 from structattn.models.seq2seq import MODES, Seq2Seq

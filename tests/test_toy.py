@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from structattn.cli import main
+from structattn.app.cli import main
 from structattn.data.copy import aligned_copy_batch, copy_permutation
 from structattn.models.toy import AlignedCopyModel
-from structattn.viz import plot_alignments
+from structattn.app.plots import plot_alignments
 
 torch.set_num_threads(1)
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-import structattn.train as train_module
-from structattn.train import CHECKPOINT_NAME, Trainer, read_checkpoint
+import structattn.app.train as train_module
+from structattn.app.train import CHECKPOINT_NAME, Trainer, read_checkpoint
 
 torch.set_num_threads(1)
 
@@ -254,7 +254,7 @@ DDP_SCRIPT = textwrap.dedent(
     import sys
     import torch
     from torch import nn
-    from structattn.train import Trainer
+    from structattn.app.train import Trainer
 
     torch.set_num_threads(1)
     out = sys.argv[1]

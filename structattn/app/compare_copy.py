@@ -16,9 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 from structattn.data.copy import aligned_copy_batch
-from structattn.experiment import format_results
+from structattn.app.experiment import format_results
 from structattn.models.toy import AlignedCopyModel
-from structattn.viz import plot_alignments
+from structattn.app.plots import plot_alignments
 
 __all__ = ["COPY_MODES", "compare_copy"]
 
