@@ -540,6 +540,12 @@ class LinearChainCRF(StructuredDistribution):
         nodes = _chain_marginals(potentials, self._initial_flat(potentials), lengths)[1]
         return self._unflatten(nodes).to(self._result_dtype())
 
+    @property
+    def attention(self) -> torch.Tensor:
+        """Soft weights ``(*batch, N, C)``: the node marginals (each position is a query over
+        the ``C`` labels, or over source positions for :class:`MonotonicAlignment`)."""
+        return self.node_marginals
+
     def expected_score(self, other: StructuredDistribution) -> torch.Tensor:
         potentials, lengths = self._flat()
         edges, nodes = _chain_marginals(potentials, self._initial_flat(potentials), lengths)

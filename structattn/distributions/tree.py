@@ -359,6 +359,12 @@ class _DependencyCRF(StructuredDistribution):
         """``(*batch, N, N)`` arc scores, ``[..., head, dependent]``, root on the diagonal."""
         return self.potentials
 
+    @property
+    def attention(self) -> torch.Tensor:
+        """Syntactic attention ``(*batch, dependent, head)``: each word's marginal distribution
+        over its head (the root on the diagonal); rows of real words sum to one."""
+        return self.marginals.transpose(-1, -2)
+
     @constraints.dependent_property(is_discrete=True, event_dim=1)
     def support(self) -> constraints.Constraint:
         return constraints.independent(constraints.integer_interval(0, self.num_words - 1), 1)
