@@ -38,8 +38,7 @@ import structattn as sa
 from structattn.data.copy import aligned_copy_batch
 from structattn.models.toy import AlignedCopyModel
 
-assert pyro.__version__.startswith("1.9")
-logging.basicConfig(format="%(relativeCreated) 9d %(message)s", level=logging.INFO)
+logging.basicConfig(format="[%(relativeCreated)7.0f ms] %(message)s", level=logging.INFO)
 
 MODES = ("model-enum", "guide-enum", "trace", "tracegraph")
 
