@@ -127,11 +127,15 @@ class Registry(dict[str, type]):
 
 def check_keywords(cls: type, kwargs: dict[str, Any], what: str) -> None:
     """Raise a ``ValueError`` naming the argument when ``cls(**kwargs)`` cannot bind."""
-    try:
-        signature = inspect.signature(cls)
-    except (TypeError, ValueError):  # builtins without a signature: let the call decide
-        return
-    parameters = signature.parameters
+    owner = next(klass for klass in cls.__mro__ if "__init__" in vars(klass))
+    if owner is object or owner.__module__.startswith("torch."):
+        # no constructor of its own: torch's Module.__init__ accepts nothing useful
+        parameters = {}
+    else:
+        try:
+            parameters = dict(inspect.signature(cls).parameters)
+        except (TypeError, ValueError):  # no introspectable signature: let the call decide
+            return
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     if not takes_any:
         for key in kwargs:

@@ -134,6 +134,10 @@ def _guard_log_likelihood(log_likelihood: LogLikelihood, mask: torch.Tensor | No
     if callable(log_likelihood):
 
         def guarded(z: torch.Tensor) -> torch.Tensor:
+            if mask is not None and z.is_floating_point():
+                # one-hot weights are zeroed at padded queries: whatever the callable does
+                # with them there (0 * -inf), no gradient flows back through them
+                z = masked(z, mask.reshape(mask.shape + (1,) * (z.dim() - 1 - mask.dim())))
             value = log_likelihood(z)
             if not isinstance(value, torch.Tensor):
                 raise ValueError("log_likelihood(z) must return a tensor")
