@@ -228,6 +228,19 @@ def _draw(dist, num_samples: int) -> torch.Tensor:
     return expanded.sample()
 
 
+def _registered_name(cls: type) -> str:
+    return next((name for name, value in ESTIMATORS.items() if value is cls), cls.__name__)
+
+
+def _check_discrete(dist, cls: type) -> None:
+    """Score-function sites need a discrete (not reparameterised) alignment."""
+    if dist.has_rsample:
+        raise ValueError(
+            f"estimator={_registered_name(cls)!r} needs a discrete alignment; got a "
+            f"reparameterised {type(dist).__name__} (use estimator='st')"
+        )
+
+
 def _per_query_categorical(dist, name: str, attribute: str) -> None:
     if dist.event_shape != torch.Size() or not isinstance(
         getattr(dist, attribute, None), torch.Tensor
@@ -279,11 +292,7 @@ class Estimator(nn.Module, abc.ABC):
         The default is a sampled discrete site with score-function gradients and no
         TraceGraph_ELBO baseline.
         """
-        if dist.has_rsample:
-            raise ValueError(
-                f"this estimator needs a discrete alignment; got a reparameterised "
-                f"{type(dist).__name__} (use estimator='st')"
-            )
+        _check_discrete(dist, cls)
         if baseline is not None:
             raise ValueError("baseline= only applies to estimator='score'")
         return dist, {}
@@ -402,7 +411,8 @@ class ScoreFunctionEstimator(Estimator):
 
     @classmethod
     def site_settings(cls, dist, mask=None, baseline=None, temperature=1.0):
-        site_dist, infer = Estimator.site_settings(dist, mask)
+        _check_discrete(dist, cls)
+        infer: dict = {}
         if baseline is not None:
             if not isinstance(baseline, dict):
                 raise ValueError(f"baseline must be a dict of TraceGraph_ELBO options, got "
@@ -412,7 +422,7 @@ class ScoreFunctionEstimator(Estimator):
             if mask is not None and "baseline_value" in baseline:
                 baseline["baseline_value"] = masked(baseline["baseline_value"], mask)
             infer["baseline"] = baseline
-        return site_dist, infer
+        return dist, infer
 
     def loss(self, terms: AlignmentTerms, guide=None) -> torch.Tensor:
         prior, mask, log_likelihood = self._prepare(terms, guide)
@@ -454,7 +464,11 @@ class RLOOEstimator(ScoreFunctionEstimator):
 
     @classmethod
     def site_settings(cls, dist, mask=None, baseline=None, temperature=1.0):
-        return Estimator.site_settings(dist, mask, baseline, temperature)
+        # TraceGraph_ELBO baselines do not apply: the baseline is leave-one-out
+        _check_discrete(dist, cls)
+        if baseline is not None:
+            raise ValueError("baseline= only applies to estimator='score'")
+        return dist, {}
 
 
 @register_estimator("st")

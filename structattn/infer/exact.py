@@ -100,13 +100,23 @@ def register_conditioner(cls: type):
     return _conditioner.register(cls)
 
 
+def _require_shape(table: torch.Tensor, tail: tuple[int, ...], prior) -> None:
+    if tuple(table.shape[-len(tail):]) != tail:
+        raise ValueError(
+            f"emission_log_prob must be shaped like the attention of {type(prior).__name__}, "
+            f"ending in {tail}; got {tuple(table.shape)}"
+        )
+
+
 @register_conditioner(CategoricalAlignment)
 def _condition_per_query(prior, table):
+    _require_shape(table, (prior.logits.shape[-1],), prior)
     return _PerQuery(prior.logits + table)
 
 
 @register_conditioner(LinearChainCRF)
 def _condition_chain(prior, table):
+    _require_shape(table, (prior.log_potentials.shape[-3] + 1, prior.num_states), prior)
     edges = prior.log_potentials + table[..., 1:, :].unsqueeze(-1)
     initial = prior.initial_potentials + table[..., 0, :]
     return _ThroughDistribution(
@@ -116,6 +126,7 @@ def _condition_chain(prior, table):
 
 @register_conditioner(MonotonicAlignment)
 def _condition_monotonic(prior, table):
+    _require_shape(table, tuple(prior.alignment_logits.shape[-2:]), prior)
     posterior = MonotonicAlignment(
         prior.alignment_logits,
         prior.emission_log_likelihoods + table,
@@ -129,6 +140,7 @@ def _condition_monotonic(prior, table):
 
 @register_conditioner(_DependencyCRF)
 def _condition_tree(prior, table):
+    _require_shape(table, tuple(prior.arc_scores.shape[-2:]), prior)
     posterior = type(prior)(
         prior.arc_scores + table.transpose(-1, -2),
         prior.lengths,
@@ -138,38 +150,26 @@ def _condition_tree(prior, table):
     return _ThroughDistribution(prior, posterior)
 
 
-def _checked_table(prior, table, name: str, mask: torch.Tensor | None) -> torch.Tensor:
+def _checked_table(table, mask: torch.Tensor | None) -> torch.Tensor:
     if not isinstance(table, torch.Tensor):
-        raise ValueError(f"{name} must be a tensor, got {type(table).__name__}")
-    event_dims = len(prior.event_shape) + 1
-    expected = prior.batch_shape + _attention_event_shape(prior)
-    if table.shape[-event_dims:] != expected[-event_dims:]:
-        raise ValueError(
-            f"{name} must be shaped like the alignment's attention, ending in "
-            f"{tuple(expected[-event_dims:])}; got {tuple(table.shape)}"
-        )
+        raise ValueError(f"emission_log_prob must be a tensor, got {type(table).__name__}")
     if mask is None:
         return table
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise ValueError("mask must be a boolean tensor (True = real query)")
+    if mask.dim() >= table.dim():
+        raise ValueError(
+            f"mask {tuple(mask.shape)} must cover the queries of emission_log_prob "
+            f"{tuple(table.shape)} (one dim fewer)"
+        )
     # padded queries: a zero emission leaves the prior's marginal there untouched
     return masked(table, mask.reshape(mask.shape + (1,) * (table.dim() - mask.dim())))
-
-
-def _attention_event_shape(prior) -> torch.Size:
-    """The trailing ``.attention`` dims beyond the batch shape, without computing it."""
-    if prior.event_shape == torch.Size():
-        logits = getattr(prior, "logits", None)
-        if isinstance(logits, torch.Tensor):
-            return logits.shape[-1:]
-    return prior.attention.shape[len(prior.batch_shape):]
 
 
 def condition(prior, emission_log_prob: torch.Tensor,
               mask: torch.Tensor | None = None) -> Conditioned:
     """The prior conditioned on ``emission_log_prob`` (shaped like ``prior.attention``)."""
-    table = _checked_table(prior, emission_log_prob, "emission_log_prob", mask)
-    return _conditioner(prior, table)
+    return _conditioner(prior, _checked_table(emission_log_prob, mask))
 
 
 def marginal_log_likelihood(
@@ -215,14 +215,15 @@ def exact_elbo(
         mask: boolean ``(..., queries)`` for per-query alignments; padded queries give 0.
     """
     per_query = guide.event_shape == torch.Size()
-    table = _checked_table(guide, emission_log_prob, "emission_log_prob", mask)
+    table = _checked_table(emission_log_prob, mask)
+    attention = guide.attention
+    event_dims = len(guide.event_shape) + 1
+    _require_shape(table, tuple(attention.shape[-event_dims:]), guide)
     kl = analytic_kl(guide, prior)
     if kl is None:
         raise ValueError(
             f"exact_elbo needs a closed-form KL between {type(guide).__name__} and "
             f"{type(prior).__name__}"
         )
-    weighted = expectation(guide.attention, table)
-    trailing = tuple(range(-(len(guide.event_shape) + 1), 0))
-    value = weighted.sum(trailing) - kl
+    value = expectation(attention, table).sum(tuple(range(-event_dims, 0))) - kl
     return value if mask is None or not per_query else masked(value, mask)
