@@ -18,6 +18,11 @@ loops and ``SVI`` works), and gives the same numbers as the plain-torch estimato
   weight every term by their probabilities (exact ELBO), model-side enumerated sites are summed
   out by one log-sum-exp each (exact marginal likelihood).
 
+These classes only read Pyro traces; the estimator math (leave-one-out baseline, analytic KL
+with its sampled fallback, score-function term, exact expectation and sum, categorical KL of
+straight-through sites) is :mod:`structattn.infer._surrogate`, shared with the plain-torch
+estimators.
+
 Unlike Pyro's ``Trace_ELBO``/``TraceEnum_ELBO``, ``loss_and_grads`` always runs
 ``backward()`` when anything requires a gradient (pitfall P13), and warns when nothing does.
 """
