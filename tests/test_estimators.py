@@ -468,20 +468,33 @@ def _padded_problem(name, seed, batch, length, keys, poison, use_guide, callable
     def log_lik(z):
         return _pick(poisoned, z)
 
+    soft = torch.randn(batch, length, generator=g, dtype=dtype)
+    features = torch.randn(batch, length, 3, generator=g, dtype=dtype)
     terms = AlignmentTerms(
         prior,
         log_lik if callable_lik else poisoned,
         tgt_mask,
-        torch.randn(batch, length, generator=g, dtype=dtype),
-        torch.randn(batch, length, 3, generator=g, dtype=dtype),
+        torch.where(tgt_mask, soft, poison),
+        torch.where(tgt_mask[..., None], features, poison),
     )
     return leaves, terms, guide
 
 
+_BASELINE_OPTIONS = {"learned": {"in_features": 3}, "loo": {"num_samples": 2}}
+
+
+def _instances(name, dtype):
+    """One estimator per setting that changes the math: for ``score``, every baseline."""
+    if name != "score":
+        return [make_estimator(name)]
+    return [
+        make_estimator(name, baseline=baseline, **_BASELINE_OPTIONS.get(baseline, {})).to(dtype)
+        for baseline in sorted(BASELINES)
+    ]
+
+
 def _build(name, dtype):
-    if name == "score":
-        return make_estimator(name, baseline="learned", in_features=3).to(dtype)
-    return make_estimator(name)
+    return _instances(name, dtype)[0]
 
 
 @settings(max_examples=12, deadline=None)
@@ -499,17 +512,22 @@ def test_every_estimator_is_finite_in_value_and_gradient_with_poisoned_padded_qu
     seed, batch, length, keys, poison, use_guide, callable_lik, dtype
 ):
     for name in sorted(ESTIMATOR_NAMES):
-        leaves, terms, guide = _padded_problem(
-            name, seed, batch, length, keys, poison, use_guide, callable_lik, dtype
-        )
-        loss = _build(name, dtype).loss(terms, guide)
-        assert torch.isfinite(loss), name
-        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-        for leaf_name, grad in zip(leaves, grads, strict=True):
-            assert grad is None or torch.isfinite(grad).all(), (name, leaf_name)
-            if grad is not None:
-                # padded queries contribute exactly nothing
-                assert (grad[~terms.mask] == 0).all(), (name, leaf_name)
+        for estimator in _instances(name, dtype):
+            leaves, terms, guide = _padded_problem(
+                name, seed, batch, length, keys, poison, use_guide, callable_lik, dtype
+            )
+            loss = estimator.loss(terms, guide)
+            assert torch.isfinite(loss), name
+            params = list(leaves.values()) + list(estimator.parameters())
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for grad in grads[len(leaves):]:  # the learned baseline's own parameters
+                assert grad is None or torch.isfinite(grad).all(), name
+            grads = grads[: len(leaves)]
+            for leaf_name, grad in zip(leaves, grads, strict=True):
+                assert grad is None or torch.isfinite(grad).all(), (name, leaf_name)
+                if grad is not None:
+                    # padded queries contribute exactly nothing
+                    assert (grad[~terms.mask] == 0).all(), (name, leaf_name)
 
 
 @pytest.mark.parametrize("name", sorted(ESTIMATOR_NAMES))

@@ -439,7 +439,12 @@ class ScoreFunctionEstimator(Estimator):
             reward = log_lik + prior.log_prob(z) - log_q
         objective = reward if kl is None else reward - kl
         reward = masked(reward.detach(), mask)
-        baseline = self.baseline(reward, mask, terms.soft_log_likelihood, terms.features)
+        soft, features = terms.soft_log_likelihood, terms.features
+        if mask is not None:
+            # a learned baseline's weight gradient is input * 0: keep the input finite too
+            soft = None if soft is None else masked(soft, mask)
+            features = None if features is None else masked(features, mask.unsqueeze(-1))
+        baseline = self.baseline(reward, mask, soft, features)
         surrogate = objective + score_function_term(reward - baseline.detach(), log_q, mask)
         baseline_loss = self.baseline.loss(reward, baseline, mask)
         self.stats["baseline_loss"] = baseline_loss.detach()
