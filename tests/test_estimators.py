@@ -627,6 +627,18 @@ def test_a_user_registered_estimator_and_baseline_work_like_built_ins():
         (lambda: make_baseline("loo", beta=0.5), "beta"),
         (lambda: make_baseline(make_baseline("none"), beta=0.5), "beta"),
         (lambda: RLOOEstimator(kl="relaxed"), "kl"),
+        (lambda: gradient_variance(lambda: torch.zeros(()), torch.zeros(1),
+                                   [torch.zeros(1, requires_grad=True)], num_draws=1.5),
+         "num_draws"),
+        (lambda: gradient_variance(None, torch.zeros(1), [torch.zeros(1, requires_grad=True)]),
+         "estimate"),
+        (lambda: gradient_variance(lambda: torch.zeros(()), torch.zeros(1), [1.0]),
+         "parameters"),
+        (lambda: ExactEstimator().loss(AlignmentTerms(torch.zeros(2, 3), torch.zeros(2, 3))),
+         "prior"),
+        (lambda: ExactEstimator().loss(
+            AlignmentTerms(CategoricalAlignment(logits=torch.zeros(2, 3)), None)),
+         "log_likelihood"),
     ],
 )
 def test_bad_estimator_and_baseline_arguments_raise_value_error_naming_them(build, message):

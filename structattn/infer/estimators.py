@@ -300,6 +300,11 @@ class Estimator(nn.Module, abc.ABC):
     def _prepare(self, terms: AlignmentTerms, guide):
         """``(prior, mask, guarded log-likelihood)`` after checking shapes."""
         prior = terms.prior
+        for role, dist in (("prior", prior), ("guide", guide)):
+            if dist is not None and not isinstance(dist, torch.distributions.Distribution):
+                raise ValueError(
+                    f"{role} must be an alignment distribution, got {type(dist).__name__}"
+                )
         mask = _check_mask(terms.mask, prior.batch_shape)
         if guide is not None and guide.batch_shape != prior.batch_shape:
             raise ValueError(
