@@ -100,7 +100,8 @@ class AlignmentTerms:
     Attributes:
         prior: alignment distribution ``p(z | x)``, batch shape ``site_batch``.
         log_likelihood: table ``(..., *site_batch, keys)`` or callable
-            ``z (n, *site_batch[, *event]) -> (n, *site_batch)`` (see the module docstring).
+            ``z (n, *site_batch[, *event]) -> (n, *site_batch)`` (see the module docstring);
+            for a structured prior under ``enum``, a table shaped like ``prior.attention``.
         mask: boolean ``site_batch``, True for real queries; padded ones contribute nothing.
         soft_log_likelihood: ``site_batch`` log-likelihood under the soft context, for the
             soft-attention baseline.
@@ -128,7 +129,7 @@ def _check_mask(mask: torch.Tensor | None, batch_shape: torch.Size) -> torch.Ten
 
 
 def _guard_log_likelihood(log_likelihood: LogLikelihood, mask: torch.Tensor | None,
-                          event_dims: int) -> LogLikelihood:
+                          trailing_dims: int) -> LogLikelihood:
     """The log-likelihood with padded queries zeroed (value and gradient) and NaN at real
     queries refused, for a table ``(..., *site_batch, *trailing)`` or a callable."""
     if callable(log_likelihood):
@@ -147,7 +148,7 @@ def _guard_log_likelihood(log_likelihood: LogLikelihood, mask: torch.Tensor | No
         return guarded
     if not isinstance(log_likelihood, torch.Tensor):
         raise ValueError("log_likelihood must be a tensor table or a callable")
-    query_mask = None if mask is None else mask.reshape(mask.shape + (1,) * event_dims)
+    query_mask = None if mask is None else mask.reshape(mask.shape + (1,) * trailing_dims)
     if query_mask is not None and log_likelihood.dim() < query_mask.dim():
         raise ValueError(
             f"log_likelihood table of shape {tuple(log_likelihood.shape)} is too small for "
