@@ -425,3 +425,378 @@ def test_bad_inputs_raise_value_error_naming_the_argument():
         ScoreFunctionEstimator().loss(AlignmentTerms(terms.prior, lambda z: torch.zeros(5)), guide)
     with pytest.raises(ValueError, match="log_likelihood"):
         ExactEstimator().loss(AlignmentTerms(terms.prior, torch.zeros(B, T, S + 1)), guide)
+
+
+# ----------------------------------------------------------------------------------------
+# Padded queries: -inf / NaN in the log-likelihood never leaks (issue 9, item 4)
+# ----------------------------------------------------------------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from structattn.infer import (  # noqa: E402
+    ESTIMATOR_NAMES,
+    ESTIMATORS,
+    RLOOEstimator,
+    make_baseline,
+    marginal_log_likelihood,
+    posterior,
+    register_baseline,
+    register_estimator,
+)
+from structattn.infer.baselines import BASELINES, Baseline  # noqa: E402
+
+
+def _padded_problem(name, seed, batch, length, keys, poison, use_guide, callable_lik, dtype):
+    """Leaves, terms and guide with ``poison`` (-inf or NaN) at every padded query's table."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, length + 1, (batch,), generator=g)
+    lengths[0] = length - 1 if length > 1 else 1  # at least one padded query when possible
+    tgt_mask = torch.arange(length) < lengths[:, None]
+    leaves = {
+        name_: torch.randn(batch, length, keys, generator=g, dtype=dtype).requires_grad_()
+        for name_ in ("prior", "guide", "table")
+    }
+    sparse = issubclass(ESTIMATORS[name], SparseEstimator)
+    if sparse:
+        prior = SparsemaxAlignment(scores=3 * leaves["prior"], smoothing=0.1 if use_guide else 0.0)
+        guide = SparsemaxAlignment(scores=3 * leaves["guide"]) if use_guide else None
+    else:
+        prior = CategoricalAlignment(logits=leaves["prior"])
+        guide = CategoricalAlignment(logits=leaves["guide"]) if use_guide else None
+    poisoned = torch.where(tgt_mask[..., None], leaves["table"], poison)
+
+    def log_lik(z):
+        return _pick(poisoned, z)
+
+    soft = torch.randn(batch, length, generator=g, dtype=dtype)
+    features = torch.randn(batch, length, 3, generator=g, dtype=dtype)
+    terms = AlignmentTerms(
+        prior,
+        log_lik if callable_lik else poisoned,
+        tgt_mask,
+        torch.where(tgt_mask, soft, poison),
+        torch.where(tgt_mask[..., None], features, poison),
+    )
+    return leaves, terms, guide
+
+
+_BASELINE_OPTIONS = {"learned": {"in_features": 3}, "loo": {"num_samples": 2}}
+
+
+def _instances(name, dtype):
+    """One estimator per setting that changes the math: for ``score``, every baseline."""
+    if name != "score":
+        return [make_estimator(name)]
+    return [
+        make_estimator(name, baseline=baseline, **_BASELINE_OPTIONS.get(baseline, {})).to(dtype)
+        for baseline in sorted(BASELINES)
+    ]
+
+
+def _build(name, dtype):
+    return _instances(name, dtype)[0]
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    batch=st.integers(1, 3),
+    length=st.integers(2, 4),
+    keys=st.integers(2, 5),
+    poison=st.sampled_from([float("-inf"), float("nan")]),
+    use_guide=st.booleans(),
+    callable_lik=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_every_estimator_is_finite_in_value_and_gradient_with_poisoned_padded_queries(
+    seed, batch, length, keys, poison, use_guide, callable_lik, dtype
+):
+    for name in sorted(ESTIMATOR_NAMES):
+        for estimator in _instances(name, dtype):
+            leaves, terms, guide = _padded_problem(
+                name, seed, batch, length, keys, poison, use_guide, callable_lik, dtype
+            )
+            loss = estimator.loss(terms, guide)
+            assert torch.isfinite(loss), name
+            params = list(leaves.values()) + list(estimator.parameters())
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for grad in grads[len(leaves):]:  # the learned baseline's own parameters
+                assert grad is None or torch.isfinite(grad).all(), name
+            grads = grads[: len(leaves)]
+            for leaf_name, grad in zip(leaves, grads, strict=True):
+                assert grad is None or torch.isfinite(grad).all(), (name, leaf_name)
+                if grad is not None:
+                    # padded queries contribute exactly nothing
+                    assert (grad[~terms.mask] == 0).all(), (name, leaf_name)
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATOR_NAMES))
+@pytest.mark.parametrize("callable_lik", [False, True])
+def test_nan_at_a_real_query_raises_value_error_naming_the_log_likelihood(name, callable_lik):
+    leaves, terms, guide = _padded_problem(
+        name, 0, 2, 3, 4, float("-inf"), False, callable_lik, torch.float64
+    )
+    table = leaves["table"].detach().clone()
+    table[0, 0] = float("nan")  # query (0, 0) is real; every key, so every sample meets it
+    mask = terms.mask
+    terms.log_likelihood = (lambda z: _pick(table, z)) if callable_lik else table
+    assert mask[0, 0]
+    with pytest.raises(ValueError, match="log_likelihood"):
+        _build(name, torch.float64).loss(terms, guide)
+
+
+# ----------------------------------------------------------------------------------------
+# One registry of estimator names, extensible from user code
+# ----------------------------------------------------------------------------------------
+def test_one_list_of_estimator_names_serves_make_estimator_and_sample_alignment():
+    from structattn.infer import sample_alignment
+
+    assert set(ESTIMATOR_NAMES) == {"enum", "score", "rloo", "st", "sparse"}
+    for name in ESTIMATOR_NAMES:
+        assert isinstance(make_estimator(name), ESTIMATORS[name])
+    prior = CategoricalAlignment(logits=torch.randn(2, 3))
+    for name in ("magic", ["enum"]):
+        with pytest.raises(ValueError, match="estimator"):
+            sample_alignment("z", prior, estimator=name)
+
+
+def test_a_user_registered_estimator_and_baseline_work_like_built_ins():
+    from structattn.infer import sample_alignment
+
+    @register_baseline("constant-test")
+    class ConstantBaseline(Baseline):
+        def __init__(self, value: float = 0.0) -> None:
+            super().__init__()
+            self.value = value
+
+        def forward(self, reward, mask=None, soft_log_likelihood=None, features=None):
+            return reward.new_full((), self.value)
+
+    @register_estimator("greedy-test")
+    class GreedyEstimator(ExactEstimator):
+        """The exact objective, registered under another name."""
+
+    try:
+        assert "greedy-test" in ESTIMATOR_NAMES
+        p = _problem()
+        leaves = _leaves(p)
+        terms, guide = _terms_and_guide(p, leaves, callable_lik=False)
+        assert torch.equal(make_estimator("greedy-test").loss(terms, guide),
+                           ExactEstimator().loss(terms, guide))
+        estimator = make_estimator("score", baseline="constant-test", value=-2.0)
+        assert isinstance(estimator.baseline, ConstantBaseline)
+        assert torch.isfinite(estimator.loss(terms, guide))
+        prior = CategoricalAlignment(logits=torch.randn(2, 3))
+        import pyro.poutine as poutine
+
+        trace = poutine.trace(
+            lambda: sample_alignment("z", prior, estimator="greedy-test")
+        ).get_trace()
+        assert trace.nodes["z"]["infer"]["enumerate"] == "parallel"
+    finally:
+        ESTIMATORS.pop("greedy-test")
+        BASELINES.pop("constant-test")
+
+
+# ----------------------------------------------------------------------------------------
+# Bad arguments: ValueError naming the argument (issue 9, item 11)
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: make_estimator("enum", temperature=1.0), "temperature"),
+        (lambda: make_estimator("sparse", num_samples=2), "num_samples"),
+        (lambda: make_estimator(None), "name"),
+        (lambda: make_estimator(["enum"]), "name"),
+        (lambda: make_estimator("rloo", num_samples=1), "num_samples"),
+        (lambda: make_estimator("rloo", num_samples=2.0), "num_samples"),
+        (lambda: make_estimator("st", temperature=None), "temperature"),
+        (lambda: make_estimator("st", temperature="1.0"), "temperature"),
+        (lambda: make_estimator("st", temperature=float("nan")), "temperature"),
+        (lambda: make_estimator("st", num_samples=True), "num_samples"),
+        (lambda: make_estimator("score", temperature=1.0), "temperature"),
+        (lambda: make_estimator("score", kl=None), "kl"),
+        (lambda: make_estimator("score", num_samples=None), "num_samples"),
+        (lambda: make_estimator("score", baseline="learned"), "in_features"),
+        (lambda: make_estimator("score", baseline="learned", in_features=2.5), "in_features"),
+        (lambda: make_estimator("score", baseline="learned", in_features=2, hidden=0), "hidden"),
+        (lambda: make_estimator("score", baseline="mean", beta="0.5"), "beta"),
+        (lambda: make_estimator("score", baseline="mean", beta=1.0), "beta"),
+        (lambda: make_estimator("score", baseline="soft", offset=None), "offset"),
+        (lambda: make_estimator("score", baseline=3), "baseline"),
+        (lambda: make_baseline("loo", beta=0.5), "beta"),
+        (lambda: make_baseline(make_baseline("none"), beta=0.5), "beta"),
+        (lambda: RLOOEstimator(kl="relaxed"), "kl"),
+        (lambda: gradient_variance(lambda: torch.zeros(()), torch.zeros(1),
+                                   [torch.zeros(1, requires_grad=True)], num_draws=1.5),
+         "num_draws"),
+        (lambda: gradient_variance(None, torch.zeros(1), [torch.zeros(1, requires_grad=True)]),
+         "estimate"),
+        (lambda: gradient_variance(lambda: torch.zeros(()), torch.zeros(1), [1.0]),
+         "parameters"),
+        (lambda: ExactEstimator().loss(AlignmentTerms(torch.zeros(2, 3), torch.zeros(2, 3))),
+         "prior"),
+        (lambda: ExactEstimator().loss(
+            AlignmentTerms(CategoricalAlignment(logits=torch.zeros(2, 3)), None)),
+         "log_likelihood"),
+    ],
+)
+def test_bad_estimator_and_baseline_arguments_raise_value_error_naming_them(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+# ----------------------------------------------------------------------------------------
+# Exact marginal likelihood and posterior for every alignment family (issue 8, item 2)
+# ----------------------------------------------------------------------------------------
+def _brute_force(prior, table, support):
+    """``log p(y | x)`` and posterior marginals by enumerating ``support (K, N)``."""
+    values = support[:, None, :].expand(-1, table.shape[0], -1)  # (K, B, N)
+    log_joint = prior.log_prob(values)
+    picked = table.unsqueeze(0).expand(values.shape + table.shape[-1:])
+    log_joint = log_joint + picked.gather(-1, values.unsqueeze(-1)).squeeze(-1).sum(-1)
+    log_marginal = log_joint.logsumexp(0)
+    weights = (log_joint - log_marginal).exp()  # (K, B)
+    one_hot = torch.nn.functional.one_hot(values, table.shape[-1]).to(table.dtype)
+    return log_marginal, (weights[..., None, None] * one_hot).sum(0)
+
+
+def _tolerance(dtype, scale):
+    return (1e-9 if dtype == F64 else 2e-4) * max(1.0, scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("scale", [1.0, 30.0, 100.0])
+def test_chain_marginal_likelihood_and_posterior_match_brute_force(dtype, scale):
+    from structattn.distributions import LinearChainCRF
+
+    g = torch.Generator().manual_seed(int(scale))
+    batch, num, states = 2, 4, 3
+    prior = LinearChainCRF(
+        scale * torch.randn(batch, num - 1, states, states, generator=g, dtype=F64).to(dtype),
+        initial_potentials=scale * torch.randn(batch, states, generator=g, dtype=F64).to(dtype),
+    )
+    table = (scale * torch.randn(batch, num, states, generator=g, dtype=F64)).to(dtype)
+    support = torch.tensor(list(itertools.product(range(states), repeat=num)))
+    exact_ll, exact_post = _brute_force(
+        LinearChainCRF(prior.log_potentials.double(),
+                       initial_potentials=prior.initial_potentials.double()),
+        table.double(), support,
+    )
+    tol = _tolerance(dtype, scale)
+    assert torch.allclose(marginal_log_likelihood(prior, table).double(), exact_ll,
+                          atol=tol, rtol=tol)
+    assert torch.allclose(posterior(prior, table).double(), exact_post, atol=tol * 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("scale", [1.0, 30.0, 100.0])
+def test_monotonic_marginal_likelihood_and_posterior_match_brute_force(dtype, scale):
+    from structattn.distributions import MonotonicAlignment
+
+    g = torch.Generator().manual_seed(int(scale) + 1)
+    batch, targets, sources = 2, 3, 4
+    logits = scale * torch.randn(batch, targets, sources, generator=g, dtype=F64)
+    table = scale * torch.randn(batch, targets, sources, generator=g, dtype=F64)
+    prior = MonotonicAlignment(logits.to(dtype), max_jump=2)
+    support = torch.tensor(
+        [z for z in itertools.product(range(sources), repeat=targets)
+         if z[0] <= 2 and all(0 <= b - a <= 2 for a, b in zip(z, z[1:], strict=False))]
+    )
+    exact_ll, exact_post = _brute_force(MonotonicAlignment(logits, max_jump=2), table, support)
+    tol = _tolerance(dtype, scale)
+    assert torch.allclose(marginal_log_likelihood(prior, table.to(dtype)).double(), exact_ll,
+                          atol=tol, rtol=tol)
+    assert torch.allclose(posterior(prior, table.to(dtype)).double(), exact_post, atol=tol * 10)
+
+
+@pytest.mark.parametrize("multiroot", [False, True])
+@pytest.mark.parametrize("projective", [False, True])
+def test_dependency_crf_marginal_likelihood_matches_brute_force(projective, multiroot):
+    """A table ``(dependent, head)`` is arc-factored: brute force over every head sequence,
+    keeping only trees (and, for the projective CRF, non-crossing ones)."""
+    from structattn.distributions import NonProjectiveDependencyCRF, ProjectiveDependencyCRF
+
+    g = torch.Generator().manual_seed(3)
+    words = 4
+    arcs = torch.randn(1, words, words, generator=g, dtype=F64)
+    table = torch.randn(1, words, words, generator=g, dtype=F64)  # [dependent, head]
+    cls = ProjectiveDependencyCRF if projective else NonProjectiveDependencyCRF
+    prior = cls(arcs, multiroot=multiroot)
+
+    def is_tree(heads):  # heads[d] == d: attached to the root
+        roots = [d for d in range(words) if heads[d] == d]
+        if not roots or (not multiroot and len(roots) > 1):
+            return False
+        for d in range(words):
+            seen, node = set(), d
+            while heads[node] != node:
+                if node in seen:
+                    return False
+                seen.add(node)
+                node = heads[node]
+        if projective:
+            spans = [(min(d, h), max(d, h)) for d, h in enumerate(heads) if d != h]
+            spans += [(-1, r) for r in roots]  # the root sits left of every word
+            for a, b in spans:
+                for c, d in spans:
+                    if a < c < b < d:
+                        return False
+        return True
+
+    trees = [h for h in itertools.product(range(words), repeat=words) if is_tree(h)]
+    scores = torch.stack([
+        sum(arcs[0, h, d] + table[0, d, h] for d, h in enumerate(heads)) for heads in trees
+    ])
+    base = torch.stack([sum(arcs[0, h, d] for d, h in enumerate(heads)) for heads in trees])
+    expected = scores.logsumexp(0) - base.logsumexp(0)
+    assert torch.allclose(marginal_log_likelihood(prior, table), expected.reshape(1), atol=1e-8)
+    posterior_weights = (scores - scores.logsumexp(0)).exp()
+    expected_post = torch.zeros(words, words, dtype=F64)
+    for weight, heads in zip(posterior_weights, trees, strict=True):
+        for d, h in enumerate(heads):
+            expected_post[d, h] += weight
+    assert torch.allclose(posterior(prior, table)[0], expected_post, atol=1e-8)
+
+
+def test_categorical_marginal_likelihood_and_posterior_sum_over_keys():
+    p = _problem()
+    prior = CategoricalAlignment(logits=p["prior"], mask=p["key_mask"])
+    joint = prior.logits + p["table"]
+    assert torch.allclose(marginal_log_likelihood(prior, p["table"]), joint.logsumexp(-1))
+    assert torch.allclose(posterior(prior, p["table"]), joint.softmax(-1))
+    sparse = SparsemaxAlignment(scores=3 * p["prior"])
+    support = sparse.probs > 0
+    expected = torch.where(support, sparse.probs.log() + p["table"], -torch.inf).logsumexp(-1)
+    assert torch.allclose(marginal_log_likelihood(sparse, p["table"]), expected)
+
+
+def test_exact_helpers_name_a_distribution_they_do_not_define():
+    from structattn.distributions import RelaxedAlignment
+
+    relaxed = RelaxedAlignment(logits=torch.randn(2, 3, 4), temperature=1.0)
+    for helper in (marginal_log_likelihood, posterior):
+        with pytest.raises(ValueError, match="RelaxedAlignment"):
+            helper(relaxed, torch.zeros(2, 3, 4))
+    prior = CategoricalAlignment(logits=torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="emission_log_prob"):
+        marginal_log_likelihood(prior, torch.zeros(2, 3, 5))
+
+
+def test_exact_estimator_sums_out_a_structured_prior_through_its_dynamic_program():
+    from structattn.distributions import LinearChainCRF
+
+    g = torch.Generator().manual_seed(5)
+    batch, num, states = 2, 3, 3
+    potentials = torch.randn(batch, num - 1, states, states, generator=g, dtype=F64)
+    table = torch.randn(batch, num, states, generator=g, dtype=F64)
+    prior = LinearChainCRF(potentials)
+    support = torch.tensor(list(itertools.product(range(states), repeat=num)))
+    expected, _ = _brute_force(prior, table, support)
+    loss = ExactEstimator().loss(AlignmentTerms(prior, table))
+    assert torch.allclose(-loss, expected.sum())
+    mask = torch.tensor([True, False])
+    poisoned = table.clone()
+    poisoned[1] = float("nan")
+    loss = ExactEstimator().loss(AlignmentTerms(prior, poisoned, mask))
+    assert torch.allclose(-loss, expected[0])

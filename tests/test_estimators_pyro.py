@@ -289,3 +289,79 @@ def test_rloo_elbo_handles_a_structured_site_like_the_plain_torch_estimator():
     (torch_grad,) = torch.autograd.grad(torch_loss, guide_potentials)
     assert torch.allclose(loss, torch_loss)
     assert torch.allclose(grad, torch_grad)
+
+
+# ----------------------------------------------------------------------------------------
+# Padded queries with -inf / NaN emissions, and bad settings (issue 9, items 4 and 11)
+# ----------------------------------------------------------------------------------------
+def _poisoned_model(p, table, estimator):
+    def model():
+        with pyro.plate("batch", B, dim=-2), pyro.plate("tgt", T, dim=-1):
+            z = sample_alignment("z", _prior_dist(p), estimator=estimator, mask=p["tgt_mask"])
+            shape = torch.broadcast_shapes(z.shape, table.shape[:-1])
+            index = z.expand(shape).unsqueeze(-1)
+            picked = table.expand(shape + (S,)).gather(-1, index).squeeze(-1)
+            with pyro.poutine.mask(mask=p["tgt_mask"]):
+                pyro.factor("y", picked)
+
+    return model
+
+
+@pytest.mark.parametrize("poison", [float("-inf"), float("nan")])
+@pytest.mark.parametrize(
+    "elbo, model_estimator, guide_estimator",
+    [
+        (lambda: ExactELBO(max_plate_nesting=2), "enum", None),
+        (lambda: ExactELBO(max_plate_nesting=2), None, "enum"),
+        (lambda: RLOO_ELBO(3, max_plate_nesting=2), None, "rloo"),
+        (lambda: RLOO_ELBO(3, max_plate_nesting=2, kl="sampled"), None, "rloo"),
+    ],
+)
+def test_pyro_elbos_are_finite_with_poisoned_padded_queries(
+    elbo, model_estimator, guide_estimator, poison
+):
+    pyro.enable_validation(False)  # Pyro's own validation refuses a NaN factor anywhere
+    p = _problem()
+    prior_logits = p["prior"].clone().requires_grad_()
+    scores = p["guide"].clone().requires_grad_()
+    p["prior"] = prior_logits
+    table = torch.where(p["tgt_mask"][..., None], _table(p), poison)
+
+    def empty_guide():
+        pass
+
+    guide = empty_guide if guide_estimator is None else _guide(p, guide_estimator, scores)
+    loss = elbo().differentiable_loss(_poisoned_model(p, table, model_estimator), guide)
+    assert torch.isfinite(loss)
+    grads = torch.autograd.grad(loss, [prior_logits, scores], allow_unused=True)
+    for grad in grads:
+        if grad is not None:
+            assert torch.isfinite(grad).all()
+            assert (grad[~p["tgt_mask"]] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: RLOO_ELBO(2.0), "num_samples"),
+        (lambda: RLOO_ELBO(None), "num_samples"),
+        (lambda: RLOO_ELBO(2, kl=None), "kl"),
+        (lambda: RLOO_ELBO(2, max_plate_nesting="2"), "max_plate_nesting"),
+        (lambda: RLOO_ELBO(2, retain_graph="yes"), "retain_graph"),
+        (lambda: StraightThroughELBO(num_samples=0), "num_samples"),
+        (lambda: StraightThroughELBO(max_plate_nesting=1.5), "max_plate_nesting"),
+        (lambda: ExactELBO(max_plate_nesting=True), "max_plate_nesting"),
+        (lambda: ExactELBO(retain_graph=1), "retain_graph"),
+        (lambda: sample_alignment("z", CategoricalAlignment(logits=torch.randn(2, 3)),
+                                  estimator="st", temperature=None), "temperature"),
+        (lambda: sample_alignment("z", CategoricalAlignment(logits=torch.randn(2, 3)),
+                                  estimator=["enum"]), "estimator"),
+        (lambda: sample_alignment("z", CategoricalAlignment(logits=torch.randn(2, 3)),
+                                  estimator="score", baseline=1.0), "baseline"),
+        (lambda: sample_alignment("z", CategoricalAlignment(logits=torch.randn(2, 3)),
+                                  mask=torch.ones(2)), "mask"),
+    ],
+)
+def test_bad_elbo_and_site_arguments_raise_value_error_naming_them(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()

@@ -9,22 +9,32 @@ from structattn.infer.baselines import (
     RunningMeanBaseline,
     SoftAttentionBaseline,
     make_baseline,
+    register_baseline,
 )
 from structattn.infer.diagnostics import GradientVarianceReport, gradient_variance
 from structattn.infer.elbo import RLOO_ELBO, AlignmentELBO, ExactELBO, StraightThroughELBO
 from structattn.infer.estimators import (
     ESTIMATOR_NAMES,
+    ESTIMATORS,
     AlignmentTerms,
     Estimator,
     ExactEstimator,
+    RLOOEstimator,
     ScoreFunctionEstimator,
     SparseEstimator,
     StraightThroughEstimator,
     make_estimator,
+    register_estimator,
 )
-from structattn.infer.exact import exact_elbo, marginal_log_likelihood, posterior
+from structattn.infer.exact import (
+    condition,
+    exact_elbo,
+    marginal_log_likelihood,
+    posterior,
+    register_conditioner,
+)
 from structattn.infer.readout import gather, readout
-from structattn.infer.sites import ESTIMATORS, sample_alignment
+from structattn.infer.sites import sample_alignment
 
 __all__ = [
     "BASELINES",
@@ -40,6 +50,7 @@ __all__ = [
     "LearnedBaseline",
     "LeaveOneOutBaseline",
     "NoBaseline",
+    "RLOOEstimator",
     "RLOO_ELBO",
     "RunningMeanBaseline",
     "ScoreFunctionEstimator",
@@ -47,6 +58,7 @@ __all__ = [
     "SparseEstimator",
     "StraightThroughELBO",
     "StraightThroughEstimator",
+    "condition",
     "exact_elbo",
     "gather",
     "gradient_variance",
@@ -55,5 +67,8 @@ __all__ = [
     "marginal_log_likelihood",
     "posterior",
     "readout",
+    "register_baseline",
+    "register_conditioner",
+    "register_estimator",
     "sample_alignment",
 ]

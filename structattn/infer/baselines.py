@@ -30,6 +30,14 @@ import abc
 import torch
 from torch import nn
 
+from structattn.infer._arguments import (
+    Registry,
+    check_positive_int,
+    check_real,
+    check_unit_interval,
+)
+from structattn.infer._surrogate import leave_one_out_baseline
+
 __all__ = [
     "BASELINES",
     "Baseline",
@@ -39,9 +47,17 @@ __all__ = [
     "RunningMeanBaseline",
     "SoftAttentionBaseline",
     "make_baseline",
+    "register_baseline",
 ]
 
-BASELINES = ("none", "mean", "learned", "soft", "loo")
+#: every baseline by name; add your own with :func:`register_baseline`
+BASELINES = Registry("baseline", "baseline")
+
+
+def register_baseline(name: str):
+    """Class decorator: ``@register_baseline("mine")`` makes ``baseline="mine"`` work in every
+    score-function estimator, exactly like the built-ins."""
+    return BASELINES.register(name)
 
 
 class Baseline(nn.Module, abc.ABC):
@@ -83,6 +99,7 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
     return torch.where(mask, values, 0.0).sum() / count.clamp_min(1)
 
 
+@register_baseline("none")
 class NoBaseline(Baseline):
     """The plain score-function estimator: ``b = 0``."""
 
@@ -90,6 +107,7 @@ class NoBaseline(Baseline):
         return reward.new_zeros(())
 
 
+@register_baseline("mean")
 class RunningMeanBaseline(Baseline):
     """A scalar exponential moving average of the reward of valid queries.
 
@@ -103,9 +121,7 @@ class RunningMeanBaseline(Baseline):
 
     def __init__(self, beta: float = 0.9) -> None:
         super().__init__()
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"beta must lie in [0, 1), got {beta}")
-        self.beta = beta
+        self.beta = check_unit_interval(beta, "beta")
         self.register_buffer("mean", torch.zeros(()))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
@@ -122,6 +138,7 @@ class RunningMeanBaseline(Baseline):
         return current if int(self.steps) > 1 or not self.training else reward.new_zeros(())
 
 
+@register_baseline("learned")
 class LearnedBaseline(Baseline):
     """``b = MLP(features)`` per query, regressed onto the reward by squared error.
 
@@ -136,10 +153,8 @@ class LearnedBaseline(Baseline):
 
     def __init__(self, in_features: int, hidden: int = 64) -> None:
         super().__init__()
-        if in_features < 1 or hidden < 1:
-            raise ValueError(
-                f"in_features and hidden must be positive, got {in_features} and {hidden}"
-            )
+        in_features = check_positive_int(in_features, "in_features")
+        hidden = check_positive_int(hidden, "hidden")
         self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.Tanh(), nn.Linear(hidden, 1))
 
     def forward(self, reward, mask=None, soft_log_likelihood=None, features=None):
@@ -157,6 +172,7 @@ class LearnedBaseline(Baseline):
         return _masked_mean((reward.detach() - baseline) ** 2, mask)
 
 
+@register_baseline("soft")
 class SoftAttentionBaseline(Baseline):
     """``b = log p(y_t | soft context)``: the reward the soft-attention model would get.
 
@@ -171,7 +187,7 @@ class SoftAttentionBaseline(Baseline):
 
     def __init__(self, offset: float = 0.0) -> None:
         super().__init__()
-        self.offset = offset
+        self.offset = check_real(offset, "offset")
 
     def forward(self, reward, mask=None, soft_log_likelihood=None, features=None):
         if soft_log_likelihood is None:
@@ -186,35 +202,27 @@ class SoftAttentionBaseline(Baseline):
         return soft_log_likelihood.detach() + self.offset
 
 
+@register_baseline("loo")
 class LeaveOneOutBaseline(Baseline):
     """``b_k = mean_{j != k} r_j`` over the ``K >= 2`` samples of the same query (RLOO)."""
 
     def forward(self, reward, mask=None, soft_log_likelihood=None, features=None):
-        num_samples = reward.shape[0]
-        if num_samples < 2:
-            raise ValueError(
-                f"the leave-one-out baseline needs num_samples >= 2, got {num_samples}"
-            )
-        return (reward.sum(0, keepdim=True) - reward) / (num_samples - 1)
+        return leave_one_out_baseline(reward, dim=0)
 
 
 def make_baseline(name: str | Baseline | None, **kwargs) -> Baseline:
-    """Build a baseline by name: ``"none"``, ``"mean"``, ``"learned"``, ``"soft"``, ``"loo"``.
+    """Build a baseline by its registered name (``"none"``, ``"mean"``, ``"learned"``,
+    ``"soft"``, ``"loo"`` or one added with :func:`register_baseline`).
 
     ``kwargs`` go to the class (``beta`` for ``"mean"``; ``in_features``, ``hidden`` for
-    ``"learned"``; ``offset`` for ``"soft"``).  A :class:`Baseline` instance is returned as
-    is.
+    ``"learned"``; ``offset`` for ``"soft"``); one it does not take is a ``ValueError`` naming
+    it.  A :class:`Baseline` instance is returned as is (with no ``kwargs``); ``None`` means
+    ``"none"``.
     """
     if isinstance(name, Baseline):
+        if kwargs:
+            raise ValueError(
+                f"baseline options {sorted(kwargs)} apply only to a baseline given by name"
+            )
         return name
-    if name is None or name == "none":
-        return NoBaseline()
-    if name == "mean":
-        return RunningMeanBaseline(**kwargs)
-    if name == "learned":
-        return LearnedBaseline(**kwargs)
-    if name == "soft":
-        return SoftAttentionBaseline(**kwargs)
-    if name == "loo":
-        return LeaveOneOutBaseline()
-    raise ValueError(f"baseline must be one of {BASELINES} or a Baseline, got {name!r}")
+    return BASELINES.build("none" if name is None else name, kwargs)

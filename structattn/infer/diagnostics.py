@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from structattn.infer._arguments import check_positive_int
+
 __all__ = ["GradientVarianceReport", "flat_gradient", "gradient_variance"]
 
 
@@ -83,13 +85,16 @@ def gradient_variance(
     Returns:
         A :class:`GradientVarianceReport`.
     """
+    if not callable(estimate):
+        raise ValueError(f"estimate must be a callable returning a loss, got {estimate!r}")
+    if not (callable(exact) or isinstance(exact, torch.Tensor)):
+        raise ValueError(f"exact must be a callable or a flat gradient tensor, got {exact!r}")
     parameters = [p for p in parameters]
     if not parameters:
         raise ValueError("parameters must hold at least one tensor")
-    if not all(p.requires_grad for p in parameters):
-        raise ValueError("parameters must all require grad")
-    if not isinstance(num_draws, int) or num_draws < 2:
-        raise ValueError(f"num_draws must be an int >= 2, got {num_draws!r}")
+    if not all(isinstance(p, torch.Tensor) and p.requires_grad for p in parameters):
+        raise ValueError("parameters must all be tensors that require grad")
+    num_draws = check_positive_int(num_draws, "num_draws", minimum=2)
     if isinstance(exact, torch.Tensor):
         exact_gradient = exact.detach().reshape(-1)
     else:

@@ -18,6 +18,11 @@ loops and ``SVI`` works), and gives the same numbers as the plain-torch estimato
   weight every term by their probabilities (exact ELBO), model-side enumerated sites are summed
   out by one log-sum-exp each (exact marginal likelihood).
 
+These classes only read Pyro traces; the estimator math (leave-one-out baseline, analytic KL
+with its sampled fallback, score-function term, exact expectation and sum, categorical KL of
+straight-through sites) is :mod:`structattn.infer._surrogate`, shared with the plain-torch
+estimators.
+
 Unlike Pyro's ``Trace_ELBO``/``TraceEnum_ELBO``, ``loss_and_grads`` always runs
 ``backward()`` when anything requires a gradient (pitfall P13), and warns when nothing does.
 """
@@ -33,9 +38,23 @@ from pyro.infer.elbo import ELBO
 from pyro.infer.util import MultiFrameTensor
 from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.util import prune_subsample_sites
-from torch.distributions import kl_divergence
 
 from structattn.distributions.categorical import RelaxedAlignment
+from structattn.infer._arguments import (
+    check_choice,
+    check_non_negative_int,
+    check_optional_bool,
+    check_positive_int,
+)
+from structattn.infer._surrogate import (
+    analytic_kl,
+    categorical_kl,
+    expectation,
+    leave_one_out_baseline,
+    masked,
+    score_function_term,
+    sum_out,
+)
 
 __all__ = ["AlignmentELBO", "ExactELBO", "RLOO_ELBO", "StraightThroughELBO"]
 
@@ -73,17 +92,15 @@ def _guess_plate_nesting(model, guide, args, kwargs) -> int:
 
 
 def _scale_and_mask(value: torch.Tensor, site) -> torch.Tensor:
-    scale, mask = site["scale"], site["mask"]
-    if mask is not None:
-        value = torch.where(mask, value, torch.zeros_like(value))
+    value = masked(value, site["mask"])
+    scale = site["scale"]
     return value * scale if not (isinstance(scale, float) and scale == 1.0) else value
 
 
-def _as_categorical(fn):
-    """The categorical alignment behind a model or guide site, for the analytic KL."""
-    if isinstance(fn, RelaxedAlignment):
-        return fn.categorical()
-    return fn
+def _check_nesting(max_plate_nesting) -> float:
+    if max_plate_nesting is None:
+        return float("inf")
+    return check_non_negative_int(max_plate_nesting, "max_plate_nesting")
 
 
 class _PlateNestingMixin:
@@ -141,20 +158,12 @@ class AlignmentELBO(_PlateNestingMixin, ELBO):
         kl: str = "analytic",
         retain_graph: bool | None = None,
     ) -> None:
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-        if kl not in ("analytic", "sampled"):
-            raise ValueError(f"kl must be 'analytic' or 'sampled', got {kl!r}")
-        if max_plate_nesting is not None and (
-            not isinstance(max_plate_nesting, int) or max_plate_nesting < 0
-        ):
-            raise ValueError(
-                f"max_plate_nesting must be a non-negative int, got {max_plate_nesting!r}"
-            )
+        check_positive_int(num_samples, "num_samples")
+        check_choice(kl, "kl", ("analytic", "sampled"))
         super().__init__(
             num_particles=num_samples,
-            max_plate_nesting=float("inf") if max_plate_nesting is None else max_plate_nesting,
-            retain_graph=retain_graph,
+            max_plate_nesting=_check_nesting(max_plate_nesting),
+            retain_graph=check_optional_bool(retain_graph, "retain_graph"),
         )
         self.num_samples = num_samples
         self.kl = kl
@@ -198,20 +207,18 @@ class AlignmentELBO(_PlateNestingMixin, ELBO):
                     f"straight-through guide site {guide_site['name']!r} has no model site"
                 )
             return None
-        try:
-            kl = kl_divergence(_as_categorical(guide_site["fn"]), _as_categorical(model_site["fn"]))
-        except NotImplementedError:
-            if relaxed:
-                raise ValueError(
-                    f"no categorical KL for straight-through site {guide_site['name']!r}: the "
-                    "model site must be a CategoricalAlignment or RelaxedAlignment"
-                ) from None
-            return None
+        if relaxed:
+            try:
+                kl = categorical_kl(guide_site["fn"], model_site["fn"])
+            except ValueError as err:
+                raise ValueError(f"straight-through site {guide_site['name']!r}: {err}") from None
+        else:
+            kl = analytic_kl(guide_site["fn"], model_site["fn"])
+            if kl is None:
+                return None
         kl = _scale_and_mask(kl, guide_site)
         # the KL replaces both log p and -log q: drop it where either side is masked
-        if model_site["mask"] is not None:
-            kl = torch.where(model_site["mask"], kl, torch.zeros_like(kl))
-        return kl
+        return masked(kl, model_site["mask"])
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """Surrogate loss: value ``-ELBO`` estimate, gradient the estimator's gradient."""
@@ -247,12 +254,9 @@ class AlignmentELBO(_PlateNestingMixin, ELBO):
                 cost = cost.unsqueeze(0)
             fn, value = site["fn"], site["value"]
             if self.num_samples >= 2:
-                baseline = (cost.sum(particle_dim, keepdim=True) - cost) / (self.num_samples - 1)
-                cost = cost - baseline
+                cost = cost - leave_one_out_baseline(cost, dim=particle_dim)
             score = fn.score_parts(value).score_function
-            if site["mask"] is not None:
-                cost = torch.where(site["mask"], cost, torch.zeros_like(cost))
-            surrogate = surrogate + (cost * (score - score.detach())).sum()
+            surrogate = surrogate + score_function_term(cost, score, site["mask"]).sum()
         total = (objective + surrogate) / self.num_samples
         if not isinstance(total, torch.Tensor):
             raise ValueError("the model and guide have no sample sites")
@@ -275,8 +279,7 @@ class RLOO_ELBO(AlignmentELBO):  # noqa: N801 (Pyro's ELBO naming)
         kl: str = "analytic",
         retain_graph: bool | None = None,
     ) -> None:
-        if not isinstance(num_samples, int) or num_samples < 2:
-            raise ValueError(f"num_samples must be an int >= 2 for RLOO, got {num_samples!r}")
+        check_positive_int(num_samples, "num_samples", minimum=2)
         super().__init__(num_samples, max_plate_nesting, kl, retain_graph)
 
 
@@ -326,15 +329,9 @@ class ExactELBO(_PlateNestingMixin, ELBO):
     """
 
     def __init__(self, max_plate_nesting: int | None = None, retain_graph: bool | None = None):
-        if max_plate_nesting is not None and (
-            not isinstance(max_plate_nesting, int) or max_plate_nesting < 0
-        ):
-            raise ValueError(
-                f"max_plate_nesting must be a non-negative int, got {max_plate_nesting!r}"
-            )
         super().__init__(
-            max_plate_nesting=float("inf") if max_plate_nesting is None else max_plate_nesting,
-            retain_graph=retain_graph,
+            max_plate_nesting=_check_nesting(max_plate_nesting),
+            retain_graph=check_optional_bool(retain_graph, "retain_graph"),
         )
 
     def _traces(self, model, guide, args, kwargs):
@@ -405,10 +402,7 @@ class ExactELBO(_PlateNestingMixin, ELBO):
             total = group[0]
             for term in group[1:]:
                 total = total + term
-            summed = total.logsumexp(dim, keepdim=True)
-            if site["mask"] is not None:
-                summed = torch.where(site["mask"], summed, torch.zeros_like(summed))
-            remaining.append(summed)
+            remaining.append(masked(sum_out(total, dim, keepdim=True), site["mask"]))
         elbo = 0.0
         for term in remaining:
             dims = _enum_dims(term, nesting)
@@ -419,7 +413,7 @@ class ExactELBO(_PlateNestingMixin, ELBO):
                     "TraceEnum_ELBO"
                 )
             for dim in dims:
-                term = term * weights[dim]
+                term = expectation(weights[dim], term)
             elbo = elbo + term.sum()
         if not isinstance(elbo, torch.Tensor):
             raise ValueError("the model and guide have no sample sites")

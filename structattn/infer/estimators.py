@@ -18,6 +18,13 @@ alike.  The objective is the exact marginal log-likelihood ``log p(y | x)`` (``e
 without a guide), the ELBO ``E_q[log p(y | z)] - KL(q || p)`` (any estimator with a guide), or
 the hard-attention bound ``E_p[log p(y | z)]`` (sampling estimators without a guide).
 
+Every estimator is a class registered by name in :data:`ESTIMATORS` (the one list of
+estimator names, shared with :func:`~structattn.infer.sample_alignment`); a user adds one with
+:func:`register_estimator`.  The math lives in :mod:`structattn.infer._surrogate`, shared with
+the Pyro ELBOs.  Padded queries (``mask`` False) contribute exactly zero value and gradient
+whatever the log-likelihood holds there (``-inf``, NaN); NaN at a real query is a
+``ValueError``.
+
 Use an estimator directly (``estimator.loss(terms, guide)``) or as
 ``loss = estimator(model, guide, batch)`` with ``model(batch) -> AlignmentTerms`` and
 ``guide(batch) -> distribution``.
@@ -32,28 +39,58 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributions import kl_divergence
 
 from structattn._validation import check_broadcasts_to
+from structattn.infer._arguments import (
+    Registry,
+    check_choice,
+    check_positive_int,
+    check_positive_real,
+)
+from structattn.infer._surrogate import (
+    analytic_kl,
+    categorical_kl,
+    check_real_queries,
+    expectation,
+    masked,
+    masked_sum,
+    relaxed_alignment,
+    score_function_term,
+    sparse_support,
+    sum_out,
+)
 from structattn.infer.baselines import Baseline, LeaveOneOutBaseline, make_baseline
 from structattn.infer.exact import exact_elbo, marginal_log_likelihood
 
 __all__ = [
+    "ESTIMATORS",
     "ESTIMATOR_NAMES",
     "AlignmentTerms",
     "Estimator",
     "ExactEstimator",
+    "RLOOEstimator",
     "ScoreFunctionEstimator",
     "SparseEstimator",
     "StraightThroughEstimator",
     "evaluate_log_likelihood",
     "likelihood_table",
     "make_estimator",
+    "register_estimator",
 ]
 
-ESTIMATOR_NAMES = ("enum", "score", "rloo", "st", "sparse")
+#: every estimator class by name; add your own with :func:`register_estimator`
+ESTIMATORS = Registry("estimator", "name")
+
+#: the registered names, a live view of :data:`ESTIMATORS`
+ESTIMATOR_NAMES = ESTIMATORS.keys()
 
 LogLikelihood = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
+
+
+def register_estimator(name: str):
+    """Class decorator: ``@register_estimator("mine")`` makes ``make_estimator("mine")`` and
+    ``sample_alignment(..., estimator="mine")`` work, exactly like the built-ins."""
+    return ESTIMATORS.register(name)
 
 
 @dataclass
@@ -63,7 +100,8 @@ class AlignmentTerms:
     Attributes:
         prior: alignment distribution ``p(z | x)``, batch shape ``site_batch``.
         log_likelihood: table ``(..., *site_batch, keys)`` or callable
-            ``z (n, *site_batch[, *event]) -> (n, *site_batch)`` (see the module docstring).
+            ``z (n, *site_batch[, *event]) -> (n, *site_batch)`` (see the module docstring);
+            for a structured prior under ``enum``, a table shaped like ``prior.attention``.
         mask: boolean ``site_batch``, True for real queries; padded ones contribute nothing.
         soft_log_likelihood: ``site_batch`` log-likelihood under the soft context, for the
             soft-attention baseline.
@@ -90,8 +128,34 @@ def _check_mask(mask: torch.Tensor | None, batch_shape: torch.Size) -> torch.Ten
     return mask
 
 
-def _masked_sum(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return values.sum() if mask is None else torch.where(mask, values, 0.0).sum()
+def _guard_log_likelihood(log_likelihood: LogLikelihood, mask: torch.Tensor | None,
+                          trailing_dims: int) -> LogLikelihood:
+    """The log-likelihood with padded queries zeroed (value and gradient) and NaN at real
+    queries refused, for a table ``(..., *site_batch, *trailing)`` or a callable."""
+    if callable(log_likelihood):
+
+        def guarded(z: torch.Tensor) -> torch.Tensor:
+            if mask is not None and z.is_floating_point():
+                # one-hot weights are zeroed at padded queries: whatever the callable does
+                # with them there (0 * -inf), no gradient flows back through them
+                z = masked(z, mask.reshape(mask.shape + (1,) * (z.dim() - 1 - mask.dim())))
+            value = log_likelihood(z)
+            if not isinstance(value, torch.Tensor):
+                raise ValueError("log_likelihood(z) must return a tensor")
+            check_real_queries(value, mask, "log_likelihood(z)")
+            return value if mask is None else masked(value, mask)
+
+        return guarded
+    if not isinstance(log_likelihood, torch.Tensor):
+        raise ValueError("log_likelihood must be a tensor table or a callable")
+    query_mask = None if mask is None else mask.reshape(mask.shape + (1,) * trailing_dims)
+    if query_mask is not None and log_likelihood.dim() < query_mask.dim():
+        raise ValueError(
+            f"log_likelihood table of shape {tuple(log_likelihood.shape)} is too small for "
+            f"the mask {tuple(mask.shape)}"
+        )
+    check_real_queries(log_likelihood, query_mask, "log_likelihood")
+    return masked(log_likelihood, query_mask)
 
 
 def evaluate_log_likelihood(
@@ -165,11 +229,27 @@ def _draw(dist, num_samples: int) -> torch.Tensor:
     return expanded.sample()
 
 
-def _analytic_kl(guide, prior) -> torch.Tensor | None:
-    try:
-        return kl_divergence(guide, prior)
-    except NotImplementedError:
-        return None
+def _registered_name(cls: type) -> str:
+    return next((name for name, value in ESTIMATORS.items() if value is cls), cls.__name__)
+
+
+def _check_discrete(dist, cls: type) -> None:
+    """Score-function sites need a discrete (not reparameterised) alignment."""
+    if dist.has_rsample:
+        raise ValueError(
+            f"estimator={_registered_name(cls)!r} needs a discrete alignment; got a "
+            f"reparameterised {type(dist).__name__} (use estimator='st')"
+        )
+
+
+def _per_query_categorical(dist, name: str, attribute: str) -> None:
+    if dist.event_shape != torch.Size() or not isinstance(
+        getattr(dist, attribute, None), torch.Tensor
+    ):
+        raise ValueError(
+            f"estimator {name!r} needs a per-query alignment (event shape (), {attribute}); "
+            f"got {type(dist).__name__}"
+        )
 
 
 class Estimator(nn.Module, abc.ABC):
@@ -177,9 +257,9 @@ class Estimator(nn.Module, abc.ABC):
 
     ``model(batch)`` must return an :class:`AlignmentTerms`; ``guide`` is ``None`` or a
     callable ``guide(batch) -> distribution`` with the prior's batch shape.  Subclasses
-    implement :meth:`loss`.  After each call, :attr:`stats` holds diagnostics of the last
-    batch as floats or detached 0-dim tensors (no device sync), e.g. ``objective``: the
-    estimate of the objective.
+    implement :meth:`loss` and, for Pyro, may override :meth:`site_settings`.  After each
+    call, :attr:`stats` holds diagnostics of the last batch as floats or detached 0-dim
+    tensors, e.g. ``objective``: the estimate of the objective.
     """
 
     def __init__(self) -> None:
@@ -199,39 +279,85 @@ class Estimator(nn.Module, abc.ABC):
     def loss(self, terms: AlignmentTerms, guide=None) -> torch.Tensor:
         """Scalar surrogate loss: value ``-objective``, gradient the estimator's gradient."""
 
+    @classmethod
+    def site_settings(
+        cls,
+        dist,
+        mask: torch.Tensor | None = None,
+        baseline: dict | None = None,
+        temperature: float = 1.0,
+    ) -> tuple[Any, dict]:
+        """How :func:`~structattn.infer.sample_alignment` issues a Pyro site for this
+        estimator: ``(site distribution, infer settings)``; ``mask`` is the site's query mask.
+
+        The default is a sampled discrete site with score-function gradients and no
+        TraceGraph_ELBO baseline.
+        """
+        _check_discrete(dist, cls)
+        if baseline is not None:
+            raise ValueError("baseline= only applies to estimator='score'")
+        return dist, {}
+
     def _prepare(self, terms: AlignmentTerms, guide):
+        """``(prior, mask, guarded log-likelihood)`` after checking shapes."""
         prior = terms.prior
+        for role, dist in (("prior", prior), ("guide", guide)):
+            if dist is not None and not isinstance(dist, torch.distributions.Distribution):
+                raise ValueError(
+                    f"{role} must be an alignment distribution, got {type(dist).__name__}"
+                )
         mask = _check_mask(terms.mask, prior.batch_shape)
         if guide is not None and guide.batch_shape != prior.batch_shape:
             raise ValueError(
                 f"guide batch shape {tuple(guide.batch_shape)} differs from the prior's "
                 f"{tuple(prior.batch_shape)}"
             )
-        return prior, mask
+        # a table has one trailing dim (keys) past a per-query site, one more per event dim
+        trailing = len(prior.event_shape) + 1
+        return prior, mask, _guard_log_likelihood(terms.log_likelihood, mask, trailing)
 
     def _finish(self, objective: torch.Tensor, mask, extra: torch.Tensor | None = None):
-        total = _masked_sum(objective, mask)
+        total = masked_sum(objective, mask)
         self.stats["objective"] = total.detach()
         loss = -total
         return loss if extra is None else loss + extra
 
 
+@register_estimator("enum")
 class ExactEstimator(Estimator):
-    """``enum``: exact enumeration over all keys of a per-query alignment.
+    """``enum``: exact enumeration.
 
-    Without a guide the objective is the marginal log-likelihood
+    Per-query alignments: without a guide the objective is the marginal log-likelihood
     ``sum_t log sum_k p(z_t = k) p(y_t | k)`` (model-side enumeration); with a guide, the exact
     ELBO ``sum_t sum_k q_k (log p(y_t | k) + log p_k - log q_k)`` (guide-side enumeration).
-    Cost: one emission per key and query.
+    Cost: one emission per key and query.  Structured alignments (e.g. a linear chain or a
+    monotonic alignment) take a table shaped like their ``.attention`` and are summed out by
+    their own dynamic program (see :func:`~structattn.infer.marginal_log_likelihood`).
     """
 
+    @classmethod
+    def site_settings(cls, dist, mask=None, baseline=None, temperature=1.0):
+        if baseline is not None:
+            raise ValueError("baseline= only applies to estimator='score'")
+        if not getattr(dist, "has_enumerate_support", False):
+            raise ValueError(
+                f"estimator='enum' needs an enumerable alignment; {type(dist).__name__} is not"
+            )
+        return dist, {"enumerate": "parallel"}
+
     def loss(self, terms: AlignmentTerms, guide=None) -> torch.Tensor:
-        prior, mask = self._prepare(terms, guide)
+        prior, mask, log_likelihood = self._prepare(terms, guide)
         if prior.event_shape != torch.Size():
-            raise ValueError("estimator 'enum' needs a per-query alignment (event shape ())")
-        logits = prior.logits
-        table = likelihood_table(terms.log_likelihood, prior.batch_shape, logits.shape[-1],
-                                 logits.device)
+            if callable(log_likelihood):
+                raise ValueError(
+                    "estimator 'enum' on a structured alignment needs log_likelihood as a "
+                    "table shaped like its attention"
+                )
+            table = log_likelihood
+        else:
+            attention = prior.attention
+            table = likelihood_table(log_likelihood, prior.batch_shape, attention.shape[-1],
+                                     attention.device)
         if guide is None:
             objective = marginal_log_likelihood(prior, table)
         else:
@@ -240,6 +366,7 @@ class ExactEstimator(Estimator):
         return self._finish(objective, mask)
 
 
+@register_estimator("score")
 class ScoreFunctionEstimator(Estimator):
     """``score``: REINFORCE with a baseline, ``num_samples`` draws per query.
 
@@ -253,16 +380,18 @@ class ScoreFunctionEstimator(Estimator):
     whose value is the Monte Carlo objective and whose gradient is the score-function
     gradient plus the pathwise gradient of ``f_k`` (model parameters through the emission).
     With ``kl="analytic"`` (default, when ``kl_divergence(q, p)`` is registered) the reward is
-    ``log p(y | z)`` and the KL is exact; with ``kl="sampled"`` the reward is
-    ``log p(y | z) + log p(z) - log q(z)`` as in Pyro's ``Trace_ELBO``.  Rewards are per
-    site-batch element (per query, or per sequence for structured alignments), i.e.
+    ``log p(y | z)`` and the KL is exact; with ``kl="sampled"`` (or no registered KL) the
+    reward is ``log p(y | z) + log p(z) - log q(z)`` as in Pyro's ``Trace_ELBO``.  Rewards are
+    per site-batch element (per query, or per sequence for structured alignments), i.e.
     Rao-Blackwellised over independent queries; advantages are zero at padded queries.
 
     Works for any distribution with ``sample`` and ``log_prob`` (structured alignments with an
     event shape included).
 
     Args:
-        baseline: ``"none"``, ``"mean"``, ``"learned"``, ``"soft"``, ``"loo"`` or a
+        baseline: a registered baseline name (``"none"``, ``"mean"``, ``"learned"``,
+            ``"soft"``, ``"loo"``, or one added with
+            :func:`~structattn.infer.register_baseline`) or a
             :class:`~structattn.infer.baselines.Baseline`; registered as ``self.baseline``
             (parameter names ``baseline.*``: pass ``estimator.parameters()`` to the optimizer,
             possibly with its own learning rate).  The baseline's regression loss is part of
@@ -280,46 +409,80 @@ class ScoreFunctionEstimator(Estimator):
         **baseline_kwargs,
     ) -> None:
         super().__init__()
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-        if kl not in ("analytic", "sampled"):
-            raise ValueError(f"kl must be 'analytic' or 'sampled', got {kl!r}")
+        self.num_samples = check_positive_int(num_samples, "num_samples")
+        self.kl = check_choice(kl, "kl", ("analytic", "sampled"))
         self.baseline = make_baseline(baseline, **baseline_kwargs)
         if isinstance(self.baseline, LeaveOneOutBaseline) and num_samples < 2:
             raise ValueError("num_samples must be >= 2 for the leave-one-out baseline")
-        self.num_samples = num_samples
-        self.kl = kl
+
+    @classmethod
+    def site_settings(cls, dist, mask=None, baseline=None, temperature=1.0):
+        _check_discrete(dist, cls)
+        infer: dict = {}
+        if baseline is not None:
+            if not isinstance(baseline, dict):
+                raise ValueError(f"baseline must be a dict of TraceGraph_ELBO options, got "
+                                 f"{type(baseline).__name__}")
+            baseline = dict(baseline)
+            # padded queries must leak no gradient through TraceGraph_ELBO's baseline either
+            if mask is not None and "baseline_value" in baseline:
+                baseline["baseline_value"] = masked(baseline["baseline_value"], mask)
+            infer["baseline"] = baseline
+        return dist, infer
 
     def loss(self, terms: AlignmentTerms, guide=None) -> torch.Tensor:
-        prior, mask = self._prepare(terms, guide)
+        prior, mask, log_likelihood = self._prepare(terms, guide)
         proposal = prior if guide is None else guide
         z = _draw(proposal, self.num_samples)
         log_q = proposal.log_prob(z)
-        log_lik = evaluate_log_likelihood(terms.log_likelihood, z, proposal.batch_shape)
+        log_lik = evaluate_log_likelihood(log_likelihood, z, proposal.batch_shape)
         kl = None
         if guide is not None and self.kl == "analytic":
-            kl = _analytic_kl(guide, prior)
-        if guide is None:
+            kl = analytic_kl(guide, prior)
+        if guide is None or kl is not None:
             reward = log_lik
-            objective = log_lik
-        elif kl is not None:
-            reward = log_lik
-            objective = log_lik - kl
         else:
             reward = log_lik + prior.log_prob(z) - log_q
-            objective = reward
-        reward = reward.detach()
-        baseline = self.baseline(reward, mask, terms.soft_log_likelihood, terms.features)
-        advantage = reward - baseline.detach()
+        objective = reward if kl is None else reward - kl
+        reward = masked(reward.detach(), mask)
+        soft, features = terms.soft_log_likelihood, terms.features
         if mask is not None:
-            advantage = torch.where(mask, advantage, 0.0)
-        surrogate = objective + advantage * (log_q - log_q.detach())
+            # a learned baseline's weight gradient is input * 0: keep the input finite too
+            soft = None if soft is None else masked(soft, mask)
+            features = None if features is None else masked(features, mask.unsqueeze(-1))
+        baseline = self.baseline(reward, mask, soft, features)
+        surrogate = objective + score_function_term(reward - baseline.detach(), log_q, mask)
         baseline_loss = self.baseline.loss(reward, baseline, mask)
         self.stats["baseline_loss"] = baseline_loss.detach()
         # the baseline's own loss enters with value 0: the loss value stays -objective
         return self._finish(surrogate.mean(0), mask, baseline_loss - baseline_loss.detach())
 
 
+@register_estimator("rloo")
+class RLOOEstimator(ScoreFunctionEstimator):
+    """``rloo``: the score function with the leave-one-out baseline over ``num_samples >= 2``
+    draws per query (Kool et al. 2019); the plain-torch twin of
+    :class:`~structattn.infer.RLOO_ELBO`.
+
+    Args:
+        num_samples: draws per query ``K >= 2`` (default 4).
+        kl: ``"analytic"`` or ``"sampled"``.
+    """
+
+    def __init__(self, num_samples: int = 4, kl: str = "analytic") -> None:
+        check_positive_int(num_samples, "num_samples", minimum=2)
+        super().__init__("loo", num_samples=num_samples, kl=kl)
+
+    @classmethod
+    def site_settings(cls, dist, mask=None, baseline=None, temperature=1.0):
+        # TraceGraph_ELBO baselines do not apply: the baseline is leave-one-out
+        _check_discrete(dist, cls)
+        if baseline is not None:
+            raise ValueError("baseline= only applies to estimator='score'")
+        return dist, {}
+
+
+@register_estimator("st")
 class StraightThroughEstimator(Estimator):
     """``st``: straight-through Gumbel-softmax for the emission, with the analytic KL.
 
@@ -337,34 +500,30 @@ class StraightThroughEstimator(Estimator):
 
     def __init__(self, temperature: float = 1.0, num_samples: int = 1) -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-        self.temperature = temperature
-        self.num_samples = num_samples
+        self.temperature = check_positive_real(temperature, "temperature")
+        self.num_samples = check_positive_int(num_samples, "num_samples")
+
+    @classmethod
+    def site_settings(cls, dist, mask=None, baseline=None, temperature=1.0):
+        if baseline is not None:
+            raise ValueError("baseline= only applies to estimator='score'")
+        if not isinstance(temperature, torch.Tensor):
+            check_positive_real(temperature, "temperature")
+        return relaxed_alignment(dist, temperature), {}
 
     def loss(self, terms: AlignmentTerms, guide=None) -> torch.Tensor:
-        from structattn.distributions.categorical import RelaxedAlignment, mask_value
-
-        prior, mask = self._prepare(terms, guide)
+        prior, mask, log_likelihood = self._prepare(terms, guide)
         proposal = prior if guide is None else guide
-        if proposal.event_shape != torch.Size() or not hasattr(proposal, "logits"):
-            raise ValueError("estimator 'st' needs a per-query categorical alignment")
-        logits = proposal.logits
-        valid = logits > mask_value(logits.dtype) / 2
-        relaxed = RelaxedAlignment(
-            logits=logits, temperature=self.temperature, mask=valid, straight_through=True,
-            validate_args=False,
-        )
-        z = relaxed.rsample((self.num_samples,))
-        log_lik = evaluate_log_likelihood(terms.log_likelihood, z, proposal.batch_shape)
+        _per_query_categorical(proposal, "st", "logits")
+        z = relaxed_alignment(proposal, self.temperature).rsample((self.num_samples,))
+        log_lik = evaluate_log_likelihood(log_likelihood, z, proposal.batch_shape)
         objective = log_lik.mean(0)
         if guide is not None:
-            objective = objective - kl_divergence(guide, prior)
+            objective = objective - categorical_kl(guide, prior)
         return self._finish(objective, mask)
 
 
+@register_estimator("sparse")
 class SparseEstimator(Estimator):
     """``sparse``: exact sum over the support of a sparse alignment only.
 
@@ -382,60 +541,47 @@ class SparseEstimator(Estimator):
     smoothed prior.
     """
 
+    @classmethod
+    def site_settings(cls, dist, mask=None, baseline=None, temperature=1.0):
+        site_dist, infer = ExactEstimator.site_settings(dist, mask, baseline, temperature)
+        if not hasattr(dist, "support_size"):
+            raise ValueError(
+                "estimator='sparse' needs a sparse alignment with support_size() "
+                f"(e.g. SparsemaxAlignment), got {type(dist).__name__}"
+            )
+        return site_dist, infer
+
     def loss(self, terms: AlignmentTerms, guide=None) -> torch.Tensor:
-        prior, mask = self._prepare(terms, guide)
+        prior, mask, log_likelihood = self._prepare(terms, guide)
         proposal = prior if guide is None else guide
-        if proposal.event_shape != torch.Size() or not hasattr(proposal, "probs"):
-            raise ValueError("estimator 'sparse' needs a per-query alignment with probs")
-        probs = proposal.probs
-        support = probs > 0
-        counts = support.sum(-1)
-        valid_counts = counts if mask is None else counts[mask]
-        width = int(valid_counts.max()) if valid_counts.numel() else 1
-        top, keys = probs.detach().topk(max(width, 1), dim=-1)
-        in_support = top > 0
-        z = keys.movedim(-1, 0)
-        log_lik = evaluate_log_likelihood(terms.log_likelihood, z, proposal.batch_shape)
-        log_lik = log_lik.movedim(0, -1)
-        prior_logits = prior.logits.gather(-1, keys)
+        _per_query_categorical(proposal, "sparse", "probs")
+        keys, in_support, width, mean_support = sparse_support(proposal.probs, mask)
+        log_lik = evaluate_log_likelihood(log_likelihood, keys.movedim(-1, 0),
+                                          proposal.batch_shape).movedim(0, -1)
         prior_probs = prior.probs.gather(-1, keys)
-        log_prior = torch.where(prior_probs > 0, prior_logits, -torch.inf)
+        log_prior = torch.where(prior_probs > 0, prior.logits.gather(-1, keys), -torch.inf)
         if guide is None:
-            joint = torch.where(in_support, log_prior + log_lik, -torch.inf)
-            objective = joint.logsumexp(-1)
+            objective = sum_out(torch.where(in_support, log_prior + log_lik, -torch.inf))
         else:
-            weight = guide.probs.gather(-1, keys)
+            weight = torch.where(in_support, guide.probs.gather(-1, keys), 0.0)
             log_guide = guide.logits.gather(-1, keys)
-            inner = torch.where(in_support, log_lik + log_prior - log_guide, 0.0)
-            objective = (torch.where(in_support, weight, 0.0) * inner).sum(-1)
+            objective = expectation(weight, log_lik + log_prior - log_guide).sum(-1)
         self.stats["evaluations_per_query"] = float(width)
-        self.stats["mean_support"] = (
-            float(valid_counts.float().mean()) if valid_counts.numel() else 0.0
-        )
+        self.stats["mean_support"] = mean_support
         return self._finish(objective, mask)
 
 
 def make_estimator(name: str, **kwargs) -> Estimator:
-    """Build an estimator by name.
+    """Build a registered estimator by name; ``kwargs`` go to its class.
 
     - ``"enum"``: :class:`ExactEstimator`;
-    - ``"score"``: :class:`ScoreFunctionEstimator` (``baseline=``, ``num_samples=``, ``kl=``);
-    - ``"rloo"``: the score function with the leave-one-out baseline, ``num_samples`` (default
-      4) draws per query;
+    - ``"score"``: :class:`ScoreFunctionEstimator` (``baseline=``, ``num_samples=``, ``kl=``,
+      baseline options);
+    - ``"rloo"``: :class:`RLOOEstimator` (``num_samples=`` (default 4), ``kl=``);
     - ``"st"``: :class:`StraightThroughEstimator` (``temperature=``, ``num_samples=``);
-    - ``"sparse"``: :class:`SparseEstimator`.
+    - ``"sparse"``: :class:`SparseEstimator`;
+    - any name added with :func:`register_estimator`.
+
+    An unknown name, or an argument the class does not take, is a ``ValueError`` naming it.
     """
-    if name == "enum":
-        return ExactEstimator(**kwargs)
-    if name == "score":
-        return ScoreFunctionEstimator(**kwargs)
-    if name == "rloo":
-        if "baseline" in kwargs:
-            raise ValueError("baseline is fixed to 'loo' for estimator 'rloo'")
-        kwargs.setdefault("num_samples", 4)
-        return ScoreFunctionEstimator(baseline="loo", **kwargs)
-    if name == "st":
-        return StraightThroughEstimator(**kwargs)
-    if name == "sparse":
-        return SparseEstimator(**kwargs)
-    raise ValueError(f"name must be one of {ESTIMATOR_NAMES}, got {name!r}")
+    return ESTIMATORS.build(name, kwargs)

@@ -6,11 +6,9 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
-from structattn.distributions.categorical import CategoricalAlignment, RelaxedAlignment
+from structattn.infer.estimators import ESTIMATORS
 
-__all__ = ["sample_alignment", "ESTIMATORS", "ESTIMATOR_KEY"]
-
-ESTIMATORS = ("enum", "score", "rloo", "sparse", "st", None)
+__all__ = ["sample_alignment", "ESTIMATOR_KEY"]
 
 #: the ``infer`` key under which the chosen estimator is recorded for structattn's ELBOs
 ESTIMATOR_KEY = "alignment_estimator"
@@ -30,7 +28,9 @@ def sample_alignment(
     Args:
         name: the Pyro site name.
         dist: an alignment distribution with batch shape ``(..., queries)``.
-        estimator: how the site is treated by Pyro's ELBOs:
+        estimator: how the site is treated by Pyro's ELBOs: a name registered in
+            :data:`~structattn.infer.ESTIMATORS` (its class's ``site_settings`` decides), or
+            ``None``:
 
             - ``"enum"``: exact enumeration (``infer={"enumerate": "parallel"}``); use with
               ``TraceEnum_ELBO``. In the model alone it sums the alignment out (exact
@@ -61,47 +61,22 @@ def sample_alignment(
         The sampled or enumerated value: integer ``(..., queries)`` (enumerated values carry
         extra leading dims), or one-hot ``(..., queries, keys)`` for ``"st"``.
     """
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    infer: dict = {} if estimator is None else {ESTIMATOR_KEY: estimator}
-    if estimator in ("enum", "sparse"):
-        if not getattr(dist, "has_enumerate_support", False):
-            raise ValueError(
-                f"estimator={estimator!r} needs an enumerable alignment; "
-                f"{type(dist).__name__} is not"
-            )
-        if estimator == "sparse" and not hasattr(dist, "support_size"):
-            raise ValueError(
-                "estimator='sparse' needs a sparse alignment with support_size() "
-                f"(e.g. SparsemaxAlignment), got {type(dist).__name__}"
-            )
-        infer["enumerate"] = "parallel"
-    elif estimator is None:
-        pass
-    elif estimator in ("score", "rloo"):
-        if dist.has_rsample:
-            raise ValueError(
-                f"estimator={estimator!r} needs a discrete alignment; got a reparameterised "
-                f"{type(dist).__name__} (use estimator='st')"
-            )
-        if baseline is not None and estimator == "score":
-            baseline = dict(baseline)
-            if mask is not None and "baseline_value" in baseline:
-                baseline["baseline_value"] = baseline["baseline_value"] * mask
-            infer["baseline"] = baseline
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool):
+        raise ValueError(f"mask must be a boolean tensor, got {getattr(mask, 'dtype', mask)!r}")
+    if estimator is None:
+        if baseline is not None:
+            raise ValueError("baseline= only applies to estimator='score'")
+        infer: dict = {}
     else:
-        if isinstance(dist, CategoricalAlignment):
-            dist = RelaxedAlignment(logits=dist.logits, temperature=temperature)
-        elif not isinstance(dist, RelaxedAlignment):
+        if not isinstance(estimator, str) or estimator not in ESTIMATORS:
             raise ValueError(
-                "estimator='st' needs a CategoricalAlignment or RelaxedAlignment, "
-                f"got {type(dist).__name__}"
+                f"estimator must be one of {(*ESTIMATORS, None)}, got {estimator!r}"
             )
-    if baseline is not None and estimator != "score":
-        raise ValueError("baseline= only applies to estimator='score'")
+        dist, infer = ESTIMATORS[estimator].site_settings(
+            dist, mask=mask, baseline=baseline, temperature=temperature
+        )
+        infer[ESTIMATOR_KEY] = estimator
     if mask is None:
         return pyro.sample(name, dist, obs=obs, infer=infer)
-    if mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a boolean tensor, got {mask.dtype}")
     with poutine.mask(mask=mask):
         return pyro.sample(name, dist, obs=obs, infer=infer)
