@@ -3,6 +3,7 @@ settings, the run-directory lock, disk faults, stale temporaries and damaged fie
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -422,6 +423,58 @@ def test_failing_file_system_keeps_the_previous_checkpoint(run_dir, monkeypatch,
     message = str(caught.value)
     assert one_line(message) and str(run_dir / CHECKPOINT_NAME) in message
     assert_intact(run_dir, before)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 512 KiB tmpfs at ``tmp_path / "disk"`` (skipped where mounting is not allowed)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    try:
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount_point)],
+            capture_output=True, timeout=30,
+        ).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        mounted = False
+    if not mounted:
+        pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, timeout=30)
+
+
+def fill(directory: Path, leave: int) -> None:
+    """Fill the file system of ``directory`` until fewer than ``leave`` bytes are free."""
+    with open(directory / "filler", "wb") as handle:
+        with contextlib.suppress(OSError):
+            while os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize > leave:
+                handle.write(b"\0" * 4096)
+                handle.flush()
+
+
+def test_a_really_full_disk_keeps_the_previous_checkpoint(small_tmpfs):
+    run = small_tmpfs / "run"
+    make_trainer(checkpoint_dir=run).fit()
+    before = (run / CHECKPOINT_NAME).read_bytes()
+    fill(small_tmpfs, leave=len(before) // 2)
+    with pytest.raises(CheckpointWriteError, match="No space left on device") as caught:
+        make_trainer(max_steps=4, checkpoint_dir=run, resume=True).fit()
+    assert one_line(str(caught.value)) and str(run / CHECKPOINT_NAME) in str(caught.value)
+    assert_intact(run, before)
+
+
+def test_a_really_read_only_file_system_keeps_the_previous_checkpoint(small_tmpfs):
+    run = small_tmpfs / "run"
+    make_trainer(checkpoint_dir=run).fit()
+    before = (run / CHECKPOINT_NAME).read_bytes()
+    remount = ["mount", "-o", "remount,ro", str(small_tmpfs)]
+    assert subprocess.run(remount, capture_output=True, timeout=30).returncode == 0
+    with pytest.raises(RunDirectoryError, match="Read-only file system") as caught:
+        make_trainer(max_steps=4, checkpoint_dir=run, resume=True).fit()
+    assert one_line(str(caught.value)) and str(run) in str(caught.value)
+    assert_intact(run, before)
 
 
 def test_full_disk_reported_by_torch_save_is_one_line(run_dir, monkeypatch):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
-import io
 import os
 import pickle
 import re
@@ -23,7 +22,7 @@ import struct
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -54,6 +53,7 @@ _DIGEST_TAG = b"structattn-sha256:"
 _DIGEST_LENGTH = len(_DIGEST_TAG) + 64  # tag + hex digest
 _END_OF_ZIP = b"PK\x05\x06"
 _END_OF_ZIP_SIZE = 22  # the end-of-central-directory record without its comment
+_CHUNK = 1 << 20
 
 # Plain values the weights-only unpickler rebuilds as they are.
 _PLAIN_SCALARS = (type(None), bool, int, float, complex, str, bytes, bytearray,
@@ -124,9 +124,10 @@ def to_checkpoint_data(value: Any, where: str = "value") -> Any:
 def write_checkpoint(payload: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Write ``payload`` to ``path`` atomically, with its SHA-256.
 
-    The bytes go to a temporary file in the same directory, are flushed to disk, then
-    renamed over ``path``; a crash or a failed write leaves the previous file intact and the
-    temporary removed (a killed process leaves it for the run directory to sweep).
+    ``torch.save`` writes a temporary file in the same directory; its digest is appended as
+    the zip comment, the file is flushed to disk, then renamed over ``path``.  A crash or a
+    failed write leaves the previous file intact and the temporary removed (a killed process
+    leaves it for :class:`~structattn.app.training.rundir.RunDirectory` to sweep).
 
     Raises:
         CheckpointError: the payload holds a value the weights-only loader cannot read.
@@ -137,19 +138,21 @@ def write_checkpoint(payload: Mapping[str, Any], path: str | os.PathLike) -> Non
         plain = {key: to_checkpoint_data(value, str(key)) for key, value in payload.items()}
     except CheckpointError as err:
         raise CheckpointError(f"cannot write checkpoint {target}: {err}") from err
-    data = _serialise(plain, target)
     temporary = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         descriptor, temporary = tempfile.mkstemp(
             dir=target.parent, prefix=f".{target.name}{_TEMPORARY_INFIX}", suffix=".tmp"
         )
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
+        with os.fdopen(descriptor, "w+b") as handle:
+            torch.save(plain, handle)
+            handle.flush()
+            _append_digest(handle, target)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, target)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:
+        # torch reports a full disk as "RuntimeError: [enforce fail at inline_container.cc]"
         _remove_quietly(temporary)
         raise CheckpointWriteError(
             f"cannot write checkpoint {target}: {_reason(err)}; the previous checkpoint, if "
@@ -187,12 +190,12 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as handle:
+            _verify_digest(handle, path)
     except OSError as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {_reason(err)}") from err
-    original = _verified_bytes(data, path)
     try:
-        state = torch.load(io.BytesIO(original), map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"{path} is not a structattn checkpoint: it holds Python objects that a "
@@ -207,29 +210,48 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 # ---------------------------------------------------------------------- the file format
 
 
-def _serialise(payload: dict[str, Any], target: Path) -> bytes:
-    buffer = io.BytesIO()
-    try:
-        torch.save(payload, buffer)
-    except (OSError, RuntimeError) as err:
-        raise CheckpointWriteError(f"cannot write checkpoint {target}: {_reason(err)}") from err
-    data = buffer.getvalue()
-    end = data[-_END_OF_ZIP_SIZE:]
+def _hash(handle: BinaryIO, length: int, tail: bytes = b"") -> str:
+    """SHA-256 of the first ``length`` bytes of ``handle`` followed by ``tail``."""
+    digest = hashlib.sha256()
+    handle.seek(0)
+    remaining = length
+    while remaining > 0:
+        chunk = handle.read(min(_CHUNK, remaining))
+        if not chunk:
+            break
+        digest.update(chunk)
+        remaining -= len(chunk)
+    digest.update(tail)
+    return digest.hexdigest()
+
+
+def _append_digest(handle: BinaryIO, target: Path) -> None:
+    """Store the SHA-256 of what ``torch.save`` wrote as the zip's comment."""
+    size = handle.seek(0, os.SEEK_END)
+    handle.seek(size - _END_OF_ZIP_SIZE)
+    end = handle.read(_END_OF_ZIP_SIZE)
     if not (end.startswith(_END_OF_ZIP) and end[-2:] == b"\x00\x00"):
         raise CheckpointWriteError(
             f"cannot write checkpoint {target}: torch.save wrote an unexpected zip layout"
         )
-    digest = _DIGEST_TAG + hashlib.sha256(data).hexdigest().encode("ascii")
-    return data[:-2] + struct.pack("<H", len(digest)) + digest
+    digest = _DIGEST_TAG + _hash(handle, size).encode("ascii")
+    handle.seek(size - 2)
+    handle.write(struct.pack("<H", len(digest)) + digest)
 
 
-def _verified_bytes(data: bytes, path: Path) -> bytes:
-    """The bytes ``torch.save`` wrote, once the stored digest matches them."""
-    comment_start = len(data) - _DIGEST_LENGTH
-    record = comment_start - _END_OF_ZIP_SIZE
-    stored = data[comment_start:]
+def _verify_digest(handle: BinaryIO, path: Path) -> None:
+    """Raise unless the stored digest matches the bytes ``torch.save`` wrote."""
+    size = handle.seek(0, os.SEEK_END)
+    record = size - _DIGEST_LENGTH - _END_OF_ZIP_SIZE
+    if record >= 0:
+        handle.seek(record)
+        header = handle.read(_END_OF_ZIP_SIZE)
+        stored = handle.read(_DIGEST_LENGTH)
     if record < 0 or not stored.startswith(_DIGEST_TAG):
-        if data[:4] == b"PK\x03\x04" and data[-_END_OF_ZIP_SIZE:].startswith(_END_OF_ZIP):
+        handle.seek(0)
+        start = handle.read(4)
+        handle.seek(max(0, size - _END_OF_ZIP_SIZE))
+        if start == b"PK\x03\x04" and handle.read(4) == _END_OF_ZIP:
             raise CheckpointError(
                 f"{path} is not a structattn checkpoint (no SHA-256 in it): a plain "
                 "torch.save file or a checkpoint of an older structattn cannot be verified"
@@ -238,18 +260,14 @@ def _verified_bytes(data: bytes, path: Path) -> bytes:
             f"{path} is not a readable checkpoint (corrupt or truncated file, or not a "
             "structattn checkpoint)"
         )
-    header = data[record:comment_start]
+    damaged = CheckpointError(f"checkpoint {path} is damaged: its SHA-256 does not match "
+                              "its contents")
     if header[:4] != _END_OF_ZIP or header[-2:] != struct.pack("<H", _DIGEST_LENGTH):
-        raise CheckpointError(
-            f"checkpoint {path} is damaged: its SHA-256 does not match its contents"
-        )
-    original = data[:comment_start - 2] + b"\x00\x00"
-    actual = hashlib.sha256(original).hexdigest().encode("ascii")
-    if stored[len(_DIGEST_TAG):] != actual:
-        raise CheckpointError(
-            f"checkpoint {path} is damaged: its SHA-256 does not match its contents"
-        )
-    return original
+        raise damaged
+    # torch wrote an empty comment: hash the file as it was, comment length 0, no comment.
+    actual = _hash(handle, record + _END_OF_ZIP_SIZE - 2, b"\x00\x00")
+    if stored[len(_DIGEST_TAG):] != actual.encode("ascii"):
+        raise damaged
 
 
 def _validate(state: Any, path: Path) -> None:
