@@ -97,10 +97,12 @@ def to_checkpoint_data(value: Any, where: str = "value") -> Any:
         return value
     if kind in (torch.Tensor, torch.nn.Parameter):
         return value
+    # NumPy values become Python ones, checked again (a datetime64 becomes a datetime, which
+    # is refused).
     if isinstance(value, np.generic) and not isinstance(value, np.object_):
-        return value.item()
+        return to_checkpoint_data(value.item(), where)
     if isinstance(value, np.ndarray) and value.dtype != object:
-        return value.tolist()
+        return to_checkpoint_data(value.tolist(), where)
     if isinstance(value, PurePath):
         return str(value)
     if kind is list:
