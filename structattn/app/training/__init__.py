@@ -2,6 +2,7 @@
 
 - ``loop``: :class:`Trainer`, the training loop (steps, logging, evaluation, resume).
 - ``checkpoint``: checkpoint files (plain data, atomic checksummed writes, verified reads).
+- ``restore``: a checkpoint's state put back into model, optimizer and scheduler.
 - ``rundir``: the run directory (a lock against a second run, stale temporaries removed).
 - ``settings``: the settings recorded in a checkpoint and compared on resume.
 - ``rng``: every random stream's state.

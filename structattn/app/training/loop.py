@@ -15,7 +15,8 @@ parameters, and a run resumed from any checkpoint ends bitwise equal to the unin
 the checkpoint holds the parameters, optimizer and scheduler state, step, epoch, position in
 the epoch and every random-number state, one set per process.
 
-The other jobs live beside this file: checkpoint files (``checkpoint.py``), the run
+The other jobs live beside this file: checkpoint files (``checkpoint.py``), putting a
+checkpoint's state back into the model, optimizer and scheduler (``restore.py``), the run
 directory's lock (``rundir.py``), recorded settings (``settings.py``), random states
 (``rng.py``) and data-parallel set-up (``distributed.py``).
 """
@@ -44,14 +45,15 @@ from structattn.app.training.checkpoint import (
     write_checkpoint,
 )
 from structattn.app.training.distributed import Distributed
-from structattn.app.training.errors import CheckpointError, RunDirectoryError
+from structattn.app.training.errors import RunDirectoryError
+from structattn.app.training.restore import restore_objects
 from structattn.app.training.rng import capture_rng_state, restore_rng_state, seed_everything
 from structattn.app.training.rundir import RunDirectory
 from structattn.app.training.settings import (
     check_same_settings,
+    describe_differences,
     differing_settings,
     run_settings,
-    scheduler_settings,
 )
 
 __all__ = ["TrainSummary", "Trainer"]
@@ -489,41 +491,11 @@ class Trainer:
         if self.allow_config_change:
             differences = differing_settings(state["settings"], self.settings)
             if differences:
-                listed = "; ".join(f"{name}: {old!r} -> {new!r}"
-                                   for name, old, new in differences)
-                warnings.warn(f"resuming {path} with changed settings ({listed})", stacklevel=2)
+                warnings.warn(f"resuming {path} with changed settings "
+                              f"({describe_differences(differences)})", stacklevel=2)
         else:
             check_same_settings(state["settings"], self.settings, path)
-        try:
-            self._model.load_state_dict(state["model"])
-        except Exception as err:  # torch raises several types for a mismatched state
-            raise CheckpointError(
-                f"checkpoint {path} does not match the model: {_one_line(err)}"
-            ) from err
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-        except Exception as err:
-            raise CheckpointError(
-                f"checkpoint {path} does not match the optimizer: {_one_line(err)}"
-            ) from err
-        _check_optimizer_state(self.optimizer, path)
-        if self.scheduler is not None and state["scheduler"] is not None:
-            loaded = dict(state["scheduler"])
-            _check_same_kinds(self.scheduler.state_dict(), loaded, "scheduler", path)
-            for name, value in scheduler_settings(self.scheduler).items():
-                recorded = state["settings"].get(f"scheduler.{name}", value)
-                if name in loaded and loaded[name] != recorded:
-                    raise CheckpointError(
-                        f"checkpoint {path} has a damaged scheduler state: {name!r} is "
-                        f"{loaded[name]!r} where its settings record {recorded!r}"
-                    )
-                loaded[name] = value  # the settings in force (changed only when allowed)
-            try:
-                self.scheduler.load_state_dict(loaded)
-            except Exception as err:
-                raise CheckpointError(
-                    f"checkpoint {path} does not match the scheduler: {_one_line(err)}"
-                ) from err
+        restore_objects(state, path, self._model, self.optimizer, self.scheduler)
         self.step = state["step"]
         self.epoch = state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
@@ -547,67 +519,6 @@ class Trainer:
 def _check_positive(value: int | None, name: str) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-
-
-def _check_optimizer_state(optimizer: torch.optim.Optimizer, path: Any) -> None:
-    """Refuse per-parameter state that would only fail at the next step: every entry must be
-    a number or a tensor shaped like its parameter (or a scalar)."""
-    for parameter, entries in optimizer.state.items():
-        if not isinstance(entries, Mapping):
-            raise CheckpointError(f"checkpoint {path} has a damaged optimizer state")
-        for name, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                fits = value.dim() == 0 or value.shape == parameter.shape
-            else:
-                fits = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not fits:
-                raise CheckpointError(
-                    f"checkpoint {path} has a damaged optimizer state: {name!r} is "
-                    f"{_describe(value)} for a parameter of shape {tuple(parameter.shape)}"
-                )
-
-
-def _kind(value: Any) -> str:
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, (list, tuple)):
-        return "sequence"
-    return type(value).__name__
-
-
-def _check_same_kinds(fresh: Mapping[str, Any], loaded: Mapping[str, Any], what: str,
-                      path: Any) -> None:
-    """Refuse a state whose entries are not of the kinds a freshly built object holds
-    (``None`` in the fresh state accepts anything: it is filled in later)."""
-    for name, value in loaded.items():
-        if name not in fresh:
-            raise CheckpointError(f"checkpoint {path} has a damaged {what} state: unknown "
-                                  f"entry {name!r}")
-        expected = fresh[name]
-        if expected is None:
-            continue
-        same = _kind(value) == _kind(expected)
-        if same and _kind(value) == "sequence" and len(expected) and len(value):
-            same = all(_kind(item) == _kind(expected[0]) for item in value)
-        if not same:
-            raise CheckpointError(
-                f"checkpoint {path} has a damaged {what} state: {name!r} is "
-                f"{_describe(value)} where {_describe(expected)} belongs"
-            )
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    return f"a {type(value).__name__}"
-
-
-def _one_line(err: BaseException) -> str:
-    """torch's multi-line load_state_dict report, folded onto one line."""
-    parts = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return "; ".join(parts) if parts else type(err).__name__
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

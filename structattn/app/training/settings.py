@@ -15,7 +15,13 @@ from torch import nn
 from structattn.app.training.checkpoint import to_checkpoint_data
 from structattn.app.training.errors import SettingsMismatchError
 
-__all__ = ["check_same_settings", "differing_settings", "run_settings", "scheduler_settings"]
+__all__ = [
+    "check_same_settings",
+    "describe_differences",
+    "differing_settings",
+    "run_settings",
+    "scheduler_settings",
+]
 
 # Optimizer group entries that are not settings: the parameters themselves, and what an LR
 # scheduler adds.
@@ -90,14 +96,19 @@ def check_same_settings(
     """Raise :class:`SettingsMismatchError` listing every difference (one line), if any."""
     differences = differing_settings(recorded, current)
     if differences:
-        listed = "; ".join(f"{name}: {old!r} -> {new!r}" for name, old, new in differences)
         raise SettingsMismatchError(
-            f"checkpoint {path} was written with other settings ({listed}); resume with the "
+            f"checkpoint {path} was written with other settings "
+            f"({describe_differences(differences)}); resume with the "
             "same settings, or allow the change (allow_config_change=True, "
             "--allow-config-change)",
             differences,
         )
     return differences
+
+
+def describe_differences(differences: list[tuple[str, Any, Any]]) -> str:
+    """``"name: recorded -> current; ..."`` on one line."""
+    return "; ".join(f"{name}: {old!r} -> {new!r}" for name, old, new in differences)
 
 
 def _qualified_name(kind: type) -> str:
