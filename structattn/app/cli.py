@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from structattn.app.compare_copy import COPY_MODES, compare_copy
+from structattn.app.training.errors import RunDirectoryError
 from structattn.models.seq2seq import MODES
 
 __all__ = ["build_parser", "main"]
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="steps between checkpoints (default 500)")
     train.add_argument("--resume", action="store_true",
                        help="continue from --out/checkpoint.pt if it exists")
+    train.add_argument("--allow-config-change", action="store_true",
+                       help="with --resume: continue even if settings (mode, lr, seed, batch "
+                       "size, ...) differ from the checkpoint's (refused otherwise)")
 
     evaluate = commands.add_parser(
         "eval", help="evaluate a checkpoint written by 'train'",
@@ -196,6 +200,7 @@ def _train(args) -> int:
     config = _seq2seq_config(args, args.mode)
     data = load_task(config)
     model, timing = train_mode(config, data, args.out, resume=args.resume,
+                               allow_config_change=args.allow_config_change,
                                progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 evaluates
         return 0
@@ -241,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handler = {"compare": _compare, "train": _train, "eval": _eval, "plot": _plot}
         return handler[args.command](args)
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except (ValueError, FileNotFoundError, ImportError, RunDirectoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -132,6 +132,7 @@ def train_mode(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    allow_config_change: bool = False,
 ) -> tuple[Seq2Seq, dict[str, float]]:
     """Train one mode; returns the model and ``{"seconds", "ms_per_step", "final_loss"}``."""
     model = build_model(config, data)
@@ -145,6 +146,10 @@ def train_mode(
         checkpoint_every=config.checkpoint_every if checkpoint_dir else None,
         resume=resume, device=config.device, grad_clip=config.grad_clip, seed=config.seed,
         progress=progress, extra=extra, find_unused_parameters=True,
+        # Resuming with other settings is refused; run length, evaluation and device may change.
+        config={key: value for key, value in asdict(config).items() if key not in
+                ("steps", "eval_size", "beam_size", "device", "checkpoint_every")},
+        allow_config_change=allow_config_change,
     )
     start = time.perf_counter()
     summary = trainer.fit()
@@ -160,7 +165,10 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[Seq2Seq, Experime
     extra = state.get("extra") or {}
     if "config" not in extra or "source_vocab" not in extra:
         raise ValueError(f"{path} is a structattn checkpoint but not of a seq2seq experiment")
-    config = ExperimentConfig(**extra["config"])
+    try:
+        config = ExperimentConfig(**extra["config"])
+    except TypeError as err:  # a missing or unknown setting in a damaged checkpoint
+        raise ValueError(f"{path} has a damaged experiment config: {err}") from err
     config.device = device
     data = load_task(config)
     data.source_vocab = Vocab.from_dict(extra["source_vocab"])
