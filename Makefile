@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.structattn-installed
 
-.PHONY: install test compare lint bench docs clean
+.PHONY: install test compare lint bench docs wheel-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,21 @@ bench: $(STAMP)
 
 docs: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[docs]"
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir runs/site
+
+# Build the wheel and install it, without the source tree, into a fresh venv; run a smoke test.
+wheel-check: $(STAMP)
+	rm -rf runs/wheel && mkdir -p runs/wheel
+	$(BIN)/python -m pip install --quiet build
+	$(BIN)/python -m build --wheel --outdir runs/wheel/dist . >runs/wheel/build.log
+	$(PYTHON) -m venv runs/wheel/venv
+	runs/wheel/venv/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	runs/wheel/venv/bin/python -m pip install --quiet runs/wheel/dist/*.whl
+	cd runs/wheel && venv/bin/python -c "import structattn as sa, torch, sys; \
+	assert 'matplotlib' not in sys.modules; \
+	z = sa.CategoricalAlignment(logits=torch.randn(2, 3, 4)); \
+	assert torch.allclose(z.attention.sum(-1), torch.ones(2, 3)); \
+	print('wheel', sa.__version__, 'from', sa.__file__)"
 
 clean:
-	rm -rf $(VENV) runs site .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache build

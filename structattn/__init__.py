@@ -18,7 +18,7 @@ from structattn.distributions import (
 )
 from structattn.functional import entmax15, entmax_bisect, masked_softmax, sparsemax
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "CategoricalAlignment",
