@@ -63,7 +63,8 @@ def test_latent_attention_returns_a_masked_alignment(normalizer, cls):
 
 
 def test_latent_attention_multihead_mask_broadcasts_over_heads():
-    attention = sa.nn.LatentAttention(4, 6, score="multihead", heads=2, head_dim=3)
+    attention = sa.nn.LatentAttention(4, 6, score="multihead",
+                                      scorer_kwargs={"heads": 2, "head_dim": 3})
     key_mask = torch.arange(5) < torch.tensor([5, 2])[:, None]
     dist = attention(torch.randn(2, 3, 4), torch.randn(2, 5, 6), key_mask)
     assert dist.batch_shape == (2, 2, 3)
@@ -75,6 +76,10 @@ def test_latent_attention_rejects_bad_settings():
         sa.nn.LatentAttention(4, 4, normalizer="magic")
     with pytest.raises(ValueError, match="score"):
         sa.nn.LatentAttention(4, 4, score="magic")
+    with pytest.raises(ValueError, match="softmax"):
+        sa.nn.LatentAttention(4, 4, normalizer="softmax", heads=2)
+    with pytest.raises(ValueError, match="temperature"):
+        sa.nn.LatentAttention(4, 4, normalizer="relaxed", temperature=0.0)
     attention = sa.nn.LatentAttention(4, 4)
     with pytest.raises(ValueError, match="key_mask"):
         attention(torch.randn(2, 3, 4), torch.randn(2, 5, 4), torch.ones(2, 4, dtype=torch.bool))
