@@ -142,6 +142,11 @@ def test_learnable_entmax_alpha_receives_a_gradient_and_starts_where_asked():
     (weights * torch.randn_like(weights)).sum().backward()
     assert normalizer.raw_alpha.grad is not None and normalizer.raw_alpha.grad != 0
     assert list(normalizer.parameters()) == [normalizer.raw_alpha]
+    normalizer.raw_alpha.grad = None
+    dist = normalizer(scores, mask)
+    assert torch.allclose(dist.attention, weights, atol=1e-5)
+    (dist.attention * torch.randn_like(weights)).sum().backward()
+    assert normalizer.raw_alpha.grad != 0
 
 
 def test_the_user_normalizer_works_where_the_built_ins_do():
@@ -205,10 +210,10 @@ def _brute_force_segmentation(scores, mask, transition):
     for bits in itertools.product((0, 1), repeat=len(valid)):
         selection = torch.zeros(keys, dtype=torch.long)
         total = scores.new_zeros(())
-        for position, bit in zip(valid, bits):
+        for position, bit in zip(valid, bits, strict=True):
             selection[position] = bit
             total = total + bit * scores[position]
-        for left, right in zip(bits[:-1], bits[1:]):
+        for left, right in zip(bits[:-1], bits[1:], strict=True):
             total = total + transition[right, left]
         selections.append(selection)
         log_scores.append(total)

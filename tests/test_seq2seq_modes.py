@@ -70,7 +70,7 @@ def test_a_mode_defined_outside_the_library_trains_scores_and_decodes():
     found = model.alignments(batch)
     # uniform over each source's real positions
     assert torch.allclose(found["prior"][1, 0], torch.tensor([0.5, 0.5, 0.0, 0.0]))
-    assert len(model.beam_search(batch.source, batch.source_mask, beam_size=2)) == 3
+    assert len(model.beam_search(batch.source, batch.source_mask, beam_size=2, max_length=4)) == 3
 
 
 def test_seq2seq_never_branches_on_the_mode_name():

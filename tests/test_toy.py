@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from structattn.app.cli import main
+from structattn.app.plots import plot_alignments
 from structattn.data.copy import aligned_copy_batch, copy_permutation
 from structattn.models.toy import AlignedCopyModel
-from structattn.app.plots import plot_alignments
 
 torch.set_num_threads(1)
 

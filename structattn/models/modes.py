@@ -380,7 +380,8 @@ class MonotonicMode(Seq2SeqMode):
 
     def _chain(self, model, pieces, emission: bool = True) -> MonotonicAlignment:
         scores, _ = model.attention.scores(pieces.states, pieces.enc)
-        table = model.emission_table(pieces) if emission else None
+        # without emissions (all zero) the chain is the prior p(z | x, y_<t)
+        table = model.emission_table(pieces) if emission else torch.zeros_like(scores)
         return MonotonicAlignment(
             scores, table, target_lengths=pieces.target_mask.sum(-1),
             source_lengths=pieces.source_mask.sum(-1), max_jump=self.options.max_jump)
