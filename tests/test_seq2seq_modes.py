@@ -126,38 +126,60 @@ def test_tree_mode_parses_the_source_and_trains_the_parser():
 
 # ------------------------------------------------------------------ segmentation learns spans
 
-def _span_majority(count, generator, length=24, letters=4):
-    """Random letters with one bracketed span; the target is the span's most frequent letter.
+LETTERS, LENGTH, SHORTEST, LONGEST = 6, 30, 7, 15
+
+
+def _span_majority(count, generator):
+    """Random letters with one bracketed span of 7-15 letters; the target is the span's most
+    frequent letter (ties: the smallest id).  The output depends on a whole contiguous span,
+    which segmentation attention selects as a block (Kim et al. 2017).
 
     Source ids: 3 '<', 4 '>', 5.. letters; target ids: 3.. letters.
     """
-    source = torch.randint(5, 5 + letters, (count, length), generator=generator)
+    source = torch.randint(5, 5 + LETTERS, (count, LENGTH), generator=generator)
     target = torch.zeros(count, 3, dtype=torch.long)
     for row in range(count):
-        span = 2 * int(torch.randint(0, 4, (1,), generator=generator)) + 3
-        start = int(torch.randint(1, length - span - 1, (1,), generator=generator))
+        span = int(torch.randint(SHORTEST, LONGEST + 1, (1,), generator=generator))
+        start = int(torch.randint(1, LENGTH - span - 1, (1,), generator=generator))
         source[row, start - 1], source[row, start + span] = 3, 4
-        counts = torch.bincount(source[row, start:start + span] - 5, minlength=letters)
+        counts = torch.bincount(source[row, start:start + span] - 5, minlength=LETTERS)
         target[row] = torch.tensor([BOS, 3 + int(counts.argmax()), EOS])
     return Seq2SeqBatch(source, torch.ones_like(source, dtype=torch.bool), target,
                         torch.ones_like(target, dtype=torch.bool), torch.arange(count))
 
 
-def _held_out_nll(mode, steps=150, seed=0):
+def held_out_span_majority(mode, seed=0, steps=200):
+    """Train ``mode`` for ``steps`` Adam steps of 32 examples; held-out (400 examples) NLL of
+    the answer token and accuracy of its greedy prediction."""
     generator = torch.Generator().manual_seed(seed)
+    test = _span_majority(400, torch.Generator().manual_seed(999))
     torch.manual_seed(seed)
-    model = Seq2Seq(9, 7, mode=mode, embed_dim=16, hidden=32)
+    model = Seq2Seq(5 + LETTERS, 3 + LETTERS, mode=mode, embed_dim=16, hidden=32)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(steps):
         loss = model.loss(_span_majority(32, generator))["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    test = _span_majority(400, torch.Generator().manual_seed(1000 + seed))
+    model.eval()
     with torch.no_grad():
-        return -model.eval().token_log_likelihood(test)[:, 0].mean().item()
+        nll = -model.token_log_likelihood(test)[:, 0].mean().item()
+        pieces = model.pieces(test)
+        step = model.next_log_probs(pieces.states[:, :1], pieces.enc, test.source_mask)
+        accuracy = (step.log_probs.argmax(-1) == test.target[:, 1]).float().mean().item()
+    return nll, accuracy
 
 
 def test_segmentation_attention_beats_soft_attention_on_span_majority():
-    soft, segmentation = _held_out_nll("soft"), _held_out_nll("segmentation")
-    assert segmentation < soft, (segmentation, soft)
+    soft_nll, soft_accuracy = held_out_span_majority("soft")
+    segmentation_nll, segmentation_accuracy = held_out_span_majority("segmentation")
+    assert segmentation_nll < 0.9 * soft_nll, (segmentation_nll, soft_nll)
+    assert segmentation_accuracy > soft_accuracy, (segmentation_accuracy, soft_accuracy)
+
+
+if __name__ == "__main__":  # the same comparison over seeds: python tests/test_seq2seq_modes.py
+    for seed in range(7):
+        for mode in ("soft", "segmentation"):
+            nll, accuracy = held_out_span_majority(mode, seed)
+            print(f"seed {seed} {mode:13s} held-out nll {nll:.3f} accuracy {accuracy:.3f}",
+                  flush=True)
