@@ -93,8 +93,9 @@ def test_readout_modes():
     argmax = sa.infer.readout(dist, values, "argmax")
     assert torch.equal(argmax, sa.infer.gather(values, dist.attention.argmax(-1)))
     assert sa.infer.readout(dist, values, "sample").shape == (2, 3, 4)
+    assert sa.infer.readout(dist, values, "enum").shape == (5, 2, 1, 4)
     with pytest.raises(ValueError, match="mode"):
-        sa.infer.readout(dist, values, "enum")
+        sa.infer.readout(dist, values, "telepathy")
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])

@@ -148,11 +148,21 @@ def _argmax(dist, values: torch.Tensor) -> torch.Tensor:
     return _read_value(dist, value, values)
 
 
+def _enum(dist, values: torch.Tensor) -> torch.Tensor:
+    if not dist.has_enumerate_support:
+        raise ValueError(
+            f"readout mode 'enum' needs a distribution with enumerable support; "
+            f"{type(dist).__name__} has none (use 'soft', 'sample' or 'argmax')"
+        )
+    return _read_value(dist, dist.enumerate_support(expand=False), values)
+
+
 #: readout modes by name: ``(dist, values) -> contexts``
 READOUT_MODES: dict[str, Callable[[Any, torch.Tensor], torch.Tensor]] = {
     "soft": _soft,
     "sample": _sample,
     "argmax": _argmax,
+    "enum": _enum,
 }
 
 
@@ -167,9 +177,11 @@ def readout(dist, values: torch.Tensor, mode: str = "soft") -> torch.Tensor:
         mode: ``"soft"`` (expectation: ``attention @ values``), ``"sample"`` (a sampled
             alignment; pathwise for relaxed distributions) or ``"argmax"`` (the most likely
             alignment: the key for per-query alignments, the best structure for structured
-            ones).  For exact enumeration, call :func:`~structattn.infer.sample_alignment`
-            with ``estimator="enum"`` inside a Pyro model and :func:`gather` its value, or use
-            :func:`~structattn.infer.marginal_log_likelihood`.
+            ones), or ``"enum"``: the context of every value of the support, with the support
+            as a new leading dim, ``(K, ..., 1, dim)`` (distributions with enumerable support;
+            the sum over it with the probabilities is exact enumeration).  Inside a Pyro
+            model, call :func:`~structattn.infer.sample_alignment` with ``estimator="enum"``
+            and :func:`gather` its value instead.
 
     Raises:
         ValueError: an unknown mode, or a distribution for which the mode is not defined
