@@ -38,6 +38,17 @@ class SharpenedSoftmax(Normalizer):
 
 
 NAMES = sorted(NORMALIZERS)
+#: every registered normalizer with its defaults, and the built-ins' other settings
+CASES = [(name, {}) for name in NAMES] + [
+    ("tree", {"projective": True}),
+    ("tree", {"multiroot": True}),
+    ("entmax", {"alpha": 1.3, "learnable": True}),
+    ("segmentation", {"transition": [[1.0, -1.0], [-1.0, 1.0]], "scale": 1.0}),
+    ("monotonic", {"max_jump": 1}),
+    ("relaxed", {"temperature": 0.5, "straight_through": False}),
+]
+CASE_IDS = [name + "".join(f"-{key}={value}" for key, value in options.items())
+            for name, options in CASES]
 LENGTHS = torch.tensor([4, 3])
 
 
@@ -70,9 +81,9 @@ def test_the_registry_holds_every_built_in_and_the_user_normalizer():
         register_normalizer("bad")(int)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_attention_is_a_valid_weighting_with_masked_keys_at_exactly_zero(name):
-    normalizer = make_normalizer(name).double()
+@pytest.mark.parametrize(("name", "options"), CASES, ids=CASE_IDS)
+def test_attention_is_a_valid_weighting_with_masked_keys_at_exactly_zero(name, options):
+    normalizer = make_normalizer(name, **options).double()
     scores, mask = _inputs()
     dist = normalizer(scores, mask)
     attention = dist.attention
@@ -87,9 +98,9 @@ def test_attention_is_a_valid_weighting_with_masked_keys_at_exactly_zero(name):
     assert torch.allclose(normalizer.weights(scores, mask), attention)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_masked_scores_get_exactly_zero_gradient(name):
-    normalizer = make_normalizer(name).double()
+@pytest.mark.parametrize(("name", "options"), CASES, ids=CASE_IDS)
+def test_masked_scores_get_exactly_zero_gradient(name, options):
+    normalizer = make_normalizer(name, **options).double()
     scores, mask = _inputs()
     scores.requires_grad_(True)
     weights = normalizer.weights(scores, mask)
@@ -101,10 +112,10 @@ def test_masked_scores_get_exactly_zero_gradient(name):
     assert scores.grad.masked_select(~unused).abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(("name", "options"), CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("mode", ["soft", "sample", "argmax"])
-def test_readout_never_reads_a_masked_key(name, mode):
-    normalizer = make_normalizer(name).double()
+def test_readout_never_reads_a_masked_key(name, options, mode):
+    normalizer = make_normalizer(name, **options).double()
     scores, mask = _inputs()
     values = torch.randn(2, 4, 3, dtype=torch.float64)
     values = values.masked_fill(~mask.transpose(-1, -2), 1e6)
@@ -116,9 +127,9 @@ def test_readout_never_reads_a_masked_key(name, mode):
     assert (context[valid].abs() <= bound + 1e-9).all()
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_samples_modes_log_probs_and_entropies_have_the_batch_shape(name):
-    normalizer = make_normalizer(name).double()
+@pytest.mark.parametrize(("name", "options"), CASES, ids=CASE_IDS)
+def test_samples_modes_log_probs_and_entropies_have_the_batch_shape(name, options):
+    normalizer = make_normalizer(name, **options).double()
     scores, mask = _inputs()
     dist = normalizer(scores, mask)
     sample = dist.rsample() if dist.has_rsample else dist.sample()
@@ -130,9 +141,9 @@ def test_samples_modes_log_probs_and_entropies_have_the_batch_shape(name):
         assert (log_prob <= 1e-9).all() and (entropy >= -1e-9).all()
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_weights_pass_gradcheck_in_float64(name):
-    normalizer = make_normalizer(name).double()
+@pytest.mark.parametrize(("name", "options"), CASES, ids=CASE_IDS)
+def test_weights_pass_gradcheck_in_float64(name, options):
+    normalizer = make_normalizer(name, **options).double()
     scores, mask = _inputs(size=3, seed=1)
     scores.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda s: normalizer.weights(s, mask), (scores,))
@@ -304,3 +315,19 @@ def test_segmentation_rejects_bad_arguments():
         make_normalizer("tree")(torch.randn(2, 3, 4))
     with pytest.raises(ValueError, match="prefix"):
         make_normalizer("monotonic")(torch.randn(1, 2, 3), torch.tensor([[[True, False, True]]]))
+
+
+def test_segmentation_skips_masked_keys_inside_the_sequence_with_zero_gradient():
+    scores = torch.randn(3, 2, 6, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 0, 1, 1, 0, 1], [0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]],
+                        dtype=torch.bool).unsqueeze(-2)
+    dist = SegmentationAlignment(scores, mask, torch.tensor([[0.5, -1.0], [-1.0, 2.0]],
+                                                            dtype=torch.float64))
+    (dist.attention * torch.randn(3, 2, 6, dtype=torch.float64)).sum().backward()
+    hidden = ~mask.expand_as(scores)
+    assert (dist.marginals.detach()[hidden] == 0).all()
+    assert (scores.grad[hidden] == 0).all() and (scores.grad[~hidden] != 0).all()
+    # the chain over the valid keys only, by hand: the same marginals
+    compact = SegmentationAlignment(scores.detach()[0:1, :, [0, 2, 3, 5]],
+                                    transition=dist.transition)
+    assert torch.allclose(dist.marginals.detach()[0:1, :, [0, 2, 3, 5]], compact.marginals)
