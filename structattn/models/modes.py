@@ -100,6 +100,7 @@ class Pieces:
     target_mask: torch.Tensor
 
     def num_tokens(self) -> torch.Tensor:
+        """Real target tokens in the batch (at least 1): the loss is per token."""
         return self.target_mask.sum().clamp_min(1)
 
 
