@@ -11,7 +11,7 @@ from structattn.data.batching import Seq2SeqBatch
 from structattn.models import seq2seq
 from structattn.models.modes import SEQ2SEQ_MODES, SoftMode, register_mode
 from structattn.models.seq2seq import MODES, Seq2Seq
-from structattn.nn import Normalizer, register_normalizer
+from structattn.nn import NORMALIZERS, Normalizer, register_normalizer
 
 torch.set_num_threads(1)
 
@@ -71,6 +71,30 @@ def test_a_mode_defined_outside_the_library_trains_scores_and_decodes():
     # uniform over each source's real positions
     assert torch.allclose(found["prior"][1, 0], torch.tensor([0.5, 0.5, 0.0, 0.0]))
     assert len(model.beam_search(batch.source, batch.source_mask, beam_size=2, max_length=4)) == 3
+
+
+@pytest.mark.parametrize(("mode", "normalizer"), [
+    ("soft", "entmax"), ("soft", "test-uniform"), ("marginal", "sparsemax"),
+    ("soft", UniformNormalizer()),
+])
+def test_any_normalizer_plugs_into_a_mode(mode, normalizer):
+    batch = _toy()
+    torch.manual_seed(0)
+    model = Seq2Seq(6, 6, mode=mode, normalizer=normalizer, embed_dim=8, hidden=8)
+    if isinstance(normalizer, Normalizer):
+        assert model.attention.normalizer is normalizer
+    else:
+        assert isinstance(model.attention.normalizer, NORMALIZERS[normalizer])
+    loss = model.loss(batch)["loss"]
+    loss.backward()
+    assert torch.isfinite(loss)
+    prior = model.alignments(batch)["prior"]
+    assert torch.allclose(prior.sum(-1)[batch.target_mask[:, 1:]], torch.tensor(1.0))
+
+
+def test_a_mode_with_its_own_structure_refuses_another_normalizer():
+    with pytest.raises(ValueError, match="normalizer"):
+        Seq2Seq(6, 6, mode="monotonic", normalizer="softmax")
 
 
 def test_seq2seq_never_branches_on_the_mode_name():

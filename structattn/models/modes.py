@@ -30,6 +30,7 @@ from structattn.infer.exact import marginal_log_likelihood, posterior
 from structattn.infer.readout import gather
 from structattn.nn.attention import LatentAttention
 from structattn.nn.inference import InferenceNetwork
+from structattn.nn.normalizers import Normalizer
 
 __all__ = [
     "SEQ2SEQ_MODES",
@@ -72,6 +73,7 @@ class ModeOptions:
     num_samples: int = 4
     temperature: float = 1.0
     max_jump: int | None = None
+    normalizer: str | Normalizer | None = None
 
 
 def make_mode(name: str, options: ModeOptions) -> Seq2SeqMode:
@@ -122,19 +124,30 @@ class Seq2SeqMode(nn.Module, abc.ABC):
 
     Subclasses set ``normalizer`` (and ``normalizer_options``) for the model's attention and
     implement the abstract methods. Every method receives the model (for its networks) and,
-    where it needs them, the batch's :class:`Pieces`.
+    where it needs them, the batch's :class:`Pieces`. ``options.normalizer`` (a name or a
+    :class:`~structattn.nn.Normalizer` object) replaces the class's normalizer in modes that
+    declare ``accepts_normalizer``.
     """
 
     normalizer: ClassVar[str] = "softmax"
     normalizer_options: ClassVar[dict[str, Any]] = {}
+    accepts_normalizer: ClassVar[bool] = True
 
     def __init__(self, options: ModeOptions) -> None:
         super().__init__()
+        if options.normalizer is not None and not self.accepts_normalizer:
+            raise ValueError(
+                f"normalizer: mode {type(self).__name__} has its own alignment structure and "
+                "takes no other normalizer"
+            )
         self.options = options
 
     def make_attention(self) -> LatentAttention:
         """The model's attention module (scorer + this mode's normalizer)."""
         hidden = self.options.hidden
+        if self.options.normalizer is not None:
+            return LatentAttention(hidden, hidden, score=self.options.score,
+                                   normalizer=self.options.normalizer)
         return LatentAttention(hidden, hidden, score=self.options.score,
                                normalizer=self.normalizer, **self.normalizer_options)
 
@@ -373,6 +386,7 @@ class MonotonicMode(Seq2SeqMode):
     with the alignment summed out (forward algorithm), decoded with a forward filter."""
 
     normalizer = "monotonic"
+    accepts_normalizer = False
 
     def make_attention(self):
         hidden = self.options.hidden

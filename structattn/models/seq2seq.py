@@ -21,6 +21,7 @@ from torch import nn
 
 from structattn.models.modes import SEQ2SEQ_MODES, DecodeStep, ModeOptions, Pieces, make_mode
 from structattn.nn.heads import EmissionHead
+from structattn.nn.normalizers import Normalizer
 from structattn.nn.rnn import BiRNN
 
 __all__ = ["MODES", "Seq2Seq"]
@@ -78,6 +79,10 @@ class Seq2Seq(nn.Module):
         chunk_elements: upper bound on the logits computed at once when the emission is
             evaluated at every source position.
         max_jump: largest forward move of the ``monotonic`` mode (``None``: unbounded).
+        normalizer: replaces the mode's normalizer (a registered name or a
+            :class:`~structattn.nn.Normalizer` object), e.g. ``mode="soft",
+            normalizer="entmax"`` or a normalizer of your own; hard-attention modes need a
+            per-query (categorical) one.
     """
 
     def __init__(
@@ -97,6 +102,7 @@ class Seq2Seq(nn.Module):
         eos_id: int = 2,
         chunk_elements: int = 1 << 24,
         max_jump: int | None = None,
+        normalizer: str | Normalizer | None = None,
     ) -> None:
         super().__init__()
         if hidden % 2:
@@ -108,7 +114,7 @@ class Seq2Seq(nn.Module):
         options = ModeOptions(embed_dim=embed_dim, hidden=hidden,
                               target_vocab_size=target_vocab_size, score=score,
                               num_samples=num_samples, temperature=temperature,
-                              max_jump=max_jump)
+                              max_jump=max_jump, normalizer=normalizer)
         self.strategy = make_mode(mode, options)
         self.mode = mode
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
