@@ -331,3 +331,22 @@ def test_segmentation_skips_masked_keys_inside_the_sequence_with_zero_gradient()
     compact = SegmentationAlignment(scores.detach()[0:1, :, [0, 2, 3, 5]],
                                     transition=dist.transition)
     assert torch.allclose(dist.marginals.detach()[0:1, :, [0, 2, 3, 5]], compact.marginals)
+
+
+@pytest.mark.parametrize("name", ["segmentation", "tree", "monotonic"])
+def test_structured_normalizers_give_pyro_sample_sites(name):
+    import pyro
+    from pyro import poutine
+
+    scores, mask = _inputs()
+    dist = make_normalizer(name).double()(scores, mask)
+
+    def model():
+        with pyro.plate("batch", dist.batch_shape[0], dim=-len(dist.batch_shape)):
+            return pyro.sample("z", dist)
+
+    trace = poutine.trace(model).get_trace()
+    trace.compute_log_prob()
+    site = trace.nodes["z"]
+    assert torch.allclose(site["log_prob"], dist.log_prob(site["value"]))
+    assert torch.isfinite(site["log_prob"]).all()
