@@ -131,3 +131,22 @@ def test_birnn_rejects_odd_hidden_and_unknown_cell():
         BiRNN(4, 5)
     with pytest.raises(ValueError, match="cell"):
         BiRNN(4, 6, cell="transformer")
+
+
+@pytest.mark.parametrize("chunk_elements", [7, 1 << 20])
+def test_emission_table_matches_dense_log_probs_at_every_real_pair(chunk_elements):
+    torch.manual_seed(0)
+    head = sa.nn.EmissionHead(5, 4, 6, vocab_size=7).double()
+    states = torch.randn(2, 3, 5, dtype=torch.float64)
+    values = torch.randn(2, 4, 4, dtype=torch.float64)
+    targets = torch.randint(0, 7, (2, 3))
+    target_mask = torch.tensor([[True, True, True], [True, True, False]])
+    key_mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    table = head.table(states, values, targets, target_mask, key_mask,
+                       chunk_elements=chunk_elements)
+    dense = head.log_prob(states.unsqueeze(2), values.unsqueeze(1), targets.unsqueeze(-1))
+    valid = target_mask[:, :, None] & key_mask[:, None, :]
+    assert torch.allclose(table[valid], dense[valid])
+    assert (table[~valid] == 0).all()
+    with pytest.raises(ValueError, match="vocab_size"):
+        sa.nn.EmissionHead(5, 4, 6, vocab_size=0)
