@@ -172,7 +172,7 @@ def _span_majority(count, generator):
                         torch.ones_like(target, dtype=torch.bool), torch.arange(count))
 
 
-def held_out_span_majority(mode, seed=0, steps=200):
+def held_out_span_majority(mode, seed=0, steps=150):
     """Train ``mode`` for ``steps`` Adam steps of 32 examples; held-out (400 examples) NLL of
     the answer token and accuracy of its greedy prediction."""
     generator = torch.Generator().manual_seed(seed)
@@ -195,14 +195,16 @@ def held_out_span_majority(mode, seed=0, steps=200):
 
 
 def test_segmentation_attention_beats_soft_attention_on_span_majority():
-    soft_nll, soft_accuracy = held_out_span_majority("soft")
-    segmentation_nll, segmentation_accuracy = held_out_span_majority("segmentation")
-    assert segmentation_nll < 0.9 * soft_nll, (segmentation_nll, soft_nll)
-    assert segmentation_accuracy > soft_accuracy, (segmentation_accuracy, soft_accuracy)
+    # two seeds: over eight seeds segmentation's held-out NLL is 0.45-1.02x soft's (mean 0.72)
+    soft = torch.tensor([held_out_span_majority("soft", seed) for seed in (0, 1)]).mean(0)
+    segmentation = torch.tensor(
+        [held_out_span_majority("segmentation", seed) for seed in (0, 1)]).mean(0)
+    assert segmentation[0] < 0.9 * soft[0], (segmentation, soft)
+    assert segmentation[1] > soft[1], (segmentation, soft)
 
 
 if __name__ == "__main__":  # the same comparison over seeds: python tests/test_seq2seq_modes.py
-    for seed in range(7):
+    for seed in range(8):
         for mode in ("soft", "segmentation"):
             nll, accuracy = held_out_span_majority(mode, seed)
             print(f"seed {seed} {mode:13s} held-out nll {nll:.3f} accuracy {accuracy:.3f}",
