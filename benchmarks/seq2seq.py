@@ -1,8 +1,9 @@
 """Per-step training time of every Seq2Seq attention mode, as a ratio to soft attention.
 
 One fixed G2P batch (cmudict), forward + backward + Adam step, medians over repeats, all
-modes interleaved in the same loop so machine load affects them alike.  The issue's target:
-``variational-enum`` at most 2x ``soft``.
+modes interleaved in the same loop so machine load affects them alike.  The issue's targets:
+``variational-enum`` and ``segmentation`` (a binary chain CRF per target step, trained through
+its forward-backward marginals) at most 2x ``soft``.
 
     python benchmarks/seq2seq.py            # B=64, hidden 128
     python benchmarks/seq2seq.py --quick    # fewer repeats

@@ -12,6 +12,10 @@ At the end it draws, for one held-out sentence, the arc marginals as a heatmap a
 tree against the hidden tree (networkx + matplotlib), and reports the head accuracy of the
 argmax trees on held-out sentences.
 
+The attention is the library's ``"tree"`` normalizer (``structattn.nn.make_normalizer``): scores
+``(batch, dependent, head)`` in, a dependency CRF out, whose ``.attention`` gives every word a
+distribution over its heads. Outputs go under ``--out`` (default ``runs/structured_attention``).
+
     python examples/structured_attention.py                      # projective CRF, ~1 minute
     python examples/structured_attention.py --structure nonprojective
     python examples/structured_attention.py --smoke-test         # a few steps, for CI
@@ -31,10 +35,7 @@ import networkx as nx  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from structattn.distributions.tree import (  # noqa: E402
-    NonProjectiveDependencyCRF,
-    ProjectiveDependencyCRF,
-)
+from structattn.nn import make_normalizer  # noqa: E402
 
 
 def make_batch(batch: int, words: int, levels: int, payloads: int, generator: torch.Generator):
@@ -58,9 +59,7 @@ class TreeAttentionModel(nn.Module):
 
     def __init__(self, levels: int, payloads: int, words: int, hidden: int, structure: str) -> None:
         super().__init__()
-        self.crf = (
-            ProjectiveDependencyCRF if structure == "projective" else NonProjectiveDependencyCRF
-        )
+        self.normalizer = make_normalizer("tree", projective=structure == "projective")
         self.token = nn.Embedding(levels, hidden)
         self.position = nn.Embedding(words, hidden)
         self.head_proj = nn.Linear(hidden, hidden)
@@ -74,7 +73,7 @@ class TreeAttentionModel(nn.Module):
         )
 
     def arc_scores(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``(batch, words, words)``, ``[b, head, dependent]``, root scores on the diagonal."""
+        """``(batch, words, words)``, ``[b, dependent, head]``, root scores on the diagonal."""
         words = tokens.shape[-1]
         states = self.token(tokens) + self.position.weight[:words]
         heads, dependents = self.head_proj(states), self.dependent_proj(states)
@@ -82,19 +81,21 @@ class TreeAttentionModel(nn.Module):
         offsets = torch.arange(words).unsqueeze(0) - torch.arange(words).unsqueeze(1)
         scores = scores + self.distance[offsets + words - 1]
         root = dependents @ self.root
-        return (
+        scores = (
             scores
             - torch.diag_embed(torch.diagonal(scores, dim1=-2, dim2=-1))
             + torch.diag_embed(root)
         )
+        return scores.transpose(-1, -2)
 
     def forward(self, tokens: torch.Tensor, payload: torch.Tensor):
-        crf = self.crf(self.arc_scores(tokens))
-        attention = crf.marginals  # [b, head, dependent], differentiable
+        crf = self.normalizer(self.arc_scores(tokens))
+        attention = crf.attention  # [b, dependent, head], differentiable
         values = self.value(payload)
+        # the diagonal is the root, which has no payload: it reads a learned root vector
         arcs = attention - torch.diag_embed(torch.diagonal(attention, dim1=-2, dim2=-1))
         root_weight = torch.diagonal(attention, dim1=-2, dim2=-1).unsqueeze(-1)
-        context = arcs.transpose(-1, -2) @ values + root_weight * self.root
+        context = arcs @ values + root_weight * self.root
         logits = self.classify(torch.cat([context, self.token(tokens)], -1))
         return logits, crf
 
@@ -176,11 +177,11 @@ def main(args: argparse.Namespace) -> None:
     with torch.no_grad():
         _, crf = model(tokens, payload)
         predicted = crf.argmax
-        marginals = crf.marginals
+        marginals = crf.attention.transpose(-1, -2)  # drawn [head, dependent]
     accuracy = (predicted == heads).float().mean().item()
     print(f"held-out head accuracy of the argmax trees: {accuracy:.3f} (256 sentences)")
-    os.makedirs(args.output_dir, exist_ok=True)
-    path = os.path.join(args.output_dir, f"tree_attention_{args.structure}.png")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"tree_attention_{args.structure}.png")
     draw(tokens[0], heads[0], predicted[0], marginals[0].numpy(), path)
     print(f"saved {path}")
 
@@ -205,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-every", type=int, default=50, help="print the loss every N steps")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--output-dir", default="structured_attention_out", help="where PNGs go")
+    parser.add_argument("--out", default=os.path.join("runs", "structured_attention"),
+                        help="folder for the PNG (default runs/structured_attention)")
     parser.add_argument("--smoke-test", action="store_true", help="run a few steps only")
     return parser
 

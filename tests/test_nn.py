@@ -63,7 +63,8 @@ def test_latent_attention_returns_a_masked_alignment(normalizer, cls):
 
 
 def test_latent_attention_multihead_mask_broadcasts_over_heads():
-    attention = sa.nn.LatentAttention(4, 6, score="multihead", heads=2, head_dim=3)
+    attention = sa.nn.LatentAttention(4, 6, score="multihead",
+                                      scorer_kwargs={"heads": 2, "head_dim": 3})
     key_mask = torch.arange(5) < torch.tensor([5, 2])[:, None]
     dist = attention(torch.randn(2, 3, 4), torch.randn(2, 5, 6), key_mask)
     assert dist.batch_shape == (2, 2, 3)
@@ -75,6 +76,10 @@ def test_latent_attention_rejects_bad_settings():
         sa.nn.LatentAttention(4, 4, normalizer="magic")
     with pytest.raises(ValueError, match="score"):
         sa.nn.LatentAttention(4, 4, score="magic")
+    with pytest.raises(ValueError, match="softmax"):
+        sa.nn.LatentAttention(4, 4, normalizer="softmax", heads=2)
+    with pytest.raises(ValueError, match="temperature"):
+        sa.nn.LatentAttention(4, 4, normalizer="relaxed", temperature=0.0)
     attention = sa.nn.LatentAttention(4, 4)
     with pytest.raises(ValueError, match="key_mask"):
         attention(torch.randn(2, 3, 4), torch.randn(2, 5, 4), torch.ones(2, 4, dtype=torch.bool))
@@ -88,8 +93,9 @@ def test_readout_modes():
     argmax = sa.infer.readout(dist, values, "argmax")
     assert torch.equal(argmax, sa.infer.gather(values, dist.attention.argmax(-1)))
     assert sa.infer.readout(dist, values, "sample").shape == (2, 3, 4)
+    assert sa.infer.readout(dist, values, "enum").shape == (5, 2, 1, 4)
     with pytest.raises(ValueError, match="mode"):
-        sa.infer.readout(dist, values, "enum")
+        sa.infer.readout(dist, values, "telepathy")
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -125,3 +131,22 @@ def test_birnn_rejects_odd_hidden_and_unknown_cell():
         BiRNN(4, 5)
     with pytest.raises(ValueError, match="cell"):
         BiRNN(4, 6, cell="transformer")
+
+
+@pytest.mark.parametrize("chunk_elements", [7, 1 << 20])
+def test_emission_table_matches_dense_log_probs_at_every_real_pair(chunk_elements):
+    torch.manual_seed(0)
+    head = sa.nn.EmissionHead(5, 4, 6, vocab_size=7).double()
+    states = torch.randn(2, 3, 5, dtype=torch.float64)
+    values = torch.randn(2, 4, 4, dtype=torch.float64)
+    targets = torch.randint(0, 7, (2, 3))
+    target_mask = torch.tensor([[True, True, True], [True, True, False]])
+    key_mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    table = head.table(states, values, targets, target_mask, key_mask,
+                       chunk_elements=chunk_elements)
+    dense = head.log_prob(states.unsqueeze(2), values.unsqueeze(1), targets.unsqueeze(-1))
+    valid = target_mask[:, :, None] & key_mask[:, None, :]
+    assert torch.allclose(table[valid], dense[valid])
+    assert (table[~valid] == 0).all()
+    with pytest.raises(ValueError, match="vocab_size"):
+        sa.nn.EmissionHead(5, 4, 6, vocab_size=0)

@@ -72,7 +72,10 @@ def test_every_mode_trains_and_its_loss_falls(mode):
 def test_token_log_likelihood_matches_a_brute_force_mixture(mode):
     batch, source_vocab, target_vocab = _toy()
     model = _model(mode, source_vocab, target_vocab).double().eval()
-    enc, states, prior, targets, target_mask = model._pieces(batch)
+    pieces = model.pieces(batch)
+    enc, states, targets, target_mask = (pieces.enc, pieces.states, pieces.targets,
+                                         pieces.target_mask)
+    prior = model.attention(states, enc, batch.source_mask)
     expected = torch.zeros_like(targets, dtype=torch.float64)
     for b, t in itertools.product(range(len(batch)), range(targets.shape[1])):
         if not target_mask[b, t]:
@@ -99,17 +102,13 @@ def _sequence_log_prob(model, batch, row, sequence):
     enc = model.encode(source, mask)
     tokens = [model.bos_id] + list(sequence) + [model.eos_id]
     states, _ = model.decode(torch.tensor([tokens[:-1]]))
-    filtered = torch.full(mask.shape, -torch.inf, dtype=enc.dtype)
-    filtered[:, 0] = 0.0
+    memory = model.strategy.start_decoding(model, enc, mask)
     total = 0.0
     for t in range(len(tokens) - 1):
-        if model.mode == "monotonic":
-            log_probs, joint = model._next_log_probs(states[:, t:t + 1], enc, mask, filtered)
-            chosen = joint[:, :, tokens[t + 1]]
-            filtered = chosen - chosen.logsumexp(-1, keepdim=True)
-        else:
-            log_probs = model._next_log_probs(states[:, t:t + 1], enc, mask)
-        total += float(log_probs[0, tokens[t + 1]])
+        step = model.next_log_probs(states[:, t:t + 1], enc, mask, memory)
+        word = torch.tensor([tokens[t + 1]])
+        memory = model.strategy.follow(memory, step, torch.tensor([0]), word)
+        total += float(step.log_probs[0, tokens[t + 1]])
     return total
 
 

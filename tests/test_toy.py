@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from structattn.app.cli import main
+from structattn.app.plots import plot_alignments
 from structattn.data.copy import aligned_copy_batch, copy_permutation
 from structattn.models.toy import AlignedCopyModel
-from structattn.app.plots import plot_alignments
 
 torch.set_num_threads(1)
 
@@ -45,6 +45,27 @@ def test_marginal_likelihood_equals_brute_force_sum_over_alignments():
                 terms.append(prior.logits[b, t, k] + logits.log_softmax(-1)[batch.tgt[b, t]])
             total = total + torch.stack(terms).logsumexp(0)
     assert torch.allclose(model.marginal_log_likelihood(batch), total)
+
+
+@pytest.mark.parametrize("field", ["src", "tgt"])
+def test_token_ids_outside_the_vocabulary_are_refused_by_name(field):
+    model = AlignedCopyModel(7, 8)
+    batch = aligned_copy_batch(2, 3, 7, generator=torch.Generator().manual_seed(1))
+    getattr(batch, field)[0, 0] = 7
+    with pytest.raises(ValueError, match=f"batch.{field}"):
+        model.soft_log_likelihood(batch)
+
+
+def test_the_soft_likelihood_uses_the_shared_emission_head():
+    torch.manual_seed(0)
+    model = AlignedCopyModel(7, 8).double()
+    batch = aligned_copy_batch(2, 3, 7, generator=torch.Generator().manual_seed(1))
+    prior, enc, states = model(batch)
+    context = prior.attention @ enc
+    logits = model.head.out(torch.tanh(model.head.combine_state(states)
+                                       + model.head.combine_context(context)))
+    token = logits.log_softmax(-1).gather(-1, batch.tgt.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(model.soft_log_likelihood(batch), token[batch.tgt_mask].sum())
 
 
 @pytest.mark.parametrize("objective", ["soft_log_likelihood", "marginal_log_likelihood"])

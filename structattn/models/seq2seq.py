@@ -1,59 +1,58 @@
-"""Encoder-decoder with a latent alignment: soft, sparse, exact hard and variational attention.
+"""Encoder-decoder with a latent alignment: soft, sparse, structured, exact hard and
+variational attention.
 
 The decoder has **no input feeding**: its state ``h_t`` depends on the previous target tokens
 only, so the alignments ``z_t`` of different target steps are conditionally independent given
 the data, exact enumeration costs one emission per source position, and the exact marginal
 likelihood is one log-sum-exp per target token (Deng et al. 2018, "Latent Alignment and
-Variational Attention").  The emission reads the context through
-``p(y_t | h_t, c) = softmax(W_o tanh(W_h h_t + W_c c))``; ``c`` is the expected source state
-(soft attention) or the source state at ``z_t`` (hard attention).
+Variational Attention").  The emission reads the context through the shared
+:class:`~structattn.nn.EmissionHead`, ``p(y_t | h_t, c) = softmax(W_o tanh(W_h h_t + W_c c))``;
+``c`` is the expected source state (soft attention) or the source state at ``z_t`` (hard
+attention).  How the alignment is trained and read is the job of the mode object
+(:mod:`structattn.models.modes`).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from structattn.distributions.categorical import CategoricalAlignment
-from structattn.distributions.monotonic import MonotonicAlignment
-from structattn.infer.estimators import AlignmentTerms, ExactEstimator, make_estimator
-from structattn.infer.exact import marginal_log_likelihood, posterior
-from structattn.infer.readout import gather
-from structattn.nn.attention import LatentAttention
-from structattn.nn.inference import InferenceNetwork
+from structattn.models.modes import SEQ2SEQ_MODES, DecodeStep, ModeOptions, Pieces, make_mode
+from structattn.nn.heads import EmissionHead
+from structattn.nn.normalizers import Normalizer
 from structattn.nn.rnn import BiRNN
 
-__all__ = ["MODES", "SOFT_MODES", "Seq2Seq"]
+__all__ = ["MODES", "Seq2Seq"]
 
-#: attention modes by name (see :class:`Seq2Seq`)
-MODES = (
-    "soft",
-    "sparsemax",
-    "entmax15",
-    "marginal",
-    "hard-score",
-    "variational-enum",
-    "variational-score",
-    "variational-st",
-    "monotonic",
-)
-SOFT_MODES = ("soft", "sparsemax", "entmax15")
-_ESTIMATOR = {
-    "marginal": "enum",
-    "hard-score": "rloo",
-    "variational-enum": "enum",
-    "variational-score": "rloo",
-    "variational-st": "st",
-}
+#: the attention modes registered when this module is imported (see :class:`Seq2Seq`)
+MODES = tuple(SEQ2SEQ_MODES)
+
+
+def _check_ids(ids: torch.Tensor, vocab_size: int, name: str) -> None:
+    """Token ids must be integers in ``[0, vocab_size)``."""
+    if ids.is_floating_point() or ids.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer token ids, got {ids.dtype}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(
+            f"{name} holds token ids outside [0, {vocab_size}) (the vocabulary size): "
+            f"min {int(ids.min())}, max {int(ids.max())}"
+        )
 
 
 class Seq2Seq(nn.Module):
-    """Bi-LSTM encoder, LSTM decoder (no input feeding), latent attention.
+    """Bi-LSTM encoder, LSTM decoder (no input feeding), latent attention, one mode object.
 
-    Modes (``mode=``):
+    Modes (``mode=``, a name in :data:`structattn.models.modes.SEQ2SEQ_MODES`; add your own
+    with :func:`~structattn.models.modes.register_mode`):
 
     - ``soft``, ``sparsemax``, ``entmax15``: soft attention with that normaliser; trained by
       ``log p(y | x, c = E[enc_z])``.
+    - ``segmentation``: structured attention (Kim et al. 2017), a binary chain CRF over the
+      source per target step, trained end to end through its marginals.
+    - ``tree``: soft attention over source states enriched with syntactic self-attention (a
+      latent non-projective dependency tree over the source).
     - ``marginal``: hard attention trained by the exact marginal likelihood (alignments
       summed out).
     - ``hard-score``: hard attention sampled from the prior, score function with the
@@ -61,17 +60,15 @@ class Seq2Seq(nn.Module):
     - ``variational-enum``: an inference network ``q(z | x, y)`` and the exact ELBO.
     - ``variational-score``: the same ELBO, sampled, with the leave-one-out baseline.
     - ``variational-st``: the same ELBO, straight-through Gumbel-softmax, analytic KL.
-    - ``monotonic``: hard monotonic attention (Wu & Cotterell 2019): ``z_t`` stays or moves
-      forward by at most ``max_jump`` source positions, ``p(z_t = k | z_{t-1} = j)`` is the
-      softmax of the attention scores over ``j <= k <= j + max_jump``; trained by the exact
-      ``log p(y | x)`` with the alignment summed out (forward algorithm).
+    - ``monotonic``: hard monotonic attention (Wu & Cotterell 2019), exact ``log p(y | x)``
+      by the forward algorithm, decoded with a forward filter.
 
     Batches are :class:`structattn.data.batching.Seq2SeqBatch`: ``source (batch, S)``,
     ``target (batch, T + 1)`` framed ``bos y_1 .. y_n eos``, with boolean masks.
 
     Args:
         source_vocab_size, target_vocab_size: vocabulary sizes.
-        mode: one of :data:`MODES`.
+        mode: a registered mode name.
         embed_dim: embedding size.
         hidden: encoder (both directions together) and decoder size; even.
         score: attention scorer (``"bilinear"``, ``"dot"``, ``"additive"``).
@@ -82,6 +79,10 @@ class Seq2Seq(nn.Module):
         chunk_elements: upper bound on the logits computed at once when the emission is
             evaluated at every source position.
         max_jump: largest forward move of the ``monotonic`` mode (``None``: unbounded).
+        normalizer: replaces the mode's normalizer (a registered name or a
+            :class:`~structattn.nn.Normalizer` object), e.g. ``mode="soft",
+            normalizer="entmax"`` or a normalizer of your own; hard-attention modes need a
+            per-query (categorical) one.
     """
 
     def __init__(
@@ -101,192 +102,88 @@ class Seq2Seq(nn.Module):
         eos_id: int = 2,
         chunk_elements: int = 1 << 24,
         max_jump: int | None = None,
+        normalizer: str | Normalizer | None = None,
     ) -> None:
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if hidden % 2:
             raise ValueError(f"hidden must be even (bidirectional encoder), got {hidden}")
+        for name, size in (("source_vocab_size", source_vocab_size),
+                           ("target_vocab_size", target_vocab_size)):
+            if not isinstance(size, int) or size < 1:
+                raise ValueError(f"{name} must be a positive int, got {size!r}")
+        options = ModeOptions(embed_dim=embed_dim, hidden=hidden,
+                              target_vocab_size=target_vocab_size, score=score,
+                              num_samples=num_samples, temperature=temperature,
+                              max_jump=max_jump, normalizer=normalizer)
+        self.strategy = make_mode(mode, options)
         self.mode = mode
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
+        self.source_vocab_size = source_vocab_size
         self.target_vocab_size = target_vocab_size
         self.chunk_elements = chunk_elements
-        self.max_jump = max_jump
         self.src_embed = nn.Embedding(source_vocab_size, embed_dim, padding_idx=pad_id)
         self.encoder = BiRNN(embed_dim, hidden, cell="lstm")
         self.tgt_embed = nn.Embedding(target_vocab_size, embed_dim, padding_idx=pad_id)
         self.decoder = nn.LSTM(embed_dim, hidden, batch_first=True)
         self.dropout = nn.Dropout(dropout)
-        normalizer = mode if mode in ("sparsemax", "entmax15") else "softmax"
-        self.attention = LatentAttention(hidden, hidden, score=score, normalizer=normalizer)
-        self.combine_state = nn.Linear(hidden, hidden)
-        self.combine_context = nn.Linear(hidden, hidden, bias=False)
-        self.out = nn.Linear(hidden, target_vocab_size)
-        self.inference = None
-        if mode.startswith("variational"):
-            # q reads the model's source states (one extra bi-GRU, over the target only)
-            self.inference = InferenceNetwork(
-                embed_dim, hidden, hidden=hidden, target_vocab=target_vocab_size,
-                encode_source=False,
-            )
-        self.estimator = None
-        if mode in _ESTIMATOR:
-            name = _ESTIMATOR[mode]
-            kwargs = {}
-            if name == "rloo":
-                kwargs["num_samples"] = num_samples
-            elif name == "st":
-                kwargs["temperature"] = temperature
-            self.estimator = make_estimator(name, **kwargs)
+        self.attention = self.strategy.make_attention()
+        self.head = EmissionHead(hidden, hidden, hidden, target_vocab_size)
 
     # ---------------------------------------------------------------- building blocks
 
     def encode(self, source: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
-        """Source states ``(batch, S, hidden)``."""
+        """Source states ``(batch, S, hidden)`` the decoder attends to."""
+        _check_ids(source, self.source_vocab_size, "source")
         lengths = source_mask.sum(-1)
         if bool((lengths == 0).any()):
             raise ValueError("source_mask has an empty source sequence")
-        return self.encoder(self.dropout(self.src_embed(source)), source_mask)
+        enc = self.encoder(self.dropout(self.src_embed(source)), source_mask)
+        return self.strategy.source_states(self, enc, source_mask)
 
     def decode(self, inputs: torch.Tensor, state=None):
         """Decoder states ``(batch, T, hidden)`` for input ids ``(batch, T)``, and the state."""
+        _check_ids(inputs, self.target_vocab_size, "target")
         outputs, state = self.decoder(self.dropout(self.tgt_embed(inputs)), state)
         return self.dropout(outputs), state
 
     def output_logits(self, states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits ``(..., V)``; broadcasts states against contexts."""
-        return self.out(torch.tanh(self.combine_state(states) + self.combine_context(context)))
+        return self.head.logits(states, context)
 
-    def emission_table(
-        self,
-        states: torch.Tensor,
-        enc: torch.Tensor,
-        targets: torch.Tensor,
-        target_mask: torch.Tensor | None = None,
-        source_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``log p(y_t | h_t, enc_k)`` for every source position: ``(batch, T, S)``.
+    def emission_table(self, pieces: Pieces) -> torch.Tensor:
+        """``log p(y_t | h_t, enc_k)`` for every real (target, source) pair: ``(batch, T, S)``."""
+        return self.head.table(pieces.states, pieces.enc, pieces.targets, pieces.target_mask,
+                               pieces.source_mask, self.chunk_elements)
 
-        Only (target, source) pairs that are both real are evaluated (others are 0), in
-        chunks of at most ``chunk_elements`` logits.
-        """
-        batch, length, _ = states.shape
-        keys = enc.shape[1]
-        valid = torch.ones(batch, length, keys, dtype=torch.bool, device=states.device)
-        if target_mask is not None:
-            valid = valid & target_mask[:, :, None]
-        if source_mask is not None:
-            valid = valid & source_mask[:, None, :]
-        rows, steps, positions = valid.nonzero(as_tuple=True)
-        state_part = self.combine_state(states)[rows, steps]           # (N, H)
-        context_part = self.combine_context(enc)[rows, positions]      # (N, H)
-        words = targets[rows, steps].unsqueeze(-1)
-        chunk = max(1, self.chunk_elements // self.target_vocab_size)
-        pieces = []
-        for start in range(0, rows.shape[0], chunk):
-            hidden = torch.tanh(state_part[start:start + chunk] + context_part[start:start + chunk])
-            log_probs = self.out(hidden).log_softmax(-1)
-            pieces.append(log_probs.gather(-1, words[start:start + chunk]).squeeze(-1))
-        values = torch.cat(pieces) if pieces else state_part.new_zeros(0)
-        table = values.new_zeros(batch, length, keys)
-        return table.index_put((rows, steps, positions), values)
-
-    def _emission_at(self, states, enc, targets, z: torch.Tensor) -> torch.Tensor:
-        """``log p(y_t | h_t, c(z))`` at alignments ``z``: ``(n, batch, T)``."""
-        context = gather(enc, z)                                       # (n, B, T, H)
-        log_probs = self.output_logits(states, context).log_softmax(-1)
-        index = targets.expand(log_probs.shape[:-1]).unsqueeze(-1)
-        return log_probs.gather(-1, index).squeeze(-1)
-
-    def _pieces(self, batch):
-        inputs, targets = batch.target[:, :-1], batch.target[:, 1:]
-        target_mask = batch.target_mask[:, 1:]
+    def pieces(self, batch) -> Pieces:
+        """Encode and decode a batch: what every mode's objective reads."""
+        _check_ids(batch.target, self.target_vocab_size, "target")
         enc = self.encode(batch.source, batch.source_mask)
-        states, _ = self.decode(inputs)
-        prior = self.attention(states, enc, batch.source_mask)
-        return enc, states, prior, targets, target_mask
+        states, _ = self.decode(batch.target[:, :-1])
+        return Pieces(batch=batch, enc=enc, source_mask=batch.source_mask, states=states,
+                      targets=batch.target[:, 1:], target_mask=batch.target_mask[:, 1:])
 
-    def guide(self, batch, enc: torch.Tensor | None = None):
-        """``q(z | x, y)``, batch shape ``(batch, T)`` (variational modes only).
-
-        ``enc``: the source states ``(batch, S, hidden)`` if already computed.
-        """
-        if self.inference is None:
-            raise ValueError(f"mode {self.mode!r} has no inference network")
-        if enc is None:
-            enc = self.encode(batch.source, batch.source_mask)
-        return self.inference(batch.target[:, 1:], enc, batch.source_mask,
-                              batch.target_mask[:, 1:])
+    def guide(self, batch):
+        """``q(z | x, y)``, batch shape ``(batch, T)`` (variational modes only)."""
+        return self.strategy.guide(self, self.pieces(batch))
 
     # ---------------------------------------------------------------- objectives
 
-    def soft_log_likelihood(self, batch) -> torch.Tensor:
-        """Per-token ``log p(y_t | y_<t, x)`` under soft attention, ``(batch, T)`` (0 at pad)."""
-        enc, states, prior, targets, target_mask = self._pieces(batch)
-        return self._soft_token_log_probs(enc, states, prior, targets, target_mask)
-
-    def _soft_token_log_probs(self, enc, states, prior, targets, target_mask):
-        logits = self.output_logits(states, gather(enc, prior.attention))
-        token = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        return token.masked_fill(~target_mask, 0.0)
-
     def token_log_likelihood(self, batch) -> torch.Tensor:
-        """Per-token ``log p(y_t | y_<t, x)`` of this model, ``(batch, T)``.
+        """Per-token ``log p(y_t | y_<t, x)`` of this model, ``(batch, T)`` (0 at padding).
 
         Soft modes: the soft-attention likelihood.  Latent modes: the exact marginal over the
         prior alignment (variational models are scored by their prior, as at test time).
         """
-        if self.mode == "monotonic":
-            raise ValueError("mode 'monotonic' has no per-token likelihood; use log_likelihood")
-        enc, states, prior, targets, target_mask = self._pieces(batch)
-        if self.mode in SOFT_MODES:
-            return self._soft_token_log_probs(enc, states, prior, targets, target_mask)
-        table = self.emission_table(states, enc, targets, target_mask, batch.source_mask)
-        return marginal_log_likelihood(prior, table, target_mask)
-
-    def _monotonic(self, batch, enc, states, targets, target_mask, emission=True):
-        """The monotonic alignment chain: the posterior (with emissions) or the prior."""
-        scores, _ = self.attention.scores(states, enc)
-        table = None
-        if emission:
-            table = self.emission_table(states, enc, targets, target_mask, batch.source_mask)
-        return MonotonicAlignment(
-            scores, table, target_lengths=target_mask.sum(-1),
-            source_lengths=batch.source_mask.sum(-1), max_jump=self.max_jump)
+        return self.strategy.token_log_likelihood(self, self.pieces(batch))
 
     def log_likelihood(self, batch) -> torch.Tensor:
-        """``log p(y | x)`` per sequence, ``(batch,)`` (see :meth:`token_log_likelihood`)."""
-        if self.mode != "monotonic":
-            return self.token_log_likelihood(batch).sum(-1)
-        enc, states, _, targets, target_mask = self._pieces(batch)
-        return self._monotonic(batch, enc, states, targets, target_mask).log_marginal_likelihood
+        """``log p(y | x)`` per sequence, ``(batch,)``."""
+        return self.strategy.log_likelihood(self, self.pieces(batch))
 
     def loss(self, batch) -> dict[str, torch.Tensor]:
-        """Training loss per target token, and logged extras."""
-        tokens = batch.target_mask[:, 1:].sum().clamp_min(1)
-        if self.mode == "monotonic":
-            total = -self.log_likelihood(batch).sum()
-            return {"loss": total / tokens, "nll": total.detach() / tokens}
-        enc, states, prior, targets, target_mask = self._pieces(batch)
-        if self.mode in SOFT_MODES:
-            log_lik = self._soft_token_log_probs(enc, states, prior, targets, target_mask)
-            total = -log_lik.sum()
-            return {"loss": total / tokens, "nll": total.detach() / tokens}
-        if isinstance(self.estimator, ExactEstimator):
-            log_likelihood = self.emission_table(states, enc, targets, target_mask,
-                                                 batch.source_mask)
-        else:
-            def log_likelihood(z: torch.Tensor) -> torch.Tensor:
-                return self._emission_at(states, enc, targets, z)
-
-        terms = AlignmentTerms(prior=prior, log_likelihood=log_likelihood, mask=target_mask)
-        guide = self.guide(batch, enc) if self.inference is not None else None
-        surrogate = self.estimator.loss(terms, guide)
-        objective = -self.estimator.stats["objective"]
-        return {"loss": surrogate / tokens,
-                "objective": torch.as_tensor(objective) / tokens}
-
-    # ---------------------------------------------------------------- alignments
+        """Training loss per target token (``"loss"``), and logged extras."""
+        return self.strategy.loss(self, self.pieces(batch))
 
     @torch.no_grad()
     def alignments(self, batch) -> dict[str, torch.Tensor]:
@@ -297,54 +194,15 @@ class Seq2Seq(nn.Module):
         ``guide``: ``q(z_t | x, y)`` in variational modes; ``prior_argmax`` and
         ``posterior_map``: their argmaxes.
         """
-        enc, states, prior, targets, target_mask = self._pieces(batch)
-        if self.mode == "monotonic":
-            prior_chain = self._monotonic(batch, enc, states, targets, target_mask, False)
-            posterior_chain = self._monotonic(batch, enc, states, targets, target_mask)
-            prior_marginals = prior_chain.node_marginals
-            post = posterior_chain.node_marginals
-            return {"prior": prior_marginals, "posterior": post,
-                    "prior_argmax": prior_marginals.argmax(-1),
-                    "posterior_map": posterior_chain.argmax}
-        table = self.emission_table(states, enc, targets, target_mask, batch.source_mask)
-        dense_prior = prior if isinstance(prior, CategoricalAlignment) else CategoricalAlignment(
-            probs=prior.attention.clamp_min(0), validate_args=False)
-        post = posterior(dense_prior, table)
-        result = {"prior": prior.attention, "posterior": post,
-                  "prior_argmax": prior.attention.argmax(-1), "posterior_map": post.argmax(-1)}
-        if self.inference is not None:
-            result["guide"] = self.guide(batch, enc).attention
-        return result
+        return self.strategy.alignments(self, self.pieces(batch))
 
     # ---------------------------------------------------------------- decoding
 
-    def _monotone_predict(self, states, enc, source_mask, filtered):
-        """``log p(z_t = k | y_<t, x)`` ``(N, S)`` from the filter ``log p(z_{t-1} | y_<t, x)``."""
-        scores, _ = self.attention.scores(states, enc)                 # (N, 1, S)
-        positions = torch.arange(enc.shape[1], device=enc.device)
-        jump = positions[:, None] - positions[None, :]                 # [next, previous]
-        allowed = (jump >= 0) if self.max_jump is None else (jump >= 0) & (jump <= self.max_jump)
-        allowed = allowed & source_mask[:, :, None]
-        moves = scores[:, 0, :, None].masked_fill(~allowed, -torch.inf)     # (N, next, prev)
-        moves = torch.where(allowed, moves - moves.logsumexp(1, keepdim=True), -torch.inf)
-        return (moves + filtered[:, None, :]).logsumexp(-1)
-
-    def _next_log_probs(self, states, enc, source_mask, filtered=None) -> torch.Tensor:
-        """``log p(y_t | y_<t, x)`` over the vocabulary for one step: ``(N, V)``.
-
-        ``monotonic`` mode also returns the per-position joint ``(N, S, V)`` for the filter.
-        """
-        if self.mode == "monotonic":
-            predicted = self._monotone_predict(states, enc, source_mask, filtered)
-            log_probs = self.output_logits(states, enc).log_softmax(-1)     # (N, S, V)
-            joint = predicted.unsqueeze(-1) + log_probs
-            return joint.logsumexp(1), joint
-        prior = self.attention(states, enc, source_mask)               # batch (N, 1)
-        if self.mode in SOFT_MODES:
-            return self.output_logits(states, gather(enc, prior.attention)).log_softmax(-1)[:, 0]
-        log_probs = self.output_logits(states.unsqueeze(2), enc.unsqueeze(1)).log_softmax(-1)
-        log_prior = prior.attention.clamp_min(1e-30).log()            # (N, 1, S)
-        return (log_prior.unsqueeze(-1) + log_probs).logsumexp(-2)[:, 0]
+    def next_log_probs(self, states: torch.Tensor, enc: torch.Tensor,
+                       source_mask: torch.Tensor, memory: Any = None) -> DecodeStep:
+        """One decoding step for states ``(N, 1, hidden)``: next-token ``log_probs (N, V)``
+        given the mode's decoding ``memory`` (see :meth:`Seq2SeqMode.start_decoding`)."""
+        return self.strategy.decode_step(self, states, enc, source_mask, memory)
 
     @torch.no_grad()
     def beam_search(
@@ -357,7 +215,8 @@ class Seq2Seq(nn.Module):
         """Best target per source by beam search over ``log p(y | x)``.
 
         For latent modes each step scores the exact marginal over the alignment of that
-        step.  Returns token ids without bos/eos; ``beam_size=1`` is greedy decoding.
+        step (the mode's :meth:`~structattn.models.modes.Seq2SeqMode.decode_step`).  Returns
+        token ids without bos/eos; ``beam_size=1`` is greedy decoding.
 
         Args:
             source: ``(batch, S)`` ids; source_mask: ``(batch, S)`` bool.
@@ -377,17 +236,11 @@ class Seq2Seq(nn.Module):
         finished = torch.zeros(batch, beam_size, dtype=torch.bool, device=source.device)
         state = None
         vocab = self.target_vocab_size
-        filtered = None
-        if self.mode == "monotonic":  # the virtual start z_{-1} = 0
-            filtered = torch.full(mask.shape, -torch.inf, device=source.device)
-            filtered[:, 0] = 0.0
+        memory = self.strategy.start_decoding(self, enc, mask)
         for step in range(max_length + 1):
             states, state = self.decode(tokens[:, -1:], state)
-            if self.mode == "monotonic":
-                log_probs, joint = self._next_log_probs(states, enc, mask, filtered)
-            else:
-                log_probs = self._next_log_probs(states, enc, mask)
-            log_probs = log_probs.view(batch, beam_size, vocab)
+            step_scores = self.next_log_probs(states, enc, mask, memory)
+            log_probs = step_scores.log_probs.view(batch, beam_size, vocab)
             if step == max_length:  # out of room: every open hypothesis must end here
                 log_probs = torch.where(
                     torch.arange(vocab, device=source.device) == self.eos_id, log_probs,
@@ -403,11 +256,7 @@ class Seq2Seq(nn.Module):
             origin = origin.view(-1)
             tokens = torch.cat([tokens[origin], word.view(-1, 1)], 1)
             state = tuple(s[:, origin] for s in state)
-            if filtered is not None:  # condition the alignment filter on the chosen word
-                chosen = joint[origin].gather(
-                    -1, word.view(-1, 1, 1).expand(-1, joint.shape[1], 1)).squeeze(-1)
-                filtered = chosen - chosen.logsumexp(-1, keepdim=True)
-                filtered = torch.nan_to_num(filtered, nan=-torch.inf)
+            memory = self.strategy.follow(memory, step_scores, origin, word.view(-1))
             finished = finished.view(-1)[origin].view(batch, beam_size) | (word == self.eos_id)
             if bool(finished.all()):
                 break

@@ -17,6 +17,8 @@ from structattn.infer.exact import marginal_log_likelihood, posterior
 from structattn.infer.readout import gather
 from structattn.infer.sites import sample_alignment
 from structattn.nn.attention import LatentAttention
+from structattn.nn.heads import EmissionHead
+from structattn.nn.normalizers import Normalizer
 from structattn.nn.rnn import BiRNN
 
 __all__ = ["AlignedCopyModel"]
@@ -25,17 +27,23 @@ __all__ = ["AlignedCopyModel"]
 class AlignedCopyModel(nn.Module):
     """Bi-GRU encoder, GRU decoder over the previous targets, latent bilinear attention.
 
-    The emission is ``p(y_t | h_t, c) = softmax(out(tanh(W_h h_t + W_c c)))``; with
-    ``c = sum_k a_tk enc_k`` it is soft attention, with ``c = enc_{z_t}`` hard attention.
+    The emission is the shared :class:`~structattn.nn.EmissionHead`,
+    ``p(y_t | h_t, c) = softmax(out(tanh(W_h h_t + W_c c)))``; with ``c = sum_k a_tk enc_k``
+    it is soft attention, with ``c = enc_{z_t}`` hard attention.
 
     Args:
         vocab_size: number of token types (source and target share it).
         hidden: hidden size ``H``.
-        normalizer: ``"softmax"``, ``"sparsemax"`` or ``"entmax15"`` for the prior.
+        normalizer: a per-query normalizer for the prior (name or object): ``"softmax"``,
+            ``"sparsemax"``, ``"entmax15"``, ...
     """
 
-    def __init__(self, vocab_size: int, hidden: int = 64, normalizer: str = "softmax") -> None:
+    def __init__(
+        self, vocab_size: int, hidden: int = 64, normalizer: str | Normalizer = "softmax"
+    ) -> None:
         super().__init__()
+        if not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
         if hidden % 2:
             raise ValueError(f"hidden must be even (bidirectional encoder), got {hidden}")
         self.vocab_size = vocab_size
@@ -44,16 +52,22 @@ class AlignedCopyModel(nn.Module):
         self.tgt_embed = nn.Embedding(vocab_size + 1, hidden)  # last id: begin-of-sequence
         self.decoder = nn.GRU(hidden, hidden, batch_first=True)
         self.attention = LatentAttention(hidden, hidden, score="bilinear", normalizer=normalizer)
-        self.combine_state = nn.Linear(hidden, hidden)
-        self.combine_context = nn.Linear(hidden, hidden, bias=False)
-        self.out = nn.Linear(hidden, vocab_size)
+        self.head = EmissionHead(hidden, hidden, hidden, vocab_size)
+
+    def _check_ids(self, ids: torch.Tensor, name: str) -> None:
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            raise ValueError(
+                f"{name} holds token ids outside [0, {self.vocab_size}) (vocab_size)"
+            )
 
     def encode(self, batch: CopyBatch) -> torch.Tensor:
         """Source states ``(batch, S, H)``."""
+        self._check_ids(batch.src, "batch.src")
         return self.encoder(self.src_embed(batch.src), batch.src_mask)
 
     def decode(self, batch: CopyBatch) -> torch.Tensor:
         """Decoder states ``(batch, T, H)`` from the previous target tokens."""
+        self._check_ids(batch.tgt, "batch.tgt")
         bos = torch.full_like(batch.tgt[:, :1], self.vocab_size)
         inputs = self.tgt_embed(torch.cat([bos, batch.tgt[:, :-1]], 1))
         states, _ = self.decoder(inputs)
@@ -61,7 +75,7 @@ class AlignedCopyModel(nn.Module):
 
     def emission_logits(self, states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Output logits ``(..., T, V)``; broadcasts over enumeration dims of ``context``."""
-        return self.out(torch.tanh(self.combine_state(states) + self.combine_context(context)))
+        return self.head.logits(states, context)
 
     def forward(self, batch: CopyBatch):
         """Prior alignment (batch shape ``(batch, T)``), source states, decoder states."""
@@ -73,16 +87,12 @@ class AlignedCopyModel(nn.Module):
         self, batch: CopyBatch, enc: torch.Tensor, states: torch.Tensor
     ) -> torch.Tensor:
         """``log p(y_t | h_t, enc_k)`` for every source position ``k``: ``(batch, T, S)``."""
-        logits = self.emission_logits(states.unsqueeze(2), enc.unsqueeze(1))  # (B, T, S, V)
-        log_probs = logits.log_softmax(-1)
-        index = batch.tgt[:, :, None, None].expand(-1, -1, enc.shape[1], 1)
-        return log_probs.gather(-1, index).squeeze(-1)
+        return self.head.log_prob(states.unsqueeze(2), enc.unsqueeze(1), batch.tgt.unsqueeze(-1))
 
     def soft_log_likelihood(self, batch: CopyBatch) -> torch.Tensor:
         """Summed ``log p(y | x)`` under soft attention (expectation inside)."""
         prior, enc, states = self(batch)
-        logits = self.emission_logits(states, gather(enc, prior.attention))
-        token = logits.log_softmax(-1).gather(-1, batch.tgt.unsqueeze(-1)).squeeze(-1)
+        token = self.head.log_prob(states, gather(enc, prior.attention), batch.tgt)
         return token.masked_fill(~batch.tgt_mask, 0.0).sum()
 
     def marginal_log_likelihood(self, batch: CopyBatch) -> torch.Tensor:

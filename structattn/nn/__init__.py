@@ -1,9 +1,26 @@
-"""Torch modules: scorers and latent attention, broadcast-safe under Pyro enumeration."""
+"""Torch modules: scorers, normalizers and latent attention, broadcast-safe under Pyro
+enumeration; emission heads; encoders and inference networks."""
 
-from structattn.nn.attention import NORMALIZERS, LatentAttention
+from structattn.nn.attention import LatentAttention
+from structattn.nn.heads import EmissionHead
 from structattn.nn.inference import InferenceNetwork
+from structattn.nn.normalizers import (
+    NORMALIZERS,
+    Entmax15Normalizer,
+    EntmaxNormalizer,
+    MonotonicNormalizer,
+    Normalizer,
+    RelaxedNormalizer,
+    SegmentationNormalizer,
+    SoftmaxNormalizer,
+    SparsemaxNormalizer,
+    TreeNormalizer,
+    make_normalizer,
+    register_normalizer,
+)
 from structattn.nn.rnn import BiRNN
 from structattn.nn.scorers import (
+    SCORERS,
     AdditiveScorer,
     BilinearScorer,
     DotScorer,
@@ -14,15 +31,28 @@ from structattn.nn.simplex import Entmax15, EntmaxBisect, Sparsemax
 
 __all__ = [
     "NORMALIZERS",
+    "SCORERS",
     "AdditiveScorer",
     "BiRNN",
     "BilinearScorer",
     "DotScorer",
+    "EmissionHead",
     "Entmax15",
+    "Entmax15Normalizer",
     "EntmaxBisect",
+    "EntmaxNormalizer",
     "InferenceNetwork",
     "LatentAttention",
+    "MonotonicNormalizer",
     "MultiHeadScorer",
+    "Normalizer",
+    "RelaxedNormalizer",
+    "SegmentationNormalizer",
+    "SoftmaxNormalizer",
     "Sparsemax",
+    "SparsemaxNormalizer",
+    "TreeNormalizer",
+    "make_normalizer",
     "make_scorer",
+    "register_normalizer",
 ]

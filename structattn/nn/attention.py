@@ -1,42 +1,39 @@
-"""LatentAttention: a scorer and a normaliser that return an alignment distribution."""
+"""LatentAttention: a scorer and a normalizer that return an alignment distribution."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 
-from structattn.distributions.categorical import (
-    CategoricalAlignment,
-    RelaxedAlignment,
-    SparsemaxAlignment,
-)
+from structattn.nn.normalizers import Normalizer, make_normalizer
 from structattn.nn.scorers import make_scorer
 
-__all__ = ["LatentAttention", "NORMALIZERS"]
-
-NORMALIZERS = ("softmax", "sparsemax", "entmax15", "relaxed")
+__all__ = ["LatentAttention"]
 
 
 class LatentAttention(nn.Module):
     """Attention whose output is a distribution over alignments, not a context vector.
 
     ``forward(query: (..., queries, query_dim), keys: (..., keys, key_dim),
-    key_mask: (..., keys) bool | None)`` returns a
-    :class:`~structattn.CategoricalAlignment` (``normalizer="softmax"``),
-    :class:`~structattn.SparsemaxAlignment` (``"sparsemax"``, ``"entmax15"``) or
-    :class:`~structattn.RelaxedAlignment` (``"relaxed"``) with batch shape
-    ``(..., queries)`` over ``keys``.  Read a context with
-    :func:`structattn.infer.readout` (soft, sample, argmax) or sample it in a Pyro model with
+    key_mask: (..., keys) bool | None)`` returns the normalizer's alignment distribution (its
+    ``.attention`` is ``(..., queries, keys)``; with the ``"multihead"`` scorer
+    ``(..., heads, queries, keys)``).  Read a context with :func:`structattn.infer.readout`
+    (soft, sample, argmax) or sample it in a Pyro model with
     :func:`structattn.infer.sample_alignment` and :func:`structattn.infer.gather`.
 
     Args:
         query_dim: size of query vectors.
         key_dim: size of key vectors.
-        score: ``"dot"``, ``"bilinear"``, ``"additive"`` or ``"multihead"`` (then the batch
-            shape is ``(..., heads, queries)``).
-        normalizer: one of ``"softmax"``, ``"sparsemax"``, ``"entmax15"``, ``"relaxed"``.
-        temperature: temperature of the ``"relaxed"`` normaliser.
+        score: a scorer name (:data:`structattn.nn.scorers.SCORERS`: ``"dot"``,
+            ``"bilinear"``, ``"additive"``, ``"multihead"``).
+        normalizer: a registered normalizer name (:data:`structattn.nn.NORMALIZERS`:
+            softmax, sparsemax, entmax15, entmax, relaxed, segmentation, tree, monotonic, or
+            one of your own) or a :class:`~structattn.nn.Normalizer` object.
         scorer_kwargs: extra arguments of the scorer (``hidden``, ``heads``, ``head_dim``).
+        **normalizer_kwargs: options of a normalizer given by name (``temperature``,
+            ``alpha``, ``learnable``, ``scale``, ``projective``, ``max_jump``, ...).
     """
 
     def __init__(
@@ -44,16 +41,13 @@ class LatentAttention(nn.Module):
         query_dim: int,
         key_dim: int,
         score: str = "bilinear",
-        normalizer: str = "softmax",
-        temperature: float = 1.0,
-        **scorer_kwargs,
+        normalizer: str | Normalizer = "softmax",
+        scorer_kwargs: dict[str, Any] | None = None,
+        **normalizer_kwargs: Any,
     ) -> None:
         super().__init__()
-        if normalizer not in NORMALIZERS:
-            raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
-        self.scorer = make_scorer(score, query_dim, key_dim, **scorer_kwargs)
-        self.normalizer = normalizer
-        self.temperature = temperature
+        self.normalizer = make_normalizer(normalizer, **normalizer_kwargs)
+        self.scorer = make_scorer(score, query_dim, key_dim, **(scorer_kwargs or {}))
         self.multihead = score == "multihead"
 
     def scores(
@@ -75,10 +69,11 @@ class LatentAttention(nn.Module):
     def forward(
         self, query: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor | None = None
     ):
-        scores, mask = self.scores(query, keys, key_mask)
-        if self.normalizer == "softmax":
-            return CategoricalAlignment(logits=scores, mask=mask)
-        if self.normalizer == "relaxed":
-            return RelaxedAlignment(logits=scores, temperature=self.temperature, mask=mask)
-        alpha = 2.0 if self.normalizer == "sparsemax" else 1.5
-        return SparsemaxAlignment(scores=scores, mask=mask, alpha=alpha)
+        """The alignment distribution (batch ``(..., queries)`` for per-query normalizers)."""
+        return self.normalizer(*self.scores(query, keys, key_mask))
+
+    def weights(
+        self, query: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Soft attention weights ``(..., queries, keys)`` (the normalizer's fast path)."""
+        return self.normalizer.weights(*self.scores(query, keys, key_mask))

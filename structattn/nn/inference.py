@@ -12,19 +12,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from structattn.distributions.categorical import CategoricalAlignment, SparsemaxAlignment
+from structattn.nn.normalizers import Normalizer, make_normalizer
 from structattn.nn.rnn import BiRNN
 
 __all__ = ["InferenceNetwork"]
 
-_NORMALIZERS = ("softmax", "sparsemax", "entmax15")
-
-
 class InferenceNetwork(nn.Module):
     """``q(z_t | x, y)``: bi-GRU over the target, bilinear scores over the source.
 
-    ``forward(target, source, source_mask=None, target_mask=None)`` returns a
-    :class:`~structattn.CategoricalAlignment` (or :class:`~structattn.SparsemaxAlignment`) with
+    ``forward(target, source, source_mask=None, target_mask=None)`` returns the normalizer's
+    alignment distribution (a :class:`~structattn.CategoricalAlignment` for softmax) with
     batch shape ``(batch, queries)`` over ``keys`` source positions:
     ``scores[b, t, s] = h_t^T W g_s`` with ``h = BiGRU(target)`` and ``g = BiGRU(source)``
     (``g = source`` when ``encode_source=False``).
@@ -36,7 +33,7 @@ class InferenceNetwork(nn.Module):
         target_vocab: if given, ``target`` holds token ids ``(batch, queries)`` embedded here.
         source_vocab: if given, ``source`` holds token ids ``(batch, keys)`` embedded here.
         encode_source: run a bi-GRU over the source (else score raw source vectors).
-        normalizer: ``"softmax"``, ``"sparsemax"`` or ``"entmax15"``.
+        normalizer: a registered normalizer name or a :class:`~structattn.nn.Normalizer`.
 
     Shapes: ``target (batch, queries, target_dim)`` or ids ``(batch, queries)``;
     ``source (batch, keys, source_dim)`` or ids ``(batch, keys)``; masks boolean
@@ -51,7 +48,7 @@ class InferenceNetwork(nn.Module):
         target_vocab: int | None = None,
         source_vocab: int | None = None,
         encode_source: bool = True,
-        normalizer: str = "softmax",
+        normalizer: str | Normalizer = "softmax",
     ) -> None:
         super().__init__()
         for name, value in (("target_dim", target_dim), ("source_dim", source_dim),
@@ -60,8 +57,6 @@ class InferenceNetwork(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if hidden % 2:
             raise ValueError(f"hidden must be even (bidirectional GRU), got {hidden}")
-        if normalizer not in _NORMALIZERS:
-            raise ValueError(f"normalizer must be one of {_NORMALIZERS}, got {normalizer!r}")
         self.target_embed = None if target_vocab is None else nn.Embedding(target_vocab,
                                                                            target_dim)
         self.source_embed = None if source_vocab is None else nn.Embedding(source_vocab,
@@ -70,7 +65,7 @@ class InferenceNetwork(nn.Module):
         self.source_rnn = BiRNN(source_dim, hidden, cell="gru") if encode_source else None
         key_dim = hidden if encode_source else source_dim
         self.bilinear = nn.Linear(hidden, key_dim, bias=False)
-        self.normalizer = normalizer
+        self.normalizer = make_normalizer(normalizer)
 
     def _inputs(self, tensor: torch.Tensor, embed: nn.Module | None, name: str) -> torch.Tensor:
         if embed is not None:
@@ -120,7 +115,4 @@ class InferenceNetwork(nn.Module):
         target_states, source_states = self.encode(target, source, source_mask, target_mask)
         scores = self.scores(target_states, source_states)
         mask = None if source_mask is None else source_mask.unsqueeze(-2)
-        if self.normalizer == "softmax":
-            return CategoricalAlignment(logits=scores, mask=mask)
-        alpha = 2.0 if self.normalizer == "sparsemax" else 1.5
-        return SparsemaxAlignment(scores=scores, mask=mask, alpha=alpha)
+        return self.normalizer(scores, mask)

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-__all__ = ["DotScorer", "BilinearScorer", "AdditiveScorer", "MultiHeadScorer", "make_scorer"]
+__all__ = [
+    "SCORERS",
+    "AdditiveScorer",
+    "BilinearScorer",
+    "DotScorer",
+    "MultiHeadScorer",
+    "make_scorer",
+]
 
 
 class DotScorer(nn.Module):
@@ -88,16 +96,17 @@ class MultiHeadScorer(nn.Module):
         return torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
 
 
+#: scorer builders by name: ``(query_dim, key_dim, **kwargs) -> module``; add your own
+SCORERS: dict[str, Callable[..., nn.Module]] = {
+    "dot": lambda query_dim, key_dim, **kwargs: DotScorer(**kwargs),
+    "bilinear": BilinearScorer,
+    "additive": AdditiveScorer,
+    "multihead": MultiHeadScorer,
+}
+
+
 def make_scorer(score: str, query_dim: int, key_dim: int, **kwargs) -> nn.Module:
-    """Build a scorer by name: ``"dot"``, ``"bilinear"``, ``"additive"`` or ``"multihead"``."""
-    if score == "dot":
-        return DotScorer(**kwargs)
-    if score == "bilinear":
-        return BilinearScorer(query_dim, key_dim)
-    if score == "additive":
-        return AdditiveScorer(query_dim, key_dim, **kwargs)
-    if score == "multihead":
-        return MultiHeadScorer(query_dim, key_dim, **kwargs)
-    raise ValueError(
-        f"score must be 'dot', 'bilinear', 'additive' or 'multihead', got {score!r}"
-    )
+    """Build a scorer by name (a key of :data:`SCORERS`)."""
+    if score not in SCORERS:
+        raise ValueError(f"score must be one of {sorted(SCORERS)}, got {score!r}")
+    return SCORERS[score](query_dim, key_dim, **kwargs)
