@@ -8,6 +8,7 @@ from structattn.distributions.categorical import (
 )
 from structattn.distributions.chain import LinearChainCRF, segmentation_crf
 from structattn.distributions.monotonic import MonotonicAlignment
+from structattn.distributions.segmentation import SegmentationAlignment
 from structattn.distributions.structured import StructuredDistribution
 from structattn.distributions.tree import NonProjectiveDependencyCRF, ProjectiveDependencyCRF
 
@@ -19,6 +20,7 @@ __all__ = [
     "ProjectiveDependencyCRF",
     "RelaxedAlignment",
     "SparsemaxAlignment",
+    "SegmentationAlignment",
     "StructuredDistribution",
     "mask_value",
     "segmentation_crf",

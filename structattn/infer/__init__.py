@@ -33,10 +33,11 @@ from structattn.infer.exact import (
     posterior,
     register_conditioner,
 )
-from structattn.infer.readout import gather, readout
+from structattn.infer.readout import READOUT_MODES, gather, readout, register_readout
 from structattn.infer.sites import sample_alignment
 
 __all__ = [
+    "READOUT_MODES",
     "BASELINES",
     "ESTIMATORS",
     "ESTIMATOR_NAMES",
@@ -67,6 +68,7 @@ __all__ = [
     "marginal_log_likelihood",
     "posterior",
     "readout",
+    "register_readout",
     "register_baseline",
     "register_conditioner",
     "register_estimator",
