@@ -165,7 +165,7 @@ class StraightThroughReadout(HeadReadout):
     """A one-hot sample forward, the probabilities' gradient backward (Bengio et al. 2013)."""
 
     def read(self, probs):
-        return _one_hot_sample(probs) + probs - probs.detach()
+        return _one_hot_sample(probs) + (probs - probs.detach())  # exactly one-hot forward
 
 
 @register_head_readout("sample")
