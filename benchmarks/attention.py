@@ -140,7 +140,7 @@ def main() -> None:
         for name, layer in layers.items():
             full, fwd = median[(name, True)], median[(name, False)]
 
-            def ratio(base: str, backward: bool, value: float) -> str:
+            def ratio(base: str, backward: bool, value: float, median=median) -> str:
                 key = (base, backward)
                 return f"{value / median[key]:.2f}" if key in median else "-"
 
