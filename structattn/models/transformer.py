@@ -263,6 +263,10 @@ class TransformerSeq2Seq(nn.Module):
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
         self.src_embed = nn.Embedding(source_vocab_size, d_model, padding_idx=pad_id)
         self.tgt_embed = nn.Embedding(target_vocab_size, d_model, padding_idx=pad_id)
+        for embedding in (self.src_embed, self.tgt_embed):
+            # std d^-1/2, so that the scaled embeddings are of unit size like the positions
+            nn.init.normal_(embedding.weight, std=d_model ** -0.5)
+            embedding.weight.data[pad_id] = 0.0
         self.positional = make_positional_encoding(positional, d_model, max_length)
         self.dropout = nn.Dropout(dropout)
         layer_kwargs = dict(dim_feedforward=dim_feedforward, dropout=dropout,
@@ -298,8 +302,7 @@ class TransformerSeq2Seq(nn.Module):
         """``p(z_t | x, y_<t)``: batch ``(batch, T)`` over source positions, and the values
         ``(batch, S, d_model)`` the output layer reads."""
         scores = self.align_query(states) @ self.align_key(memory).transpose(-1, -2)
-        # float32 scores: the alignment is a distribution the estimators differentiate
-        scores = scores.float() / math.sqrt(self.d_model)
+        scores = _at_least_float32(scores) / math.sqrt(self.d_model)
         return self.align_normalizer(scores, source_mask[:, None, :]), self.align_value(memory)
 
     def output_logits(self, states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -309,7 +312,8 @@ class TransformerSeq2Seq(nn.Module):
     def emission_table(self, pieces: dict) -> torch.Tensor:
         """``log p(y_t | h_t, v_s)`` for every source position ``s``: ``(batch, T, S)``."""
         log_probs = self.output_logits(pieces["states"].unsqueeze(2),
-                                       pieces["values"].unsqueeze(1)).float().log_softmax(-1)
+                                       pieces["values"].unsqueeze(1))
+        log_probs = _at_least_float32(log_probs).log_softmax(-1)
         targets = pieces["targets"][:, :, None, None].expand(-1, -1, log_probs.shape[2], 1)
         table = log_probs.gather(-1, targets).squeeze(-1)
         valid = pieces["target_mask"][:, :, None] & pieces["source_mask"][:, None, :]
@@ -318,7 +322,8 @@ class TransformerSeq2Seq(nn.Module):
     def emission_at(self, pieces: dict, z: torch.Tensor) -> torch.Tensor:
         """``log p(y_t | h_t, v_z)`` at alignments ``z (n, batch, T)``: ``(n, batch, T)``."""
         context = gather(pieces["values"], z)
-        log_probs = self.output_logits(pieces["states"], context).float().log_softmax(-1)
+        log_probs = _at_least_float32(self.output_logits(pieces["states"], context))
+        log_probs = log_probs.log_softmax(-1)
         index = pieces["targets"].expand(log_probs.shape[:-1]).unsqueeze(-1)
         return log_probs.gather(-1, index).squeeze(-1)
 
@@ -433,7 +438,8 @@ class TransformerSeq2Seq(nn.Module):
             # the prefix is re-read each step: no cache, so every mode decodes the same way
             states = self.decode(tokens, memory, mask)[:, -1:]
             prior, values = self.alignment(states, memory, mask)
-            log_probs = self.strategy.next_log_probs(self, states, values, prior).float()
+            log_probs = _at_least_float32(self.strategy.next_log_probs(self, states, values,
+                                                                       prior))
             log_probs = log_probs.view(batch, beam_size, vocab)
             if step == max_length:  # out of room: every open hypothesis must end here
                 log_probs = torch.where(torch.arange(vocab, device=device) == self.eos_id,
@@ -460,6 +466,12 @@ class TransformerSeq2Seq(nn.Module):
                 ids.append(token)
             outputs.append(ids)
         return outputs
+
+
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors (bf16 autocast) in float32: the alignment and the emissions are
+    distributions the estimators differentiate and sum over; float64 stays float64."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
 
 def _ask_weights(module, args, kwargs):

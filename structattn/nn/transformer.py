@@ -105,11 +105,11 @@ class SinusoidalPositionalEncoding(PositionalEncoding):
 
 @register_positional_encoding("learned")
 class LearnedPositionalEncoding(PositionalEncoding):
-    """One trained vector per position, initialised small."""
+    """One trained vector per position, initialised like a scaled embedding (unit size)."""
 
     def __init__(self, d_model: int, max_length: int = 1024) -> None:
         super().__init__(d_model, max_length)
-        self.encodings = nn.Parameter(0.02 * torch.randn(max_length, d_model))
+        self.encodings = nn.Parameter(torch.randn(max_length, d_model))
 
     def table(self, length: int) -> torch.Tensor:
         return self.encodings[:length]
