@@ -2,6 +2,7 @@
 
 from structattn.nn.attention import NORMALIZERS, LatentAttention
 from structattn.nn.inference import InferenceNetwork
+from structattn.nn.multihead import MultiheadAttention
 from structattn.nn.rnn import BiRNN
 from structattn.nn.scorers import (
     AdditiveScorer,
@@ -11,6 +12,7 @@ from structattn.nn.scorers import (
     make_scorer,
 )
 from structattn.nn.simplex import Entmax15, EntmaxBisect, Sparsemax
+from structattn.nn.transformer import TransformerDecoderLayer, TransformerEncoderLayer
 
 __all__ = [
     "NORMALIZERS",
@@ -23,6 +25,9 @@ __all__ = [
     "InferenceNetwork",
     "LatentAttention",
     "MultiHeadScorer",
+    "MultiheadAttention",
     "Sparsemax",
+    "TransformerDecoderLayer",
+    "TransformerEncoderLayer",
     "make_scorer",
 ]
