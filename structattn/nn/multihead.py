@@ -512,7 +512,8 @@ class MultiheadAttention(nn.Module):
             output = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask,
                                                     dropout_p=dropout, is_causal=causal_only)
         else:
-            scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(head_dim))
+            # scale the queries, not the (queries x keys) scores: one pass over less memory
+            scores = torch.matmul(q * (1.0 / math.sqrt(head_dim)), k.transpose(-1, -2))
             if causal_only:
                 valid = torch.ones(queries, keys, dtype=torch.bool, device=q.device).tril()
             if bias is not None:
