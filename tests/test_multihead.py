@@ -6,6 +6,8 @@ import pyro
 import pyro.distributions as pdist
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pyro.infer import TraceEnum_ELBO, config_enumerate
 
 from structattn.nn.multihead import (
@@ -123,6 +125,30 @@ def test_masked_keys_get_exactly_zero_weight(normalizer):
     assert torch.allclose(weights.sum(-1), torch.ones(BATCH, HEADS, KEYS))
 
 
+@settings(max_examples=25, deadline=None)
+@given(normalizer=st.sampled_from(NORMALIZERS), seed=st.integers(0, 2**16),
+       scale=st.sampled_from([0.1, 1.0, 30.0]), need_weights=st.booleans())
+def test_any_padding_and_causal_mask_zero_exactly_the_masked_keys(normalizer, seed, scale,
+                                                                  need_weights):
+    generator = torch.Generator().manual_seed(seed)
+    layer = MultiheadAttention(EMBED, HEADS, batch_first=True, normalizer=normalizer)
+    x = scale * torch.randn(BATCH, KEYS, EMBED, generator=generator)
+    padding = torch.rand(BATCH, KEYS, generator=generator) < 0.5
+    padding[:, 0] = False                                  # the causal mask needs key 0
+    output, weights = layer(x, x, x, key_padding_mask=padding, is_causal=True,
+                            average_attn_weights=False)
+    allowed = ~padding[:, None, None, :] & torch.ones(KEYS, KEYS, dtype=torch.bool).tril()
+    assert torch.all(weights[~allowed.expand_as(weights)] == 0)
+    assert torch.allclose(weights.sum(-1), torch.ones(BATCH, HEADS, KEYS), atol=1e-5)
+    expected = layer.out_proj(torch.einsum("bhqk,bhkd->bqhd", weights, layer.in_proj_weight[
+        2 * EMBED:].matmul(x.unsqueeze(-1)).squeeze(-1).add(layer.in_proj_bias[2 * EMBED:])
+        .view(BATCH, KEYS, HEADS, -1).transpose(1, 2)).reshape(BATCH, KEYS, EMBED))
+    found, _ = layer(x, x, x, key_padding_mask=padding, is_causal=True,
+                     need_weights=need_weights)
+    assert torch.allclose(found, expected, atol=1e-4)
+    assert torch.allclose(output, expected, atol=1e-4)
+
+
 @pytest.mark.parametrize("normalizer", NORMALIZERS)
 def test_a_query_without_valid_keys_is_a_value_error(normalizer):
     layer = MultiheadAttention(EMBED, HEADS, batch_first=True, normalizer=normalizer)
@@ -153,6 +179,9 @@ def test_bad_arguments_raise_value_errors_naming_them():
         layer(x[..., :-1], x, x)
     with pytest.raises(ValueError, match="alpha"):
         HeadwiseEntmaxNormalizer(HEADS, alpha=2.5)
+    mixed = MultiheadAttention(EMBED, HEADS, batch_first=True, normalizer=["softmax"] * HEADS)
+    with pytest.raises(ValueError, match="return_alignment"):
+        mixed(x, x, x, return_alignment=True)
 
 
 @pytest.mark.parametrize("normalizer", NORMALIZERS)
@@ -256,3 +285,17 @@ def test_enumeration_under_pyro_matches_the_hand_written_marginal(normalizer):
     expected = -(log_prior + emission).masked_fill(alignment.attention == 0, -torch.inf) \
         .logsumexp(-1).sum()
     assert torch.allclose(loss, expected, atol=1e-8)
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_float32_outputs_match_torch_to_float_tolerance(need_weights):
+    torch.manual_seed(8)
+    reference = torch.nn.MultiheadAttention(64, 8, batch_first=True)
+    ours = MultiheadAttention(64, 8, batch_first=True)
+    ours.load_state_dict(reference.state_dict())
+    x = torch.randn(4, 33, 64)
+    padding = torch.zeros(4, 33, dtype=torch.bool)
+    padding[1, 20:] = True
+    expected, _ = reference(x, x, x, key_padding_mask=padding, need_weights=need_weights)
+    found, _ = ours(x, x, x, key_padding_mask=padding, need_weights=need_weights)
+    assert torch.allclose(found, expected, atol=1e-5)
