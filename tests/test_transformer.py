@@ -165,3 +165,16 @@ def test_learns_the_copy_task(mode):
                   for row, mask in zip(test.source, test.source_mask, strict=True)]
     accuracy = sum(out == ref for out, ref in zip(outputs, references, strict=True)) / 64
     assert accuracy > 0.9, accuracy
+
+
+def test_soft_likelihood_and_guide_follow_the_seq2seq_surface():
+    torch.manual_seed(6)
+    batch = copy_batch(3, 8, torch.Generator().manual_seed(4))
+    soft = small_model("soft")
+    assert torch.allclose(soft.soft_log_likelihood(batch), soft.token_log_likelihood(batch))
+    with pytest.raises(ValueError, match="inference network"):
+        soft.guide(batch)
+    variational = small_model("variational-enum")
+    guide = variational.guide(batch)
+    assert guide.batch_shape == (3, 7)
+    assert torch.all(guide.attention[~batch.source_mask[:, None, :].expand(-1, 7, -1)] == 0)

@@ -106,10 +106,7 @@ class SoftTransformerMode(TransformerMode):
     """Soft attention: the output layer reads the expected value ``E_p[v_z]``."""
 
     def token_log_likelihood(self, model, pieces):
-        context = gather(pieces["values"], pieces["prior"].attention)
-        log_probs = model.output_logits(pieces["states"], context).log_softmax(-1)
-        token = log_probs.gather(-1, pieces["targets"].unsqueeze(-1)).squeeze(-1)
-        return token.masked_fill(~pieces["target_mask"], 0.0)
+        return model.soft_token_log_probs(pieces)
 
     def loss(self, model, pieces):
         total = -self.token_log_likelihood(model, pieces).sum()
@@ -336,6 +333,13 @@ class TransformerSeq2Seq(nn.Module):
                 "targets": batch.target[:, 1:], "target_mask": batch.target_mask[:, 1:],
                 "source_mask": batch.source_mask, "target": batch.target}
 
+    def soft_token_log_probs(self, pieces: dict) -> torch.Tensor:
+        """``log p(y_t | h_t, E_p[v_z])`` per token, ``(batch, T)``, 0 at padding."""
+        context = gather(pieces["values"], pieces["prior"].attention)
+        log_probs = _at_least_float32(self.output_logits(pieces["states"], context))
+        token = log_probs.log_softmax(-1).gather(-1, pieces["targets"].unsqueeze(-1))
+        return token.squeeze(-1).masked_fill(~pieces["target_mask"], 0.0)
+
     def guide_of(self, pieces: dict):
         """``q(z | x, y)`` with batch ``(batch, T)``, or None without an inference network."""
         if self.inference is None:
@@ -343,7 +347,17 @@ class TransformerSeq2Seq(nn.Module):
         return self.inference(pieces["targets"], pieces["memory"], pieces["source_mask"],
                               pieces["target_mask"])
 
+    def guide(self, batch):
+        """``q(z | x, y)``, batch shape ``(batch, T)`` (variational modes only)."""
+        if self.inference is None:
+            raise ValueError(f"mode {self.mode!r} has no inference network")
+        return self.guide_of(self.pieces(batch))
+
     # ---------------------------------------------------------------- objectives
+
+    def soft_log_likelihood(self, batch) -> torch.Tensor:
+        """Per-token ``log p(y_t | y_<t, x)`` under soft attention, ``(batch, T)`` (0 at pad)."""
+        return self.soft_token_log_probs(self.pieces(batch))
 
     def loss(self, batch) -> dict[str, torch.Tensor]:
         """Training loss per target token, and logged extras."""

@@ -98,7 +98,8 @@ class HeadwiseEntmaxNormalizer(HeadwiseNormalizer):
 
     def weights(self, scores, mask=None) -> torch.Tensor:
         self._check_heads(scores)
-        alpha = self.alpha.to(scores.dtype if scores.is_floating_point() else torch.float32)
+        # half-precision scores are worked on in float32; keep alpha's precision too
+        alpha = self.alpha.to(torch.promote_types(scores.dtype, torch.float32))
         return functional.entmax_bisect(scores, alpha=alpha[:, None, None], dim=-1, mask=mask)
 
     def forward(self, scores, mask=None) -> SparsemaxAlignment:
