@@ -98,6 +98,9 @@ def test_every_mode_gives_finite_losses_gradients_and_the_seq2seq_surface(mode):
     assert torch.isfinite(out["loss"])
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+    for name, parameter in model.named_parameters():
+        if name.endswith("raw_alpha"):  # every learned alpha, the alignment's too, trains
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
     log_lik = model.log_likelihood(batch)
     assert log_lik.shape == (4,) and torch.all(log_lik < 0)
     found = model.alignments(batch)

@@ -28,7 +28,7 @@ from structattn.infer.estimators import AlignmentTerms, ExactEstimator, make_est
 from structattn.infer.exact import marginal_log_likelihood, posterior
 from structattn.infer.readout import gather
 from structattn.nn.inference import InferenceNetwork
-from structattn.nn.multihead import MultiheadAttention
+from structattn.nn.multihead import HeadwiseEntmaxNormalizer, MultiheadAttention
 from structattn.nn.normalizers import Normalizer, make_normalizer
 from structattn.nn.transformer import (
     TransformerDecoder,
@@ -145,8 +145,8 @@ class LearnedEntmaxTransformerMode(SoftTransformerMode):
     alignment."""
 
     layer_normalizer = "entmax-heads"
-    alignment_normalizer = "entmax"
-    alignment_kwargs = {"alpha": 1.5, "learnable": True}
+    alignment_normalizer = "entmax-heads"
+    alignment_kwargs = {"num_heads": 1}
 
 
 class LatentTransformerMode(TransformerMode):
@@ -420,9 +420,8 @@ class TransformerSeq2Seq(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, MultiheadAttention) and module.alphas() is not None:
                 found[name] = module.alphas().tolist()
-        alpha = getattr(self.align_normalizer, "alpha", None)
-        if isinstance(alpha, torch.Tensor):
-            found["alignment"] = alpha.detach().reshape(-1).tolist()
+        if isinstance(self.align_normalizer, HeadwiseEntmaxNormalizer):
+            found["alignment"] = self.align_normalizer.alpha.detach().tolist()
         return found
 
     # ---------------------------------------------------------------- decoding

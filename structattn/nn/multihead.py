@@ -60,6 +60,8 @@ class HeadwiseNormalizer(Normalizer):
         self.num_heads = num_heads
 
     def _check_heads(self, scores: torch.Tensor) -> None:
+        if self.num_heads == 1 and scores.dim() >= 2:  # one head: no head dim needed
+            return
         if scores.dim() < 3 or scores.shape[-3] != self.num_heads:
             raise ValueError(
                 f"scores must be (..., heads={self.num_heads}, queries, keys), got "
@@ -76,7 +78,8 @@ class HeadwiseEntmaxNormalizer(HeadwiseNormalizer):
     weights are :func:`structattn.entmax_bisect` with the exact gradient in alpha.
 
     Args:
-        num_heads: number of heads (the size of dim ``-3`` of the scores).
+        num_heads: number of heads (the size of dim ``-3`` of the scores; with one head the
+            scores may be any ``(..., queries, keys)``).
         alpha: initial alpha, in ``(1, 2)``, for every head.
         learnable: train alpha (otherwise it is a fixed buffer).
     """
@@ -100,7 +103,8 @@ class HeadwiseEntmaxNormalizer(HeadwiseNormalizer):
         self._check_heads(scores)
         # half-precision scores are worked on in float32; keep alpha's precision too
         alpha = self.alpha.to(torch.promote_types(scores.dtype, torch.float32))
-        return functional.entmax_bisect(scores, alpha=alpha[:, None, None], dim=-1, mask=mask)
+        alpha = alpha.view(-1, 1, 1) if self.num_heads > 1 else alpha.view(1, 1)
+        return functional.entmax_bisect(scores, alpha=alpha, dim=-1, mask=mask)
 
     def forward(self, scores, mask=None) -> SparsemaxAlignment:
         probs = self.weights(scores, mask)
