@@ -299,3 +299,18 @@ def test_float32_outputs_match_torch_to_float_tolerance(need_weights):
     expected, _ = reference(x, x, x, key_padding_mask=padding, need_weights=need_weights)
     found, _ = ours(x, x, x, key_padding_mask=padding, need_weights=need_weights)
     assert torch.allclose(found, expected, atol=1e-5)
+
+
+def test_sampled_heads_train_the_scores_by_the_score_function_only():
+    torch.manual_seed(9)
+    layer = MultiheadAttention(EMBED, HEADS, batch_first=True, readout="sample")
+    x = torch.randn(BATCH, KEYS, EMBED)
+    output, weights, alignment = layer(x, x, x, average_attn_weights=False,
+                                       return_alignment=True)
+    output.sum().backward(retain_graph=True)
+    assert torch.all(layer.in_proj_weight.grad[:2 * EMBED] == 0)  # no path through a sample
+    layer.zero_grad()
+    reward = -output.pow(2).sum(-1).detach()                       # (batch, queries)
+    surrogate = -(reward[:, None, :] * alignment.log_prob(weights.argmax(-1))).sum()
+    surrogate.backward()
+    assert layer.in_proj_weight.grad[:2 * EMBED].abs().sum() > 0
