@@ -332,4 +332,6 @@ class MonotonicNormalizer(Normalizer):
 
     def forward(self, scores, mask=None) -> MonotonicAlignment:
         lengths = _prefix_lengths(mask, scores, "monotonic")
-        return MonotonicAlignment(scores, source_lengths=lengths, max_jump=self.max_jump)
+        # with emissions that are all zero the posterior chain is the prior p(z | x)
+        return MonotonicAlignment(scores, torch.zeros_like(scores), source_lengths=lengths,
+                                  max_jump=self.max_jump)
