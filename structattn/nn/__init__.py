@@ -4,6 +4,7 @@ enumeration; emission heads; encoders and inference networks."""
 from structattn.nn.attention import LatentAttention
 from structattn.nn.heads import EmissionHead
 from structattn.nn.inference import InferenceNetwork
+from structattn.nn.multihead import MultiheadAttention
 from structattn.nn.normalizers import (
     NORMALIZERS,
     Entmax15Normalizer,
@@ -28,6 +29,7 @@ from structattn.nn.scorers import (
     make_scorer,
 )
 from structattn.nn.simplex import Entmax15, EntmaxBisect, Sparsemax
+from structattn.nn.transformer import TransformerDecoderLayer, TransformerEncoderLayer
 
 __all__ = [
     "NORMALIZERS",
@@ -45,6 +47,7 @@ __all__ = [
     "LatentAttention",
     "MonotonicNormalizer",
     "MultiHeadScorer",
+    "MultiheadAttention",
     "Normalizer",
     "RelaxedNormalizer",
     "SegmentationNormalizer",
@@ -52,6 +55,8 @@ __all__ = [
     "Sparsemax",
     "SparsemaxNormalizer",
     "TreeNormalizer",
+    "TransformerDecoderLayer",
+    "TransformerEncoderLayer",
     "make_normalizer",
     "make_scorer",
     "register_normalizer",
