@@ -84,7 +84,7 @@ class HeadwiseEntmaxNormalizer(HeadwiseNormalizer):
         learnable: train alpha (otherwise it is a fixed buffer).
     """
 
-    def __init__(self, num_heads: int, alpha: float = 1.5, learnable: bool = True) -> None:
+    def __init__(self, num_heads: int = 1, alpha: float = 1.5, learnable: bool = True) -> None:
         super().__init__(num_heads)
         if not 1.0 < alpha < 2.0:
             raise ValueError(f"alpha must lie in (1, 2), got {alpha!r}")
