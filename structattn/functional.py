@@ -33,6 +33,8 @@ from structattn._validation import (
     check_broadcasts_to,
     check_finite,
     check_nonempty,
+    check_positive_int,
+    check_real_number,
     check_some_valid,
     normalize_dim,
     validation_enabled,
@@ -548,7 +550,8 @@ def _alpha_rows(alpha: float | Tensor, scores: Tensor, dim: int) -> Tensor | flo
     """Validate ``alpha`` and return it as a float or as ``(rows, 1)`` in the work dtype."""
     checking = validation_enabled()
     if not isinstance(alpha, Tensor):
-        alpha = float(alpha)
+        # Checked even with validation off: float("1.5") would silently accept a string.
+        alpha = check_real_number(alpha, "alpha")
         if checking and not alpha >= 1.0:
             raise ValueError(f"alpha must be >= 1 (1 = softmax, 2 = sparsemax), got {alpha}")
         if checking and alpha == float("inf"):
@@ -607,9 +610,8 @@ def entmax_bisect(
     """
     dim, mask = _prepare(scores, dim, mask)
     if validation_enabled():
-        if not isinstance(n_iter, int) or n_iter < 1:
-            raise ValueError(f"n_iter must be a positive int, got {n_iter!r}")
-        if tol is not None and not tol > 0:
+        check_positive_int(n_iter, "n_iter")
+        if tol is not None and not check_real_number(tol, "tol") > 0:
             raise ValueError(f"tol must be positive, got {tol!r}")
     alpha_rows = _alpha_rows(alpha, scores, dim)
     if isinstance(alpha_rows, float):
