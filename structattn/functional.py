@@ -346,23 +346,24 @@ def _scaled_rows(z: Tensor, slack: Tensor) -> Tensor:
 
 
 @_MaybeCompiled
-def _bisect_probs(x: Tensor, slack: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _bisect_probs(
+    x: Tensor, slack: Tensor, tau: Tensor, done: Tensor, tolerance: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """``p = [x - tau]_+^(1/(alpha-1))`` renormalised, the backward weight ``p / gap``
-    (proportional to ``p^(2 - alpha)``, without a second power), and ``sum`` before
-    renormalising (``(rows, 1)``, the convergence check)."""
+    (proportional to ``p^(2 - alpha)``, without a second power), and ``done`` updated with
+    the rows this pass proves converged.
+
+    The pass proves a row where ``|sum - 1| <= tolerance`` and the last step was Halley's
+    (cubic, alpha <= 2); for alpha > 2 the kernel's own test, which adds one polishing step,
+    must say so (without it float32 errors reach 1e-6).
+    """
     gap, log_gap, positive = _log_gap(x, tau)
     powered = torch.where(positive, torch.exp((1.0 / slack).to(x.dtype) * log_gap), 0.0)
     total = powered.sum(-1, keepdim=True)
     probs = powered / torch.where(total > 0, total, 1.0)
     weight = torch.where(positive, probs / torch.where(positive, gap, 1.0), 0.0)
-    return probs, weight, total
-
-
-def _settled(total: Tensor, slack: Tensor, tolerance: Tensor) -> Tensor:
-    """Rows whose probability pass proves convergence: ``|sum - 1| <= tolerance`` where the
-    last step was Halley's (cubic, alpha <= 2); for alpha > 2 the kernel's own test, which
-    adds one polishing step, must say so (without it float32 errors reach 1e-6)."""
-    return ((total.to(torch.float64) - 1.0).abs() <= tolerance) & (slack <= 1.0)
+    settled = ((total.to(tolerance.dtype) - 1.0).abs() <= tolerance) & (slack <= 1.0)
+    return probs, weight, done | settled
 
 
 def _entmax_bisect_rows(
@@ -392,8 +393,7 @@ def _entmax_bisect_rows(
     lower, upper, tau, done = _bisect_kernel(
         x, slack, lower, upper, tau, done, tolerance, steps_left
     )
-    probs, weight, total = _bisect_probs(x, slack, tau)
-    done = done | _settled(total, slack, tolerance)
+    probs, weight, done = _bisect_probs(x, slack, tau, done, tolerance)
     for first_step in range(_BISECT_STEPS, n_iter, _BISECT_STEPS):
         if bool(done.all()):
             break
@@ -404,8 +404,9 @@ def _entmax_bisect_rows(
             part_x, part_slack, lower.index_select(0, rows), upper.index_select(0, rows),
             tau.index_select(0, rows), done.index_select(0, rows), tolerance, steps_left,
         )
-        part_probs, part_weight, part_total = _bisect_probs(part_x, part_slack, part_tau)
-        part_done = part_done | _settled(part_total, part_slack, tolerance)
+        part_probs, part_weight, part_done = _bisect_probs(
+            part_x, part_slack, part_tau, part_done, tolerance
+        )
         lower, upper, tau, done, probs, weight = (
             whole.index_copy(0, rows, part)
             for whole, part in zip(
