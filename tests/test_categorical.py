@@ -5,6 +5,8 @@ import math
 import pyro
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.distributions import kl_divergence
 
 from structattn.distributions import CategoricalAlignment, RelaxedAlignment, SparsemaxAlignment
@@ -389,3 +391,30 @@ def test_relaxed_key_mask_is_an_accessor_and_mask_is_pyros_method():
 def test_infer_shapes_gives_batch_and_event_shapes(cls, kwargs, expected):
     batch, event = cls.infer_shapes(**kwargs)
     assert (tuple(batch), tuple(event)) == expected
+
+
+@settings(deadline=None, max_examples=60, derandomize=True)
+@given(
+    values=st.lists(
+        st.floats(min_value=-1e30, max_value=1e30, allow_nan=False),
+        min_size=2, max_size=6,
+    ),
+    valid=st.lists(st.booleans(), min_size=6, max_size=6),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+)
+def test_masked_keys_have_zero_mass_for_any_scores(values, valid, dtype):
+    logits = torch.tensor(values, dtype=torch.float64)
+    finfo = torch.finfo(dtype)
+    logits = logits.clamp(finfo.min, finfo.max).to(dtype)
+    mask = torch.tensor(valid[: len(values)])
+    mask[int(torch.tensor(values).argmin())] = True  # at least one valid key, and the worst
+    for dist in (
+        CategoricalAlignment(logits=logits, mask=mask),
+        RelaxedAlignment(logits, mask=mask, straight_through=False),
+    ):
+        attention = dist.attention.float()
+        assert torch.isfinite(attention).all()
+        assert (attention[~mask] == 0).all()
+        assert abs(attention.sum().item() - 1.0) < 1e-2
+    sample = RelaxedAlignment(logits, temperature=0.5, mask=mask).rsample((8,))
+    assert not torch.isnan(sample).any() and (sample[:, ~mask] == 0).all()
