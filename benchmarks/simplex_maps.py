@@ -1,12 +1,15 @@
 """Forward+backward time of structattn's simplex maps against torch.softmax and entmax.
 
 One run measures, at each shape, ``torch.softmax``, our ``sparsemax``, ``entmax15`` and
-``entmax_bisect`` and the ``entmax`` package's functions of the same name, interleaved in the
-same loop so that load from other processes hits all of them alike, and prints medians with
-ratios to softmax and to entmax.  ``entmax`` is a benchmark-only dependency.
+``entmax_bisect`` (at each ``--alphas`` value, and with a learned tensor of per-row alphas in
+[1.2, 1.8] that receives its gradient) and the ``entmax`` package's functions of the same name,
+interleaved in the same loop so that load from other processes hits all of them alike, and
+prints medians with ratios to softmax and to entmax.  ``entmax`` is a benchmark-only
+dependency (``--no-entmax`` skips it).
 
     python benchmarks/simplex_maps.py            # full run
     python benchmarks/simplex_maps.py --quick    # a few repeats, for a smoke test
+    python benchmarks/simplex_maps.py --no-entmax --alphas 1.3,1.7   # the issue-12 targets
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ import torch
 from structattn import functional
 
 DEFAULT_SHAPES = ((4096, 64), (1024, 512), (256, 4096))
+CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
+#: The timer; ``--clock cpu`` (default) counts this thread's CPU time, which a machine shared
+#: with other processes inflates far less than wall time (a long call is descheduled more).
+CLOCK = time.thread_time
 
 
 def parse_args() -> argparse.Namespace:
@@ -40,16 +47,21 @@ def parse_args() -> argparse.Namespace:
         "--warmup", type=int, default=3, help="untimed calls per method before timing (default 3)"
     )
     parser.add_argument(
-        "--alpha",
-        type=float,
-        default=1.5,
-        help="alpha of entmax_bisect for both libraries (default 1.5; for 1.5 ours uses the "
-        "exact entmax15 kernel, so an extra row times our iterative path at alpha+0.0001)",
+        "--alphas",
+        default="1.3,1.7",
+        help="comma-separated alphas of entmax_bisect for both libraries (default %(default)s)",
+    )
+    parser.add_argument(
+        "--no-entmax", action="store_true", help="skip the entmax package's functions"
     )
     parser.add_argument(
         "--scale", type=float, default=1.0, help="standard deviation of the random scores"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), default="cpu",
+        help="cpu: this thread's CPU time (default; robust to other processes); wall: elapsed",
+    )
     parser.add_argument(
         "--eager",
         action="store_true",
@@ -67,51 +79,65 @@ def forward_backward(
 ) -> float:
     """Seconds for one forward pass and the backward pass of ``<fn(scores), cotangent>``."""
     leaf = scores.detach().requires_grad_(True)
-    start = time.perf_counter()
+    start = CLOCK()
     out = fn(leaf)
     out.backward(cotangent)
-    return time.perf_counter() - start
+    return CLOCK() - start
 
 
-def methods(alpha: float) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    import entmax
+def learned_alpha(rows: int) -> torch.Tensor:
+    """Per-row alphas in [1.2, 1.8] that require grad, as a learned alpha per head would."""
+    generator = torch.Generator().manual_seed(1)
+    return (1.2 + 0.6 * torch.rand(rows, 1, generator=generator)).requires_grad_(True)
 
+
+def methods(
+    alphas: list[float], rows: int, with_entmax: bool
+) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     table: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "softmax": lambda x: torch.softmax(x, -1),
         "sparsemax": functional.sparsemax,
-        "entmax:sparsemax": lambda x: entmax.sparsemax(x, -1),
         "entmax15": functional.entmax15,
-        "entmax:entmax15": lambda x: entmax.entmax15(x, -1),
-        f"entmax_bisect a={alpha:g}": lambda x: functional.entmax_bisect(x, alpha),
-        f"entmax:entmax_bisect a={alpha:g}": lambda x: entmax.entmax_bisect(x, alpha),
     }
-    if alpha in (1.0, 1.5, 2.0):
-        iterative = alpha + 1e-4
-        table[f"entmax_bisect a={iterative:g}"] = lambda x: functional.entmax_bisect(x, iterative)
-        table[f"entmax:entmax_bisect a={iterative:g}"] = lambda x: entmax.entmax_bisect(
-            x, iterative
-        )
+    for alpha in alphas:
+        table[f"entmax_bisect a={alpha:g}"] = lambda x, a=alpha: functional.entmax_bisect(x, a)
+    alpha_tensor = learned_alpha(rows)
+    table["entmax_bisect a=learned"] = lambda x: functional.entmax_bisect(x, alpha_tensor)
+    if with_entmax:
+        import entmax
+
+        table["entmax:sparsemax"] = lambda x: entmax.sparsemax(x, -1)
+        table["entmax:entmax15"] = lambda x: entmax.entmax15(x, -1)
+        for alpha in alphas:
+            table[f"entmax:entmax_bisect a={alpha:g}"] = (
+                lambda x, a=alpha: entmax.entmax_bisect(x, a)
+            )
+        table["entmax:entmax_bisect a=learned"] = lambda x: entmax.entmax_bisect(x, alpha_tensor)
     return table
 
 
 def main() -> None:
+    global CLOCK
     args = parse_args()
+    CLOCK = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.eager:
         functional.COMPILE = False
     repeats, warmup = (5, 1) if args.quick else (args.repeats, args.warmup)
     shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
-    table = methods(args.alpha)
+    alphas = [float(value) for value in args.alphas.split(",")]
     print(f"load average before: {os.getloadavg()[0]:.2f} (other processes slow every row)")
     print(
         f"torch {torch.__version__}, threads={args.threads}, compile={functional.COMPILE}, "
-        f"repeats={repeats}, scores ~ N(0, {args.scale:g}^2), forward+backward median ms"
+        f"repeats={repeats}, scores ~ N(0, {args.scale:g}^2), forward+backward median ms "
+        f"({args.clock} time)"
     )
     header = f"{'shape':>10}  {'method':<28} {'ms':>8} {'x softmax':>10} {'x entmax':>9}"
     print(header)
     print("-" * len(header))
     for rows, keys in shapes:
+        table = methods(alphas, rows, not args.no_entmax)
         scores = torch.randn(rows, keys) * args.scale
         cotangent = torch.randn(rows, keys)
         for fn in table.values():
@@ -129,9 +155,34 @@ def main() -> None:
                 f"{rows:>5}x{keys:<4}  {name:<28} {ms:8.3f} {ms / median['softmax']:10.2f}"
                 f" {versus:>9}"
             )
+        worst = max(
+            (ms / median["softmax"], name)
+            for name, ms in median.items()
+            if name.startswith("entmax_bisect")
+        )
+        print(
+            f"{rows:>5}x{keys:<4}  slowest entmax_bisect: {worst[0]:.2f}x softmax ({worst[1]}; "
+            f"issue-12 target <= 4); alpha gradient, float32 vs float64: "
+            f"{alpha_gradient_error(scores, cotangent):.1e} relative (target <= 1e-3)"
+        )
         print()
     print("x entmax = entmax's time / ours (above 1: ours is faster).")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+def alpha_gradient_error(scores: torch.Tensor, cotangent: torch.Tensor) -> float:
+    """Largest relative error of the float32 gradient of per-row alphas (in [1.2, 1.8] and
+    next to 1) against float64, relative to the largest float64 gradient."""
+    rows = scores.shape[0]
+    base = learned_alpha(rows).detach()
+    base[: rows // 4] = 1.0 + 1e-5  # alphas a learned head may sit at, next to softmax
+    gradients = []
+    for dtype in (torch.float32, torch.float64):
+        alpha = base.to(dtype).requires_grad_(True)
+        out = functional.entmax_bisect(scores.to(dtype), alpha)
+        (gradient,) = torch.autograd.grad(out, alpha, cotangent.to(dtype))
+        gradients.append(gradient.double())
+    return float((gradients[0] - gradients[1]).abs().max() / gradients[1].abs().max())
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ Checks follow Pyro's ``validate_args`` convention: they run while
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch.distributions import Distribution
 
@@ -103,3 +105,18 @@ def check_some_valid(mask: torch.Tensor | None, dim: int, name: str = "mask") ->
             f"{name} masks every key of at least one query (all False along dim {dim}); "
             "each query needs at least one valid key"
         )
+
+
+def check_real_number(value: object, name: str) -> float:
+    """Return ``value`` as a float when it is a real number (Python or NumPy; not a bool, a
+    string or a tensor), else raise a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def check_positive_int(value: object, name: str) -> int:
+    """Return ``value`` when it is an int >= 1 (not a bool), else raise naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)

@@ -5,6 +5,8 @@ import math
 import pyro
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.distributions import kl_divergence
 
 from structattn.distributions import CategoricalAlignment, RelaxedAlignment, SparsemaxAlignment
@@ -313,3 +315,106 @@ def test_every_small_alignment_is_enumerated_once():
     assert support.shape == (3, 2)
     for column in support.T:
         assert sorted(column.tolist()) == [0, 1, 2]
+
+
+# --- masked keys at any score magnitude and dtype ---------------------------------------
+
+
+MAGNITUDE_CASES = [
+    (torch.float64, [-2e9, -3e9, 5.0]),
+    (torch.float32, [-2e9, -3e9, 5.0]),
+    (torch.float32, [-1e30, -3e30, 1e30]),
+    (torch.float16, [-5000.0, -6000.0, 0.0]),
+    (torch.bfloat16, [-1e30, -2e30, 1e30]),
+    (torch.float16, [60000.0, -60000.0, 65000.0]),
+]
+
+
+@pytest.mark.parametrize("dtype, values", MAGNITUDE_CASES)
+def test_masked_key_gets_exactly_zero_whatever_the_scores(dtype, values):
+    logits = torch.tensor([values], dtype=dtype).requires_grad_()
+    mask = torch.tensor([True, True, False])
+    dist = CategoricalAlignment(logits=logits, mask=mask)
+    assert dist.attention[0, 2] == 0
+    assert torch.isclose(dist.attention[0].float().sum(), torch.tensor(1.0), atol=1e-2)
+    assert (dist.sample((200,)) != 2).all()
+    assert torch.isfinite(dist.entropy()).all()
+    assert dist.log_prob(torch.tensor([2])).exp() == 0
+    (dist.attention.float() * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert logits.grad[0, 2] == 0
+    assert torch.isfinite(logits.grad).all()
+    kl = kl_divergence(dist, CategoricalAlignment(logits=torch.zeros(1, 3, dtype=dtype), mask=mask))
+    assert torch.isfinite(kl).all()
+
+
+@pytest.mark.parametrize("dtype, values", MAGNITUDE_CASES)
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_relaxed_samples_never_touch_a_masked_key_nor_give_nan(dtype, values, straight_through):
+    logits = torch.tensor([values], dtype=dtype).requires_grad_()
+    mask = torch.tensor([True, True, False])
+    dist = RelaxedAlignment(logits, temperature=0.3, mask=mask, straight_through=straight_through)
+    sample = dist.rsample((50,))
+    assert not torch.isnan(sample).any()
+    assert (sample[..., 2] == 0).all()
+    (sample.float() * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert logits.grad[0, 2] == 0 and not torch.isnan(logits.grad).any()
+    assert dist.attention[0, 2] == 0
+
+
+def test_sparsemax_alignment_masks_at_any_magnitude():
+    dist = SparsemaxAlignment(
+        scores=torch.tensor([[-2e9, -3e9, 5.0]]), mask=torch.tensor([True, True, False])
+    )
+    assert torch.equal(dist.attention, torch.tensor([[1.0, 0.0, 0.0]]))
+    assert dist.enumerate_support(expand=False).flatten().tolist() == [0]
+
+
+def test_relaxed_key_mask_is_an_accessor_and_mask_is_pyros_method():
+    dist = RelaxedAlignment(torch.randn(3, 4), mask=torch.tensor([True, True, False, True]))
+    assert dist.key_mask.shape == (3, 4) and not dist.key_mask[:, 2].any()
+    masked = dist.mask(torch.tensor([True, False, True]))
+    value = dist.rsample()
+    assert masked.log_prob(value)[1] == 0
+    assert dist.expand((2, 3)).key_mask.shape == (2, 3, 4)
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, expected",
+    [
+        (CategoricalAlignment, dict(logits=(2, 3, 4), mask=(3, 4)), ((2, 3), ())),
+        (CategoricalAlignment, dict(probs=(5, 4)), ((5,), ())),
+        (SparsemaxAlignment, dict(scores=(2, 3, 4)), ((2, 3), ())),
+        (SparsemaxAlignment, dict(scores=(2, 3, 4), mask=(2, 1, 4)), ((2, 3), ())),
+        (RelaxedAlignment, dict(logits=(2, 3, 4), temperature=(3,)), ((2, 3), (4,))),
+    ],
+)
+def test_infer_shapes_gives_batch_and_event_shapes(cls, kwargs, expected):
+    batch, event = cls.infer_shapes(**kwargs)
+    assert (tuple(batch), tuple(event)) == expected
+
+
+@settings(deadline=None, max_examples=60, derandomize=True)
+@given(
+    values=st.lists(
+        st.floats(min_value=-1e30, max_value=1e30, allow_nan=False),
+        min_size=2, max_size=6,
+    ),
+    valid=st.lists(st.booleans(), min_size=6, max_size=6),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+)
+def test_masked_keys_have_zero_mass_for_any_scores(values, valid, dtype):
+    logits = torch.tensor(values, dtype=torch.float64)
+    finfo = torch.finfo(dtype)
+    logits = logits.clamp(finfo.min, finfo.max).to(dtype)
+    mask = torch.tensor(valid[: len(values)])
+    mask[int(torch.tensor(values).argmin())] = True  # at least one valid key, and the worst
+    for dist in (
+        CategoricalAlignment(logits=logits, mask=mask),
+        RelaxedAlignment(logits, mask=mask, straight_through=False),
+    ):
+        attention = dist.attention.float()
+        assert torch.isfinite(attention).all()
+        assert (attention[~mask] == 0).all()
+        assert abs(attention.sum().item() - 1.0) < 1e-2
+    sample = RelaxedAlignment(logits, temperature=0.5, mask=mask).rsample((8,))
+    assert not torch.isnan(sample).any() and (sample[:, ~mask] == 0).all()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from structattn.data.bible import (
     sword_module_path,
 )
 from structattn.data.g2p import load_g2p, split_of_word
+from structattn.data.text import load_parallel_text
 from structattn.data.vocab import Vocab
 
 torch.set_num_threads(1)
@@ -290,3 +292,89 @@ def test_osis_parser_drops_notes_and_keeps_strongs_on_words():
     assert verse.strongs[1] == ("G2424", "G5547")
     assert verse.strongs[2] == ()
     assert verse.text == "de Jesucristo, LORD."
+
+
+# ---------------------------------------------------------------------- bad data is named
+
+
+def test_decode_refuses_non_integer_ids_but_takes_integer_tensors():
+    vocab = Vocab(["a", "b"])
+    for bad in (3.7, 4.0, "4", True, None):
+        with pytest.raises(ValueError, match=r"ids\[1\].*integers"):
+            vocab.decode([4, bad])
+    assert vocab.decode(torch.tensor([4, 5])) == ["a", "b"]
+    assert vocab.decode([torch.tensor(5)]) == ["b"]
+
+
+@pytest.mark.parametrize("side", ["source", "target"])
+def test_an_example_with_an_empty_side_is_refused_when_batches_are_built(side):
+    good = SimpleNamespace(source=("a",), target=("b",))
+    bad = SimpleNamespace(**{"source": ("a",), "target": ("b",), side: ()})
+    vocab = Vocab(["a", "b"])
+    with pytest.raises(ValueError, match=rf"examples\[2\] has an empty {side}"):
+        Seq2SeqBatches([good, good, bad, good], vocab, vocab, batch_size=1)
+    with pytest.raises(ValueError, match=rf"examples\[1\] has an empty {side}"):
+        collate_seq2seq([good, bad], vocab, vocab)
+
+
+def _write_pair(tmp_path, source: bytes, target: bytes):
+    (tmp_path / "src.txt").write_bytes(source)
+    (tmp_path / "tgt.txt").write_bytes(target)
+    return tmp_path / "src.txt", tmp_path / "tgt.txt"
+
+
+def test_parallel_text_loads_words_and_chars(tmp_path):
+    source, target = _write_pair(tmp_path, b"das Haus\r\nein Buch\n", b"la casa\nun libro")
+    words = load_parallel_text(source, target)
+    assert [(ex.source, ex.target, ex.line) for ex in words] == [
+        (("das", "Haus"), ("la", "casa"), 1),
+        (("ein", "Buch"), ("un", "libro"), 2),
+    ]
+    assert load_parallel_text(source, target, tokenize="chars")[1].target == tuple("un libro")
+
+
+@pytest.mark.parametrize(
+    "source, target, message",
+    [
+        (b"a b\n\nc\n", b"x\ny\nz\n", r"source_path .*src.txt, line 2 is empty"),
+        (b"a\nb\nc\n", b"x\ny\n   \n", r"target_path .*tgt.txt, line 3 is empty"),
+        (b"a\nb\n", b"x\ny\nz\n", r"has 2 lines but target_path .* has 3"),
+        (b"a\n\xff\xfeb\n", b"x\ny\n", r"source_path .*src.txt, line 2: invalid UTF-8"),
+        (b"", b"", r"no lines"),
+    ],
+)
+def test_parallel_text_names_the_file_and_line_of_bad_data(tmp_path, source, target, message):
+    paths = _write_pair(tmp_path, source, target)
+    with pytest.raises(ValueError, match=message):
+        load_parallel_text(*paths)
+
+
+def test_parallel_text_rejects_a_missing_file_and_an_unknown_tokenizer(tmp_path):
+    source, target = _write_pair(tmp_path, b"a\n", b"b\n")
+    with pytest.raises(ValueError, match="target_path .* does not exist"):
+        load_parallel_text(source, tmp_path / "missing.txt")
+    with pytest.raises(ValueError, match="tokenize"):
+        load_parallel_text(source, target, tokenize="bytes")
+
+
+def test_read_ztext_names_the_module_and_verse_of_invalid_utf8(tmp_path):
+    module = tmp_path / "kjv"
+    module.mkdir()
+    entries = [
+        "",
+        "",
+        '<div type="book" osisID="Gen">',
+        '<chapter osisID="Gen.1" sID="Gen.1.seID.1"/>',
+        "In the beginning",
+        "And the earth",
+        "And God said",
+    ]
+    _write_ztext(module, "ot", entries, entries_per_block=len(entries))
+    # One byte of "God" damaged, same length, so the verse index still points right.
+    damaged = zlib.compress(zlib.decompress((module / "ot.bzz").read_bytes()).replace(
+        b"God", b"G\xffd"
+    ))
+    (module / "ot.bzz").write_bytes(damaged)
+    (module / "ot.bzs").write_bytes(struct.pack("<III", 0, len(damaged), 0))
+    with pytest.raises(ValueError, match=r"module kjv .*OT entry 6 \(Gen 1:3\): invalid UTF-8"):
+        read_ztext(module, "ot")

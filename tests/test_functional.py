@@ -536,3 +536,59 @@ def test_entmax_bisect_module_learns_alpha():
     module(random_scores(2, 6, seed=24)).pow(2).sum().backward()
     assert alpha.grad is not None and bool((alpha.grad != 0).all())
     assert "alpha=tensor(2, 1)" in repr(module)
+
+
+# ---------------------------------------------------------------------------------------------
+# entmax_bisect: float32 accuracy at any alpha, and the alpha gradient next to alpha = 1
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha", [1.05, 1.3, 1.7, 2.5, 3.0, 4.0])
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_entmax_bisect_float32_is_accurate_to_float32_rounding(alpha, scale):
+    # The threshold is kept in float64 (high + low pair), so even at alpha = 4, where
+    # p = gap^(1/3) is steep next to the threshold, float32 is within a few eps of float64.
+    scores = random_scores(256, 64, scale=scale, seed=21, dtype=torch.float32)
+    expected = reference_entmax(scores.double(), alpha)
+    error = (entmax_bisect(scores, alpha).double() - expected).abs().max()
+    assert error <= 6e-7  # five float32 eps; the entmax package: 7e-3 at alpha 4
+
+
+@pytest.mark.parametrize("alpha", [1.00001, 1.001, 1.01, 1.3, 1.7])
+def test_alpha_gradient_in_float32_matches_float64_next_to_alpha_one(alpha):
+    scores = random_scores(16, 24, seed=22)
+    cotangent = random_scores(16, 24, seed=23)
+    gradients = []
+    for dtype in (torch.float32, torch.float64):
+        alphas = torch.full((16, 1), alpha, dtype=dtype, requires_grad=True)
+        out = entmax_bisect(scores.to(dtype), alphas)
+        (gradient,) = torch.autograd.grad(out, alphas, cotangent.to(dtype))
+        gradients.append(gradient.double())
+    relative = (gradients[0] - gradients[1]).abs().max() / gradients[1].abs().max()
+    assert relative <= 1e-4
+
+
+def test_alpha_gradient_at_alpha_one_is_the_softmax_limit():
+    # At alpha = 1 the map is the softmax and d p_i / d alpha = p_i (<p, l^2> - l_i^2) / 2
+    # with l = log p; a one-sided difference quotient confirms the limit.
+    scores = random_scores(5, 9, seed=24)
+    cotangent = random_scores(5, 9, seed=25)
+    alphas = torch.ones(5, 1, dtype=torch.float64, requires_grad=True)
+    (gradient,) = torch.autograd.grad(entmax_bisect(scores, alphas), alphas, cotangent)
+    log_p = torch.log_softmax(scores, -1)
+    p = log_p.exp()
+    limit = p * ((p * log_p**2).sum(-1, keepdim=True) - log_p**2) / 2
+    torch.testing.assert_close(gradient, (cotangent * limit).sum(-1, keepdim=True))
+    step = 1e-6
+    quotient = (entmax_bisect(scores, 1 + step, tol=1e-15) - torch.softmax(scores, -1)) / step
+    torch.testing.assert_close(
+        gradient, (cotangent * quotient).sum(-1, keepdim=True), atol=1e-5, rtol=1e-4
+    )
+
+
+def test_gradcheck_with_respect_to_alpha_next_to_one_and_above_two():
+    scores = random_scores(4, 6, seed=26)
+    alpha = torch.tensor([[1.0001], [1.01], [2.2], [3.5]], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a: entmax_bisect(scores, a, tol=1e-15), (alpha,), eps=1e-7, atol=1e-5
+    )

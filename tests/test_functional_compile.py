@@ -82,3 +82,24 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(compiled, monkeypa
     torch.testing.assert_close(probs, expected)
     probs_again, _, _ = kernel(scores, start, 3)  # no second warning: eager from now on
     torch.testing.assert_close(probs_again, expected)
+
+
+@pytest.mark.slow
+def test_compiled_entmax_bisect_matches_eager_with_a_learned_alpha(compiled, monkeypatch):
+    # Rows at alpha 1 (softmax), dense, sparse and above 2, with gradients for scores and alpha.
+    scores = torch.randn(8, 40, generator=torch.Generator().manual_seed(3)) * 2
+    mask = torch.rand(8, 40, generator=torch.Generator().manual_seed(4)) > 0.2
+    mask[:, 0] = True
+    alphas = torch.tensor([1.0, 1.00001, 1.3, 1.5, 1.7, 2.0, 2.5, 4.0]).unsqueeze(-1)
+    cotangent = torch.randn(8, 40, generator=torch.Generator().manual_seed(5))
+    results = []
+    for use_compile in (True, False):
+        monkeypatch.setattr(functional, "COMPILE", use_compile)
+        leaf, alpha = scores.clone().requires_grad_(), alphas.clone().requires_grad_()
+        probs = functional.entmax_bisect(leaf, alpha, mask=mask)
+        probs.backward(cotangent)
+        results.append((probs.detach(), leaf.grad, alpha.grad))
+    for compiled_value, eager_value in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(compiled_value, eager_value, atol=1e-5, rtol=1e-4)
+    for kernel in (functional._bisect_kernel, functional._bisect_probs, functional._alpha_gradient):
+        assert not kernel.failed_devices

@@ -163,6 +163,7 @@ def collate_seq2seq(
     """
     if len(examples) == 0:
         raise ValueError("examples must hold at least one example")
+    _check_nonempty_examples(examples)
     if indices is None:
         indices = range(len(examples))
     elif len(indices) != len(examples):
@@ -177,6 +178,18 @@ def collate_seq2seq(
     return Seq2SeqBatch(
         source, source_mask, target, target_mask, torch.as_tensor(list(indices), dtype=torch.long)
     )
+
+
+def _check_nonempty_examples(examples: Sequence[Seq2SeqExample]) -> None:
+    """Refuse an example with an empty side now, naming it, rather than when its batch is
+    collated somewhere in the middle of training."""
+    for position, example in enumerate(examples):
+        for side in ("source", "target"):
+            if len(getattr(example, side)) == 0:
+                raise ValueError(
+                    f"examples[{position}] has an empty {side}; every example needs at least "
+                    "one token on each side"
+                )
 
 
 class Seq2SeqBatches:
@@ -208,6 +221,7 @@ class Seq2SeqBatches:
             raise ValueError("examples must hold at least one example")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        _check_nonempty_examples(examples)
         self.examples = examples
         self.source_vocab = source_vocab
         self.target_vocab = target_vocab

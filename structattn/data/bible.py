@@ -221,10 +221,37 @@ def read_ztext(module_path: str | os.PathLike, testament: str) -> list[str]:
                 raise ValueError(f"{base}/{testament}.bzz block {number} is corrupt") from err
         return blocks[number]
 
+    raw = [
+        block(number)[start : start + length] if length else b""
+        for number, start, length in struct.iter_unpack("<IIH", verse_index)
+    ]
     entries = []
-    for number, start, length in struct.iter_unpack("<IIH", verse_index):
-        entries.append(block(number)[start : start + length].decode("utf-8") if length else "")
+    for index, data in enumerate(raw):
+        try:
+            entries.append(data.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            # Name the verse: chapter markers before it survive a lenient decode of the rest.
+            lenient = [entry.decode("utf-8", errors="replace") for entry in raw[: index + 1]]
+            raise ValueError(
+                f"SWORD module {base.name} ({base}), {testament.upper()} entry {index} "
+                f"({_entry_label(lenient, index)}): invalid UTF-8 at byte {err.start} "
+                f"({err.reason}); the module file is damaged, reinstall it"
+            ) from err
     return entries
+
+
+def _entry_label(entries: Sequence[str], index: int) -> str:
+    """A reference such as ``Gen 1:3`` for entry ``index``, from the last chapter marker
+    before it (or ``a heading`` when there is none)."""
+    for position in range(index, -1, -1):
+        match = _CHAPTER_START.search(entries[position])
+        if match:
+            osis_id = dict(_ATTRIBUTE.findall(match.group(0))).get("osisID", "?")
+            book, _, chapter = osis_id.rpartition(".")
+            if position == index:
+                return f"the heading of {book} {chapter}"
+            return f"{book} {chapter}:{index - position}"
+    return "a heading before the first chapter"
 
 
 def parse_osis_verse(osis: str, *, lowercase: bool = False) -> ParsedVerse:

@@ -8,6 +8,7 @@ pad, bos, eos, unk (unk only when the vocabulary has one).
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -162,8 +163,8 @@ class Vocab:
         which is what a generated ``(length,)`` row needs.
         """
         out: list[str] = []
-        for raw in ids:
-            index = int(raw)
+        for position, raw in enumerate(ids):
+            index = _integer_id(raw, position)
             if not 0 <= index < len(self._id_to_symbol):
                 raise ValueError(f"ids contains {index}, outside 0..{len(self) - 1}")
             if strip_special:
@@ -192,3 +193,16 @@ class Vocab:
         if not isinstance(specials, Mapping) or not isinstance(symbols, list):
             raise ValueError("state must hold a 'specials' mapping and a 'symbols' list")
         return cls(symbols, **dict(specials))
+
+
+def _integer_id(raw: object, position: int) -> int:
+    """``raw`` as an int: Python, NumPy or 0-dimensional integer tensor ids, never a float
+    (``3.7`` would otherwise silently become 3) nor a bool."""
+    if isinstance(raw, bool):
+        raise ValueError(f"ids[{position}] is the bool {raw!r}; ids must be integers")
+    try:
+        return operator.index(raw)
+    except TypeError:
+        raise ValueError(
+            f"ids[{position}] is {raw!r} ({type(raw).__name__}); ids must be integers"
+        ) from None

@@ -6,23 +6,29 @@ and integer values in ``{0, ..., keys - 1}``, so Pyro can enumerate them, mask t
 and Rao-Blackwellise them per query.  :class:`RelaxedAlignment` has event shape ``(keys,)``
 and one-hot (or relaxed) values, for pathwise gradients.
 
-Padding of keys is handled inside the distribution by a boolean ``mask`` (True = valid key);
-masked keys get a large *finite* negative logit (:func:`mask_value`), never ``-inf``, so that
-relaxed samples, entropies and KL terms stay free of NaN.
+Padding of keys is handled inside the distribution by a boolean ``mask`` (True = valid key).
+The valid logits of each query are first shifted so that their maximum is 0, and only then do
+masked keys get a large *finite* negative logit (:func:`mask_value`), never ``-inf`` (so that
+relaxed samples, entropies and KL terms stay free of NaN).  Because the best valid key sits at
+0, a masked key's probability underflows to exactly 0 whatever the magnitude of the real
+scores and whatever the dtype: the mask never has to win against the scores.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 
 import pyro.distributions as pdist
 import torch
 from pyro.distributions.torch_distribution import TorchDistribution
-from torch.distributions import constraints
+from torch.distributions import constraints, transforms
+from torch.distributions.constraint_registry import biject_to, transform_to
 from torch.distributions.kl import register_kl
 
 from structattn._validation import (
     broadcast_mask,
+    check_broadcasts_to,
     check_finite,
     check_nonempty,
     check_some_valid,
@@ -44,6 +50,50 @@ def mask_value(dtype: torch.dtype) -> float:
     float16 (where ``-1e9`` does not exist).
     """
     return max(-1e9, torch.finfo(dtype).min / 16)
+
+
+def _masked_logits(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``logits: (..., keys)`` with the valid maximum of each query moved to 0 and masked keys
+    at :func:`mask_value`; the result has ``logits``' dtype.
+
+    The shift is detached: a softmax does not depend on it, so its gradient would be zero in
+    exact arithmetic anyway.  Half precision is shifted in float32 (a difference of two
+    float16 scores can overflow) and clamped to the dtype's range.  Masked entries of
+    ``logits`` may hold anything, NaN included: they never enter the result or its gradient.
+    """
+    if mask is None:
+        return logits
+    mask = mask.expand(logits.shape)
+    work = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    valid = torch.where(mask, work, torch.full_like(work, -math.inf))
+    shift = valid.detach().amax(-1, keepdim=True)
+    # A query with no valid key (validation off) keeps shift 0 instead of -inf.
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    finfo = torch.finfo(logits.dtype)
+    shifted = (torch.where(mask, work, torch.zeros_like(work)) - shift).clamp(min=finfo.min)
+    return torch.where(mask, shifted, torch.full_like(shifted, mask_value(logits.dtype))).to(
+        logits.dtype
+    )
+
+
+def _is_number(value: object) -> bool:
+    """A real Python or NumPy number (not a bool, not a string, not a tensor)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _constructor_validation(scores: torch.Tensor, validate_args: bool | None) -> bool | None:
+    """``validate_args`` for torch's constructor: False for an empty batch, which its checks
+    cannot reshape (there is nothing to check in it anyway)."""
+    return False if scores.shape[:-1].numel() == 0 else validate_args
+
+
+def _restore_validation(dist: TorchDistribution, validate_args: bool | None) -> None:
+    """Undo :func:`_constructor_validation`: samples and log-probabilities of an empty batch
+    are still checked as the caller asked."""
+    if validate_args is None:
+        dist.__dict__.pop("_validate_args", None)
+    else:
+        dist._validate_args = validate_args
 
 
 def _should_validate(validate_args: bool | None) -> bool:
@@ -107,9 +157,10 @@ class CategoricalAlignment(pdist.Categorical):
         validate = _should_validate(validate_args)
         if logits is not None:
             mask = _prepare_scores(logits, mask, "logits", validate)
-            if mask is not None:
-                logits = logits.masked_fill(~mask, mask_value(logits.dtype))
-            super().__init__(logits=logits, validate_args=validate_args)
+            super().__init__(
+                logits=_masked_logits(logits, mask),
+                validate_args=_constructor_validation(logits, validate_args),
+            )
         else:
             mask = _prepare_scores(probs, mask, "probs", validate)
             if validate and bool((probs < 0).any()):
@@ -118,7 +169,19 @@ class CategoricalAlignment(pdist.Categorical):
                 probs = probs.masked_fill(~mask, 0.0)
             if validate and bool((probs.sum(-1) <= 0).any()):
                 raise ValueError("probs put no mass on any valid key of some query")
-            super().__init__(probs=probs, validate_args=validate_args)
+            super().__init__(
+                probs=probs, validate_args=_constructor_validation(probs, validate_args)
+            )
+
+        _restore_validation(self, validate_args)
+
+    @classmethod
+    def infer_shapes(cls, logits=None, probs=None, mask=None, **kwargs):
+        """``(batch_shape, event_shape)`` for scores of shape ``(..., queries, keys)``.
+
+        The mask only has to broadcast to the scores, so it does not change the shapes.
+        """
+        return _per_query_shapes(logits=logits, probs=probs)
 
     @property
     def attention(self) -> torch.Tensor:
@@ -133,6 +196,18 @@ class CategoricalAlignment(pdist.Categorical):
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(type(self), _instance)
         return super().expand(batch_shape, _instance=new)
+
+
+def _per_query_shapes(**scores_shapes) -> tuple[torch.Size, torch.Size]:
+    """Shapes of a per-query alignment from the one given scores-like argument's shape."""
+    given = {name: shape for name, shape in scores_shapes.items() if shape is not None}
+    if len(given) != 1:
+        raise ValueError(f"pass exactly one of {' or '.join(scores_shapes)} to infer_shapes")
+    (name, shape), = given.items()
+    shape = torch.Size(shape)
+    if len(shape) < 1:
+        raise ValueError(f"{name} must have a key dimension; got shape {tuple(shape)}")
+    return shape[:-1], torch.Size()
 
 
 @register_kl(CategoricalAlignment, CategoricalAlignment)
@@ -188,10 +263,10 @@ class SparsemaxAlignment(CategoricalAlignment):
         if logits is not None:
             super().__init__(logits=logits, mask=mask, validate_args=validate_args)
             return
-        if not 0.0 <= smoothing < 1.0:
-            raise ValueError(f"smoothing must lie in [0, 1), got {smoothing}")
-        if not alpha > 1.0:
-            raise ValueError(f"alpha must be > 1 for a sparse alignment, got {alpha}")
+        if not _is_number(smoothing) or not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"smoothing must be a number in [0, 1), got {smoothing!r}")
+        if not _is_number(alpha) or not 1.0 < alpha < math.inf:
+            raise ValueError(f"alpha must be a finite number > 1 (sparse), got {alpha!r}")
         validate = _should_validate(validate_args)
         mask = _prepare_scores(scores, mask, "scores", validate)
         probs = _entmax(scores, alpha, mask)
@@ -204,8 +279,16 @@ class SparsemaxAlignment(CategoricalAlignment):
             torch.full_like(probs, mask_value(probs.dtype)),
         )
         # The sparse map already normalised and masked; skip a second validation pass.
-        pdist.Categorical.__init__(self, logits=logits, validate_args=validate_args)
+        pdist.Categorical.__init__(
+            self, logits=logits, validate_args=_constructor_validation(logits, validate_args)
+        )
+        _restore_validation(self, validate_args)
         self.probs = probs
+
+    @classmethod
+    def infer_shapes(cls, scores=None, mask=None, logits=None, **kwargs):
+        """``(batch_shape, event_shape)`` for scores of shape ``(..., queries, keys)``."""
+        return _per_query_shapes(scores=scores, logits=logits)
 
     def enumerate_support(self, expand: bool = True) -> torch.Tensor:
         """Keys in the support of at least one query, shape ``(K,) + (1,) * len(batch_shape)``.
@@ -236,23 +319,44 @@ def _entmax(scores: torch.Tensor, alpha: float, mask: torch.Tensor | None) -> to
     return functional.entmax_bisect(scores, alpha=alpha, dim=-1, mask=mask)
 
 
+class _ToleratedSimplex(constraints._Simplex):
+    """The probability simplex, with the tolerance on ``sum = 1`` scaled to the value's dtype.
+
+    torch's ``simplex`` allows ``1e-6``, which a float16 or bfloat16 sample cannot meet
+    (one rounding of each coordinate already costs ``eps / 2`` of the sum).
+    """
+
+    def check(self, value: torch.Tensor) -> torch.Tensor:
+        tolerance = max(1e-6, 4 * torch.finfo(value.dtype).eps)
+        total = value.sum(-1, dtype=torch.float64)
+        return torch.all(value >= 0, dim=-1) & ((total - 1).abs() < tolerance)
+
+
+biject_to.register(_ToleratedSimplex, lambda constraint: transforms.StickBreakingTransform())
+transform_to.register(_ToleratedSimplex, lambda constraint: transforms.SoftmaxTransform())
+
+
 class RelaxedAlignment(TorchDistribution):
     r"""Gumbel-softmax (Concrete) alignment, optionally straight-through.
 
-    A sample is ``softmax((logits + g) / temperature)`` with Gumbel noise ``g`` (Jang et al.
-    2017; Maddison et al. 2017), renormalised after clamping so that it stays on the simplex
-    within float rounding even with padded keys (Pyro's stock straight-through class fails
-    its own support check there).  With ``straight_through=True`` the sample is the exact
-    one-hot of the argmax in the forward pass and carries the gradient of the relaxed sample.
+    A sample is ``softmax((logits + g) / temperature)`` over the valid keys, with Gumbel
+    noise ``g`` (Jang et al. 2017; Maddison et al. 2017); masked keys are excluded before the
+    softmax, so they get exactly 0 and the sample lies on the valid keys' face of the simplex
+    (Pyro's stock straight-through class fails its own support check with padded keys).  With
+    ``straight_through=True`` the sample is the exact one-hot of the argmax in the forward
+    pass and carries the gradient of the relaxed sample.
 
     :meth:`log_prob` is the Concrete density on the face of the simplex spanned by the valid
     keys (evaluated at the relaxed sample for straight-through values).  For training, do
     *not* use relaxed log-densities in a KL: use :meth:`categorical` and the analytic
     categorical KL (relaxed density ratios are unbounded and diverge in training).
 
+    The key mask is :attr:`key_mask`; ``mask(...)`` is Pyro's method that masks whole
+    log-probability terms, as on every Pyro distribution.
+
     Args:
         logits: ``(..., queries, keys)`` alignment scores.
-        temperature: positive float or tensor broadcastable to ``(..., queries)``.
+        temperature: positive number or tensor broadcastable to ``(..., queries)``.
         mask: boolean, broadcastable to ``logits``; True marks a valid key.
         straight_through: return hard one-hot samples with relaxed gradients.
 
@@ -260,7 +364,7 @@ class RelaxedAlignment(TorchDistribution):
     """
 
     arg_constraints = {"logits": constraints.real_vector, "temperature": constraints.positive}
-    support = constraints.simplex
+    support = _ToleratedSimplex()
     has_rsample = True
 
     def __init__(
@@ -273,19 +377,33 @@ class RelaxedAlignment(TorchDistribution):
     ) -> None:
         validate = _should_validate(validate_args)
         mask = _prepare_scores(logits, mask, "logits", validate)
-        temperature = torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
-        if validate and bool((temperature <= 0).any()):
-            raise ValueError(f"temperature must be positive, got {temperature}")
+        temperature = _check_temperature(temperature, logits, validate)
+        logits = _masked_logits(logits, mask)
         if mask is None:
             mask = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
-        else:
-            logits = logits.masked_fill(~mask, mask_value(logits.dtype))
-            mask = mask.expand(logits.shape)
         self.logits = logits - logits.logsumexp(-1, keepdim=True)
-        self.mask = mask
+        self._key_mask = mask.expand(logits.shape)
         self.temperature = temperature
         self.straight_through = straight_through
-        super().__init__(logits.shape[:-1], logits.shape[-1:], validate_args=validate_args)
+        super().__init__(
+            logits.shape[:-1],
+            logits.shape[-1:],
+            validate_args=_constructor_validation(logits, validate_args),
+        )
+        _restore_validation(self, validate_args)
+
+    @classmethod
+    def infer_shapes(cls, logits, temperature=(), mask=None, **kwargs):
+        """``(batch_shape, event_shape)`` for ``logits`` of shape ``(..., queries, keys)``."""
+        logits = torch.Size(logits)
+        if len(logits) < 1:
+            raise ValueError(f"logits must have a key dimension; got shape {tuple(logits)}")
+        return logits[:-1], logits[-1:]
+
+    @property
+    def key_mask(self) -> torch.Tensor:
+        """Boolean ``(..., queries, keys)``, True at valid keys."""
+        return self._key_mask
 
     @property
     def attention(self) -> torch.Tensor:
@@ -301,7 +419,7 @@ class RelaxedAlignment(TorchDistribution):
         batch_shape = torch.Size(batch_shape)
         shape = batch_shape + self.event_shape
         new.logits = self.logits.expand(shape)
-        new.mask = self.mask.expand(shape)
+        new._key_mask = self._key_mask.expand(shape)
         new.temperature = self.temperature
         new.straight_through = self.straight_through
         TorchDistribution.__init__(new, batch_shape, self.event_shape, validate_args=False)
@@ -317,9 +435,10 @@ class RelaxedAlignment(TorchDistribution):
         tiny = torch.finfo(self.logits.dtype).tiny
         uniform = torch.rand(shape, dtype=self.logits.dtype, device=self.logits.device)
         gumbel = -(-uniform.clamp(tiny, 1.0).log()).clamp_min(tiny).log()
-        soft = ((self.logits + gumbel) / self._temperature()).softmax(-1)
-        soft = soft.masked_fill(~self.mask, 0.0)
-        soft = soft / soft.sum(-1, keepdim=True)
+        noisy = (self.logits + gumbel) / self._temperature()
+        # Masked keys leave the softmax altogether (-inf), so they get exactly 0 and no
+        # gradient; every query has a valid key, so the softmax stays finite.
+        soft = torch.where(self._key_mask, noisy, torch.full_like(noisy, -math.inf)).softmax(-1)
         if not self.straight_through:
             return soft
         index = soft.argmax(-1, keepdim=True)
@@ -333,21 +452,44 @@ class RelaxedAlignment(TorchDistribution):
         value = getattr(value, "_relaxed", value)
         if self._validate_args:
             self._validate_sample(value)
-        mask = self.mask
-        count = mask.sum(-1).to(value.dtype)
-        temperature = self._temperature().to(value.dtype)
-        log_value = value.clamp_min(torch.finfo(value.dtype).tiny).log()
+        out_dtype = value.dtype
+        # lgamma and the log-density's sums lose too much in half precision.
+        work = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype
+        value = value.to(work)
+        mask = self._key_mask
+        count = mask.sum(-1).to(work)
+        temperature = self._temperature().to(work)
+        logits = self.logits.to(work)
+        log_value = value.clamp_min(torch.finfo(work).tiny).log()
         zero = torch.zeros_like(log_value)
-        weighted = torch.where(mask, self.logits - temperature * log_value, zero - math.inf)
-        density = torch.where(mask, self.logits - (1 + temperature) * log_value, zero).sum(-1)
+        weighted = torch.where(mask, logits - temperature * log_value, zero - math.inf)
+        density = torch.where(mask, logits - (1 + temperature) * log_value, zero).sum(-1)
         log_temperature = temperature.log().squeeze(-1) if temperature.dim() else temperature.log()
-        return (
+        result = (
             torch.lgamma(count)
             + (count - 1) * log_temperature
             + density
             - count * weighted.logsumexp(-1)
         )
+        return result.to(out_dtype)
 
     def entropy(self) -> torch.Tensor:
         """Entropy of the underlying categorical, ``(..., queries)`` (not of the relaxation)."""
         return self.categorical().entropy()
+
+
+def _check_temperature(
+    temperature: float | torch.Tensor, logits: torch.Tensor, validate: bool
+) -> torch.Tensor:
+    """``temperature`` as a tensor of ``logits``' dtype, checked against the batch shape."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, torch.Tensor)):
+        raise ValueError(
+            f"temperature must be a positive number or tensor, got {type(temperature).__name__}"
+        )
+    if isinstance(temperature, torch.Tensor) and not temperature.is_floating_point():
+        raise ValueError(f"temperature must be a floating-point tensor, got {temperature.dtype}")
+    temperature = torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
+    check_broadcasts_to(temperature.shape, logits.shape[:-1], "temperature", "the batch shape")
+    if validate and not bool((temperature > 0).all()):
+        raise ValueError(f"temperature must be positive (and not NaN), got {temperature}")
+    return temperature

@@ -5,9 +5,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from structattn._validation import check_positive_int, check_real_number
 from structattn.functional import entmax15, entmax_bisect, sparsemax
 
 __all__ = ["Sparsemax", "Entmax15", "EntmaxBisect"]
+
+
+def _check_dim(dim: object) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise ValueError(f"dim must be an int, got {dim!r}")
+    return dim
 
 
 class Sparsemax(nn.Module):
@@ -21,7 +28,7 @@ class Sparsemax(nn.Module):
 
     def __init__(self, dim: int = -1):
         super().__init__()
-        self.dim = dim
+        self.dim = _check_dim(dim)
 
     def forward(self, scores: Tensor, mask: Tensor | None = None) -> Tensor:
         return sparsemax(scores, dim=self.dim, mask=mask)
@@ -39,7 +46,7 @@ class Entmax15(nn.Module):
 
     def __init__(self, dim: int = -1):
         super().__init__()
-        self.dim = dim
+        self.dim = _check_dim(dim)
 
     def forward(self, scores: Tensor, mask: Tensor | None = None) -> Tensor:
         return entmax15(scores, dim=self.dim, mask=mask)
@@ -64,9 +71,17 @@ class EntmaxBisect(nn.Module):
         tol: float | None = None,
     ):
         super().__init__()
+        if not isinstance(alpha, Tensor):
+            alpha = check_real_number(alpha, "alpha")
+            if not 1.0 <= alpha < float("inf"):
+                raise ValueError(f"alpha must be a finite number >= 1, got {alpha!r}")
+        elif not alpha.is_floating_point():
+            raise ValueError(f"alpha must be a float or a floating-point tensor, got {alpha.dtype}")
+        if tol is not None and not check_real_number(tol, "tol") > 0:
+            raise ValueError(f"tol must be positive, got {tol!r}")
         self.alpha = alpha
-        self.dim = dim
-        self.n_iter = n_iter
+        self.dim = _check_dim(dim)
+        self.n_iter = check_positive_int(n_iter, "n_iter")
         self.tol = tol
 
     def forward(self, scores: Tensor, mask: Tensor | None = None) -> Tensor:
