@@ -17,6 +17,7 @@ from structattn.data.copy import aligned_copy_batch
 from structattn.data.text import load_parallel_text
 from structattn.data.vocab import Vocab
 from structattn.distributions import CategoricalAlignment, RelaxedAlignment, SparsemaxAlignment
+from structattn.infer import gather
 from structattn.nn.simplex import Entmax15, EntmaxBisect, Sparsemax
 
 X = torch.randn(3, 4)
@@ -159,6 +160,12 @@ ROWS = _map_rows() + [
     ("parallel-tokenize", lambda: load_parallel_text("s", "t", tokenize="bpe"), "tokenize must"),
     ("ztext-testament", lambda: read_ztext(".", "apocrypha"), "testament must"),
     ("copy-noise", lambda: aligned_copy_batch(2, 3, 5, noise=2.0), "noise must"),
+    # readout
+    ("gather-int-values-float-z",
+     lambda: gather(torch.ones(2, 4, 3, dtype=torch.long), torch.rand(2, 5, 4)),
+     "values must be floating"),
+    ("gather-1d-values", lambda: gather(torch.ones(4), torch.zeros(2, dtype=torch.long)),
+     "values must be"),
 ]
 
 

@@ -350,3 +350,16 @@ def test_structured_normalizers_give_pyro_sample_sites(name):
     site = trace.nodes["z"]
     assert torch.allclose(site["log_prob"], dist.log_prob(site["value"]))
     assert torch.isfinite(site["log_prob"]).all()
+
+
+@pytest.mark.parametrize("start", [1.5, 2.0, 1.3])
+def test_learnable_entmax_alpha_gets_a_gradient_at_every_start(start):
+    """A learned alpha that starts (or lands) on a closed-form value must still train."""
+    normalizer = sa.nn.make_normalizer("entmax", alpha=start, learnable=True)
+    scores = torch.randn(3, 4, 6, dtype=torch.float64)
+    target = torch.softmax(torch.randn(3, 4, 6, dtype=torch.float64), -1)
+    loss = (normalizer(scores).attention - target).pow(2).sum()
+    loss.backward()
+    grads = [p.grad for p in normalizer.parameters()]
+    assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+                         for g in grads)

@@ -241,7 +241,8 @@ class SparsemaxAlignment(CategoricalAlignment):
     Args:
         scores: ``(..., queries, keys)`` alignment scores.
         mask: boolean, broadcastable to ``scores``; True marks a valid key.
-        alpha: entmax parameter, ``> 1`` (2 = sparsemax, 1.5 = entmax15).
+        alpha: entmax parameter, ``> 1`` (2 = sparsemax, 1.5 = entmax15); a tensor (e.g. a
+            learned alpha) broadcasts against ``scores`` and receives its exact gradient.
         smoothing: weight ``eps`` in ``[0, 1)`` of the uniform mixture (see above).
         logits: log-probabilities instead of scores (used by Pyro when it rebuilds a site,
             e.g. ``compute_marginals``); then no sparse map is applied.
@@ -253,7 +254,7 @@ class SparsemaxAlignment(CategoricalAlignment):
         self,
         scores: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
-        alpha: float = 2.0,
+        alpha: float | torch.Tensor = 2.0,
         smoothing: float = 0.0,
         logits: torch.Tensor | None = None,
         validate_args: bool | None = None,
@@ -265,7 +266,13 @@ class SparsemaxAlignment(CategoricalAlignment):
             return
         if not _is_number(smoothing) or not 0.0 <= smoothing < 1.0:
             raise ValueError(f"smoothing must be a number in [0, 1), got {smoothing!r}")
-        if not _is_number(alpha) or not 1.0 < alpha < math.inf:
+        if isinstance(alpha, torch.Tensor):
+            # a learned alpha: broadcast against scores with the key dim of size one
+            if alpha.is_floating_point() and not bool(((alpha > 1) & alpha.isfinite()).all()):
+                raise ValueError(f"alpha must be finite and > 1 (sparse), got {alpha!r}")
+            if not alpha.is_floating_point():
+                raise ValueError(f"alpha must be a floating tensor, got dtype {alpha.dtype}")
+        elif not _is_number(alpha) or not 1.0 < alpha < math.inf:
             raise ValueError(f"alpha must be a finite number > 1 (sparse), got {alpha!r}")
         validate = _should_validate(validate_args)
         mask = _prepare_scores(scores, mask, "scores", validate)
@@ -309,9 +316,15 @@ class SparsemaxAlignment(CategoricalAlignment):
         return (self.probs > 0).sum(-1)
 
 
-def _entmax(scores: torch.Tensor, alpha: float, mask: torch.Tensor | None) -> torch.Tensor:
+def _entmax(
+    scores: torch.Tensor, alpha: float | torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
     from structattn import functional
 
+    # A tensor alpha may be learned: only the bisection path carries its gradient, so the exact
+    # closed forms are taken for plain numbers only.
+    if isinstance(alpha, torch.Tensor):
+        return functional.entmax_bisect(scores, alpha=alpha, dim=-1, mask=mask)
     if alpha == 2.0:
         return functional.sparsemax(scores, dim=-1, mask=mask)
     if alpha == 1.5:

@@ -42,6 +42,12 @@ def gather(values: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
             raise ValueError(
                 f"float alignment z must be (..., queries, keys={keys}); got {tuple(z.shape)}"
             )
+        if not values.is_floating_point():
+            # weights cast to an integer dtype truncate to zero: a silent wrong answer
+            raise ValueError(
+                f"values must be floating to be contracted with float alignment weights z; "
+                f"got values of dtype {values.dtype}"
+            )
         return torch.matmul(z.to(values.dtype), values)
     if z.dtype == torch.bool or z.is_complex():
         raise ValueError(f"z must hold integer key indices or float weights, got {z.dtype}")
