@@ -241,9 +241,11 @@ class MultiheadAttention(nn.Module):
     raises ``ValueError`` (torch returns NaN there).  ``is_causal=True`` without ``attn_mask``
     builds the causal mask.
 
+    ``embed_dim``, ``num_heads``, ``dropout``, ``bias``, ``add_bias_kv``, ``add_zero_attn``,
+    ``kdim``, ``vdim`` and ``batch_first`` mean what they mean in
+    :class:`torch.nn.MultiheadAttention`.
+
     Args:
-        embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim,
-            batch_first: as in :class:`torch.nn.MultiheadAttention`.
         normalizer: a registered name or :class:`~structattn.nn.normalizers.Normalizer` shared
             by every head, or a sequence of ``num_heads`` of them (one per head).  A
             :class:`HeadwiseNormalizer` name is built with ``num_heads``.
