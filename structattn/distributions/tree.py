@@ -36,6 +36,19 @@ def _word_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- matrix-tree
+#: a word-to-word weight below ``exp(-700)`` times its dependent's best weight is raised to it:
+#: float64's ``exp`` underflows near -745 and a zero could leave no spanning tree. Exact (to
+#: rounding) while no dependent's incoming word scores spread wider than 700 nats; beyond
+#: that (scores of scale ~150 and up) log Z stays finite but trees that need such arcs gain weight
+_LOG_WEIGHT_FLOOR = -700.0
+
+#: the LU (Koo et al.) result of a sentence is kept when float64's machine epsilon times the
+#: condition estimate ``||A||_1 ||A^{-1}||_1`` stays under this; the rounding of the
+#: Laplacian's diagonal then moves log Z and the marginals by less than about this much.
+#: Peaked scores (scale 30 and up, n = 5) fail it and go to the elimination below
+_FLOAT64_CONDITION = 1e-10
+
+
 def _kirchhoff(
     arc_scores: torch.Tensor, lengths: torch.Tensor, multiroot: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -44,6 +57,7 @@ def _kirchhoff(
     Every column (dependent) is shifted by its largest score before ``exp``: each word has
     exactly one head, so the shift moves ``log Z`` by the sum of the column shifts and nothing
     else, and no weight can overflow. Padded words get an identity row and column.
+    Differentiable (the shift is a constant).
 
     Returns ``(matrix (B, N, N), arc weights (B, N, N) zero on the diagonal, root weights
     (B, N), log Z offset (B,))``.
@@ -55,8 +69,8 @@ def _kirchhoff(
         valid = words.unsqueeze(-1) & words.unsqueeze(-2)
         arc_scores = arc_scores.masked_fill(~valid, float("-inf"))
     shift = arc_scores.amax(-2).detach()
-    if padded:
-        shift = shift.masked_fill(~words, 0.0)
+    # a column with no possible head at all (sampling forbids arcs) has no tree either
+    shift = shift.masked_fill(~torch.isfinite(shift), 0.0)
     weights = torch.exp(arc_scores - shift.unsqueeze(-2))
     root = torch.diagonal(weights, dim1=-2, dim2=-1)
     arcs = weights * (1.0 - torch.eye(size, dtype=weights.dtype, device=weights.device))
@@ -73,14 +87,287 @@ def _kirchhoff(
     return matrix, arcs, root, shift.sum(-1)
 
 
-def _matrix_tree_log_partition(
-    arc_scores: torch.Tensor, lengths: torch.Tensor, multiroot: bool
+def _well_conditioned(matrix: torch.Tensor, inverse: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` True where the float64 LU result of ``matrix`` can be trusted."""
+    with torch.no_grad():
+        condition = matrix.abs().sum(-2).amax(-1) * inverse.abs().sum(-2).amax(-1)
+        limit = _FLOAT64_CONDITION / torch.finfo(torch.float64).eps
+        return info.eq(0) & torch.isfinite(condition) & (condition <= limit)
+
+
+def _marginals_from_inverse(
+    inverse_t: torch.Tensor, arcs: torch.Tensor, root: torch.Tensor, multiroot: bool
 ) -> torch.Tensor:
-    """log Z ``(B,)``. The determinant is taken in float64 whatever the input: when the best
-    head of every word closes a cycle, the shifted Laplacian is nearly singular (log det of
-    -70 at scale 100) and float32 elimination loses tens of nats; float64 keeps ~1e-5."""
-    matrix, _, _, offset = _kirchhoff(arc_scores.double(), lengths, multiroot)
-    return (torch.linalg.slogdet(matrix).logabsdet + offset).to(arc_scores.dtype)
+    """Arc marginals ``(B, N, N)`` from ``A^{-T}``, the gradient of ``log det A`` (Koo et al.).
+
+    Out of place, so autograd can differentiate it (second derivatives of log Z).
+    """
+    size = inverse_t.shape[-1]
+    diagonal = torch.diagonal(inverse_t, dim1=-2, dim2=-1)
+    if multiroot:
+        # arc h -> d adds w to A[d, d] and -w to A[h, d]; root arc adds r to A[d, d]
+        marginals = diagonal.unsqueeze(-2) - inverse_t
+        root_marginals = root * diagonal
+    else:
+        # row 0 holds the root weights, so arcs into or out of word 0 lose that term
+        first = torch.arange(size, device=inverse_t.device) == 0
+        from_dependent = diagonal.masked_fill(first, 0.0)
+        marginals = torch.where(
+            first.unsqueeze(-1), from_dependent.unsqueeze(-2), from_dependent.unsqueeze(-2) - inverse_t
+        )
+        root_marginals = root * inverse_t[..., 0, :]
+    # arcs is zero on the diagonal, so the root marginals go there
+    return marginals * arcs + torch.diag_embed(root_marginals)
+
+
+# ------------------------------------------------------- elimination without subtraction
+def _elimination_weights(
+    arc_scores: torch.Tensor, lengths: torch.Tensor, multiroot: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scaled word weights ``(B, N, N)`` (zero on the diagonal and on padding), log root
+    weights ``(B, N)`` and per-dependent log scales ``(B, N)``: ``w[h, d] = weights[h, d] *
+    exp(scale[d])``. Differentiable."""
+    size = arc_scores.shape[-1]
+    words = _word_mask(lengths, size)
+    eye = torch.eye(size, dtype=torch.bool, device=arc_scores.device)
+    valid = words.unsqueeze(-1) & words.unsqueeze(-2) & ~eye
+    arcs = arc_scores.masked_fill(~valid, -torch.inf)
+    root = torch.diagonal(arc_scores, dim1=-2, dim2=-1).masked_fill(~words, 0.0)
+    scale = arcs.amax(-2).detach()
+    scale = torch.where(multiroot.unsqueeze(-1), torch.maximum(scale, root.detach()), scale)
+    scale = scale.masked_fill(~torch.isfinite(scale), 0.0)
+    relative = (arcs - scale.unsqueeze(-2)).clamp(min=_LOG_WEIGHT_FLOOR)
+    weights = relative.exp().masked_fill(arcs == -torch.inf, 0.0)
+    return weights, root, scale
+
+
+def _log_or_minus_inf(tensor: torch.Tensor) -> torch.Tensor:
+    """``log`` whose gradient stays finite at zero (where it is ``-inf``)."""
+    positive = tensor > 0
+    return torch.where(positive, torch.where(positive, tensor, 1.0).log(), -torch.inf)
+
+
+def _eliminate(
+    weights: torch.Tensor,
+    root: torch.Tensor,
+    scale: torch.Tensor,
+    lengths: torch.Tensor,
+    multiroot: torch.Tensor,
+    tape: list | None = None,
+) -> torch.Tensor:
+    """log Z ``(B,)`` by Gaussian elimination of the Laplacian kept as its parts (GTH).
+
+    The Laplacian of weights ``w`` with root weights ``r`` has off-diagonal ``-w[h, d]`` and
+    columns summing to ``r[d]``. Eliminating word ``k`` leaves a matrix of the same form with
+    ``w[h, d] += w[h, k] w[k, d] / p_k`` and ``r[d] += r[k] w[k, d] / p_k``, where the pivot
+    ``p_k = r[k] + sum_h w[h, k]`` is built from its parts instead of being read off a
+    diagonal: nothing is ever subtracted, so every pivot keeps full relative precision however
+    close to singular the matrix is (Grassmann, Taksar & Heyman 1985; the determinant is the
+    product of the pivots). A single root is the coefficient of ``t`` in ``det(L + t r)``:
+    pivots without the root weights, and the last word's root weight as the last pivot.
+
+    Word weights stay scaled per dependent (updates only mix a column with itself, through
+    ``w[h, k] / p_k <= 1``); root weights are kept as logs. Out of place, so autograd can
+    differentiate it; ``tape`` (a list) receives what ``_eliminate_marginals`` replays.
+    """
+    last = lengths - 1
+    log_z = root.new_zeros(root.shape[0])
+    for k in range(int(lengths.max())):
+        column, row = weights[:, 1:, 0], weights[:, 0, 1:]
+        log_root = root[:, 0]
+        log_column = _log_or_minus_inf(column.sum(-1)) + scale[:, k]
+        log_pivot = torch.where(multiroot, torch.logaddexp(log_column, log_root), log_column)
+        counted = torch.where(multiroot, k < lengths, k < last)
+        log_z = log_z + torch.where(counted, log_pivot, 0.0)
+        log_z = log_z + torch.where(~multiroot & (k == last), log_root, 0.0)
+        # an empty pivot (padding, or a single root's last word) divides nothing real
+        log_pivot = torch.where(torch.isfinite(log_pivot), log_pivot, scale[:, k])
+        share = column * (scale[:, k] - log_pivot).exp().unsqueeze(-1)
+        through_k = (log_root - log_pivot).unsqueeze(-1) + _log_or_minus_inf(row) + scale[:, k + 1 :]
+        new_root = torch.logaddexp(root[:, 1:], through_k)
+        if tape is not None:
+            tape.append((column, row, log_root, log_pivot, root[:, 1:], new_root))
+        weights = weights[:, 1:, 1:] + share.unsqueeze(-1) * row.unsqueeze(-2)
+        root = new_root
+    return log_z
+
+
+def _eliminate_marginals(
+    arc_scores: torch.Tensor, lengths: torch.Tensor, multiroot: torch.Tensor
+) -> torch.Tensor:
+    """Arc marginals ``(B, N, N)`` (float64, no graph) by ``_eliminate`` and its reverse pass.
+
+    The reverse pass is written out so that it needs only the eliminated rows and columns
+    (``O(N^2)`` memory, where autograd would keep every intermediate matrix, ``O(N^3)``).
+    Adjoints of word weights pass unchanged through the updates that do not consume them;
+    adjoints of the log root weights are carried as ``d log Z / d log r``.
+    """
+    batch, size = arc_scores.shape[0], arc_scores.shape[-1]
+    with torch.no_grad():
+        weights, root, scale = _elimination_weights(arc_scores, lengths, multiroot)
+        tape: list = []
+        _eliminate(weights, root, scale, lengths, multiroot, tape)
+        last = lengths - 1
+        adjoint = torch.zeros_like(weights)
+        root_adjoint = torch.zeros_like(root)
+        for k in range(len(tape) - 1, -1, -1):
+            column, row, log_root, log_pivot, root_before, root_after = tape[k]
+            counted = torch.where(multiroot, k < lengths, k < last)
+            share_scale = (scale[:, k] - log_pivot).exp()
+            share = column * share_scale.unsqueeze(-1)
+            later = root_adjoint[:, k + 1 :].clone()
+            # r'[d] = logaddexp(r[d], through_k[d]): the two arguments' shares of r'[d]
+            kept = (root_before - root_after).exp().nan_to_num(1.0)
+            per_row_weight = (
+                (log_root - log_pivot).unsqueeze(-1) + scale[:, k + 1 :] - root_after
+            ).exp().nan_to_num(0.0)
+            through = per_row_weight * row * later
+            root_adjoint[:, k + 1 :] = kept * later
+            block = adjoint[:, k + 1 :, k + 1 :]
+            adjoint[:, k, k + 1 :] = (share.unsqueeze(-2) @ block).squeeze(-2) + per_row_weight * later
+            share_adjoint = (block @ row.unsqueeze(-1)).squeeze(-1)
+            pivot_adjoint = counted.to(scale.dtype) - through.sum(-1) - (share_adjoint * share).sum(-1)
+            adjoint[:, k + 1 :, k] = (share_adjoint + pivot_adjoint.unsqueeze(-1)) * share_scale.unsqueeze(-1)
+            root_share = torch.where(multiroot, (log_root - log_pivot).exp(), 0.0)
+            root_adjoint[:, k] = (
+                through.sum(-1)
+                + pivot_adjoint * root_share
+                + (~multiroot & (k == last)).to(scale.dtype)
+            )
+        marginals = weights * adjoint
+        words = _word_mask(lengths, size)
+        marginals = marginals + torch.diag_embed(root_adjoint * words)
+    return marginals
+
+
+def _elimination_log_partition(
+    arc_scores: torch.Tensor, lengths: torch.Tensor, multiroot: torch.Tensor
+) -> torch.Tensor:
+    """Differentiable log Z ``(B,)`` by ``_eliminate`` (autograd keeps ``O(N^3)``)."""
+    weights, root, scale = _elimination_weights(arc_scores, lengths, multiroot)
+    return _eliminate(weights, root, scale, lengths, multiroot)
+
+
+# ------------------------------------------------------------------ the dispatching layer
+def _as_flags(multiroot: bool | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    if isinstance(multiroot, torch.Tensor):
+        return multiroot
+    return torch.full((batch,), bool(multiroot), dtype=torch.bool, device=device)
+
+
+def _groups(multiroot: torch.Tensor):
+    """``(flag, indices)`` for each root mode present in a batch."""
+    for flag in (False, True):
+        indices = (multiroot == flag).nonzero().squeeze(-1)
+        if indices.numel():
+            yield flag, indices
+
+
+def _matrix_tree_log_partition_no_grad(
+    arc_scores: torch.Tensor, lengths: torch.Tensor, multiroot: torch.Tensor
+) -> torch.Tensor:
+    """log Z ``(B,)`` in float64: pivoted LU where it is well conditioned, else elimination."""
+    scores = arc_scores.detach().double()
+    log_z = scores.new_empty(scores.shape[0])
+    for flag, indices in _groups(multiroot):
+        part, part_lengths = scores[indices], lengths[indices]
+        matrix, _, _, offset = _kirchhoff(part, part_lengths, flag)
+        factors, pivots, info = torch.linalg.lu_factor_ex(matrix)
+        eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+        inverse = torch.linalg.lu_solve(factors, pivots, eye.expand_as(matrix))
+        good = _well_conditioned(matrix, inverse, info)
+        values = torch.diagonal(factors, dim1=-2, dim2=-1).abs().log().sum(-1) + offset
+        bad = (~good).nonzero().squeeze(-1)
+        if bad.numel():
+            values[bad] = _elimination_log_partition(
+                part[bad], part_lengths[bad], multiroot[indices][bad]
+            )
+        log_z[indices] = values
+    return log_z
+
+
+def _matrix_tree_marginals_no_grad(
+    arc_scores: torch.Tensor, lengths: torch.Tensor, multiroot: torch.Tensor
+) -> torch.Tensor:
+    """Marginals ``(B, N, N)`` in float64 without a graph: the closed form where the matrix is
+    well conditioned (LU), the subtraction-free elimination elsewhere."""
+    scores = arc_scores.detach().double()
+    marginals = torch.empty_like(scores)
+    for flag, indices in _groups(multiroot):
+        part, part_lengths = scores[indices], lengths[indices]
+        matrix, arcs, root, _ = _kirchhoff(part, part_lengths, flag)
+        inverse_t, info = torch.linalg.inv_ex(matrix.mT)
+        good = _well_conditioned(matrix, inverse_t, info)
+        values = _marginals_from_inverse(inverse_t, arcs, root, flag)
+        bad = (~good).nonzero().squeeze(-1)
+        if bad.numel():
+            values[bad] = _eliminate_marginals(part[bad], part_lengths[bad], multiroot[indices][bad])
+        marginals[indices] = values
+    return marginals
+
+
+def _matrix_tree_marginals_with_grad(
+    arc_scores: torch.Tensor, lengths: torch.Tensor, multiroot: torch.Tensor
+) -> torch.Tensor:
+    """Differentiable marginals ``(B, N, N)`` in float64 (a loss on them trains the scores)."""
+    scores = arc_scores.double()
+    parts = []
+    order = []
+    for flag, indices in _groups(multiroot):
+        part, part_lengths = scores[indices], lengths[indices]
+        matrix, arcs, root, _ = _kirchhoff(part, part_lengths, flag)
+        inverse_t, info = torch.linalg.inv_ex(matrix.mT)
+        good = _well_conditioned(matrix, inverse_t, info)
+        if not bool(good.all()):
+            # identity in place of the ill-conditioned matrices, so that their (replaced)
+            # entries send no NaN back through the inverse
+            eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+            safe = torch.where(good.view(-1, 1, 1), matrix, eye)
+            inverse_t = torch.linalg.inv_ex(safe.mT)[0]
+        values = _marginals_from_inverse(inverse_t, arcs, root, flag)
+        bad = (~good).nonzero().squeeze(-1)
+        if bad.numel():
+            with torch.enable_grad():
+                leaf = part[bad]
+                if not leaf.requires_grad:
+                    leaf = leaf.detach().requires_grad_(True)
+                log_z = _elimination_log_partition(leaf, part_lengths[bad], multiroot[indices][bad])
+                (grad,) = torch.autograd.grad(log_z.sum(), leaf, create_graph=True)
+            values = values.index_put((bad,), grad)
+        parts.append(values)
+        order.append(indices)
+    values = torch.cat(parts)
+    inverse_order = torch.empty_like(torch.cat(order))
+    inverse_order[torch.cat(order)] = torch.arange(len(inverse_order), device=scores.device)
+    return values[inverse_order]
+
+
+class _MatrixTreeLogPartition(torch.autograd.Function):
+    """log Z with the marginals as its gradient (differentiable again under ``create_graph``)."""
+
+    @staticmethod
+    def forward(ctx, arc_scores, lengths, multiroot):
+        ctx.save_for_backward(arc_scores, lengths, multiroot)
+        return _matrix_tree_log_partition_no_grad(arc_scores, lengths, multiroot).to(
+            arc_scores.dtype
+        )
+
+    @staticmethod
+    def backward(ctx, grad):
+        arc_scores, lengths, multiroot = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the marginals must be differentiable
+            marginals = _matrix_tree_marginals_with_grad(arc_scores, lengths, multiroot)
+        else:
+            marginals = _matrix_tree_marginals_no_grad(arc_scores, lengths, multiroot)
+        return grad.view(-1, 1, 1) * marginals.to(grad.dtype), None, None
+
+
+def _matrix_tree_log_partition(
+    arc_scores: torch.Tensor, lengths: torch.Tensor, multiroot: bool | torch.Tensor
+) -> torch.Tensor:
+    """log Z ``(B,)`` in the dtype of ``arc_scores``, computed in float64."""
+    flags = _as_flags(multiroot, arc_scores.shape[0], arc_scores.device)
+    return _MatrixTreeLogPartition.apply(arc_scores, lengths, flags)
 
 
 #: from this many words on, float32 marginals try the blocked float32 inverse (matrix
@@ -194,52 +481,36 @@ def _float32_inverse_t(matrix: torch.Tensor, multiroot: bool) -> torch.Tensor | 
 
 
 def _matrix_tree_marginals(
-    arc_scores: torch.Tensor, lengths: torch.Tensor, multiroot: bool
+    arc_scores: torch.Tensor, lengths: torch.Tensor, multiroot: bool | torch.Tensor
 ) -> torch.Tensor:
-    """Closed-form arc marginals ``(B, N, N)``: ``d log det / d A = A^{-T}``.
+    """Arc marginals ``(B, N, N)`` without a graph, in the dtype of ``arc_scores``.
 
-    In float64 (this path never records a graph), except for long float32 sentences whose
-    matrix is well enough conditioned for float32 (``_float32_inverse_t``): at scale 100 an
-    arc weight below float32's range can carry a marginal of one (the only way to close a
-    tree), and float32 elimination of the nearly singular matrix loses everything.
+    Long float32 sentences whose matrix is well enough conditioned for float32 take the
+    blocked float32 inverse (``_float32_inverse_t``); everything else runs in float64
+    (``_matrix_tree_marginals_no_grad``).
     """
     size = arc_scores.shape[-1]
-    words, scores = None, arc_scores
-    if bool((lengths < size).any()):
-        words = _word_mask(lengths, size)
-        scores = arc_scores.masked_fill(~(words.unsqueeze(-1) & words.unsqueeze(-2)), -torch.inf)
-    shift = scores.amax(-2, keepdim=True)
-    if words is not None:
-        shift.masked_fill_(~words.unsqueeze(-2), 0.0)
-    inverse_t = None
-    if arc_scores.dtype == torch.float32 and size >= _BLOCKED_INVERSE_WORDS:
-        lowest = (
-            arc_scores if words is None else scores.masked_fill(scores == -torch.inf, torch.inf)
-        )
+    flags = _as_flags(multiroot, arc_scores.shape[0], arc_scores.device)
+    uniform = bool((flags == flags[0]).all())
+    if arc_scores.dtype == torch.float32 and size >= _BLOCKED_INVERSE_WORDS and uniform:
+        single_flag = bool(flags[0])
+        words, scores = None, arc_scores
+        if bool((lengths < size).any()):
+            words = _word_mask(lengths, size)
+            valid = words.unsqueeze(-1) & words.unsqueeze(-2)
+            scores = arc_scores.masked_fill(~valid, -torch.inf)
+        shift = scores.amax(-2, keepdim=True)
+        if words is not None:
+            shift.masked_fill_(~words.unsqueeze(-2), 0.0)
+        lowest = scores.masked_fill(scores == -torch.inf, torch.inf)
         spread = float((shift.squeeze(-2) - lowest.amin(-2)).max())
-        if spread <= (_FLOAT32_TRY_SPREAD_MULTIROOT if multiroot else _FLOAT32_TRY_SPREAD):
-            matrix, arcs, root = _shifted_laplacian(scores, shift, words, multiroot, torch.float32)
-            inverse_t = _float32_inverse_t(matrix, multiroot)
-    if inverse_t is None:
-        matrix, arcs, root = _shifted_laplacian(scores, shift, words, multiroot, torch.float64)
-        # the inverse of the transpose is A^{-T}, the gradient of log det
-        inverse_t = torch.linalg.inv(matrix.mT)
-    diagonal = torch.diagonal(inverse_t, dim1=-2, dim2=-1)
-    if multiroot:
-        # arc h -> d adds w to A[d, d] and -w to A[h, d]; root arc adds r to A[d, d]
-        marginals = diagonal.unsqueeze(-2) - inverse_t
-        root_marginals = root * diagonal
-    else:
-        # row 0 holds the root weights, so arcs into or out of word 0 lose that term
-        from_dependent = diagonal.clone()
-        from_dependent[..., 0] = 0.0
-        marginals = from_dependent.unsqueeze(-2) - inverse_t
-        marginals[..., 0, :] = from_dependent
-        root_marginals = root * inverse_t[..., 0, :]
-    marginals.mul_(arcs)
-    # arcs is zero on the diagonal, so the root marginals go there
-    torch.diagonal(marginals, dim1=-2, dim2=-1).copy_(root_marginals)
-    return marginals.to(arc_scores.dtype)
+        limit = _FLOAT32_TRY_SPREAD_MULTIROOT if single_flag else _FLOAT32_TRY_SPREAD
+        if spread <= limit:
+            matrix, arcs, root = _shifted_laplacian(scores, shift, words, single_flag, torch.float32)
+            inverse_t = _float32_inverse_t(matrix, single_flag)
+            if inverse_t is not None:
+                return _marginals_from_inverse(inverse_t, arcs, root, single_flag)
+    return _matrix_tree_marginals_no_grad(arc_scores, lengths, flags).to(arc_scores.dtype)
 
 
 def _best_arborescence(arc_scores: torch.Tensor, length: int, multiroot: bool) -> list[int]:
@@ -421,6 +692,41 @@ def _sample_heads_by_conditioning(
     return heads.view(num_samples, batch, size)
 
 
+def _sample_non_projective(
+    arc_scores: torch.Tensor, lengths: torch.Tensor, num_samples: int, multiroot: bool
+) -> torch.Tensor:
+    """Exact samples ``(num_samples, B, N)`` by the chain rule over dependents, as
+    ``_sample_heads_by_conditioning``, with impossible arcs at ``-inf`` (the elimination
+    gives them weight zero exactly).
+
+    Once a single-root sentence has drawn its root word, the other root arcs are forbidden
+    and the rest is a multiroot distribution with one possible root: that keeps every
+    pivot of the single-root elimination nonzero.
+    """
+    batch, size = arc_scores.shape[0], arc_scores.shape[-1]
+    scores = arc_scores.double().repeat(num_samples, 1, 1)
+    many_lengths = lengths.repeat(num_samples)
+    flags = torch.full((num_samples * batch,), bool(multiroot), device=arc_scores.device)
+    heads = torch.zeros(num_samples * batch, size, dtype=torch.long, device=arc_scores.device)
+    candidates = torch.arange(size, device=arc_scores.device)
+    for dependent in range(int(lengths.max()) if lengths.numel() else 0):
+        active = dependent < many_lengths
+        column = _matrix_tree_marginals(scores, many_lengths, flags)[..., dependent]
+        column = column.clamp(min=0.0).nan_to_num(0.0)
+        column = torch.where(active.unsqueeze(-1), column, (candidates == 0).to(column.dtype))
+        chosen = torch.multinomial(column, 1).squeeze(-1)
+        heads[:, dependent] = torch.where(active, chosen, 0)
+        keep = (candidates == chosen.unsqueeze(-1)) | ~active.unsqueeze(-1)
+        scores[..., dependent] = scores[..., dependent].masked_fill(~keep, -torch.inf)
+        rooted = active & (chosen == dependent) & ~flags
+        if bool(rooted.any()):
+            others = (candidates != dependent) & rooted.unsqueeze(-1)
+            diagonal = torch.diagonal(scores, dim1=-2, dim2=-1)
+            diagonal.masked_fill_(others, -torch.inf)
+            flags = flags | rooted
+    return heads.view(num_samples, batch, size)
+
+
 # -------------------------------------------------------------------------- the two CRFs
 class NonProjectiveDependencyCRF(_DependencyCRF):
     r"""Distribution over (possibly crossing) dependency trees, by the matrix-tree theorem.
@@ -451,8 +757,13 @@ class NonProjectiveDependencyCRF(_DependencyCRF):
 
     def _marginals_flat(self, potentials, lengths):
         if torch.is_grad_enabled() and potentials.requires_grad:
-            return super()._marginals_flat(potentials, lengths)
+            flags = _as_flags(self.multiroot, potentials.shape[0], potentials.device)
+            marginals = _matrix_tree_marginals_with_grad(potentials, lengths, flags)
+            return marginals.to(potentials.dtype)
         return _matrix_tree_marginals(potentials, lengths, self.multiroot)
+
+    def _sample_flat(self, potentials, lengths, num_samples):
+        return _sample_non_projective(potentials, lengths, num_samples, self.multiroot)
 
     def _argmax_flat(self, potentials, lengths):
         heads = torch.zeros(potentials.shape[:2], dtype=torch.long)
