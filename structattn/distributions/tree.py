@@ -87,7 +87,9 @@ def _kirchhoff(
     return matrix, arcs, root, shift.sum(-1)
 
 
-def _well_conditioned(matrix: torch.Tensor, inverse: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
+def _well_conditioned(
+    matrix: torch.Tensor, inverse: torch.Tensor, info: torch.Tensor
+) -> torch.Tensor:
     """``(B,)`` True where the float64 LU result of ``matrix`` can be trusted."""
     with torch.no_grad():
         condition = matrix.abs().sum(-2).amax(-1) * inverse.abs().sum(-2).amax(-1)
@@ -100,7 +102,7 @@ def _marginals_from_inverse(
 ) -> torch.Tensor:
     """Arc marginals ``(B, N, N)`` from ``A^{-T}``, the gradient of ``log det A`` (Koo et al.).
 
-    Out of place, so autograd can differentiate it (second derivatives of log Z).
+    Out of place while autograd records (second derivatives of log Z), in place otherwise.
     """
     size = inverse_t.shape[-1]
     diagonal = torch.diagonal(inverse_t, dim1=-2, dim2=-1)
@@ -113,11 +115,18 @@ def _marginals_from_inverse(
         first = torch.arange(size, device=inverse_t.device) == 0
         from_dependent = diagonal.masked_fill(first, 0.0)
         marginals = torch.where(
-            first.unsqueeze(-1), from_dependent.unsqueeze(-2), from_dependent.unsqueeze(-2) - inverse_t
+            first.unsqueeze(-1),
+            from_dependent.unsqueeze(-2),
+            from_dependent.unsqueeze(-2) - inverse_t,
         )
         root_marginals = root * inverse_t[..., 0, :]
-    # arcs is zero on the diagonal, so the root marginals go there
-    return marginals * arcs + torch.diag_embed(root_marginals)
+    eye = torch.eye(size, dtype=torch.bool, device=inverse_t.device)
+    if torch.is_grad_enabled() and inverse_t.requires_grad:
+        return torch.where(eye, root_marginals.unsqueeze(-2), marginals * arcs)
+    # no graph: in place, two passes fewer
+    marginals.mul_(arcs)
+    torch.diagonal(marginals, dim1=-2, dim2=-1).copy_(root_marginals)
+    return marginals
 
 
 # ------------------------------------------------------- elimination without subtraction
@@ -183,7 +192,9 @@ def _eliminate(
         # an empty pivot (padding, or a single root's last word) divides nothing real
         log_pivot = torch.where(torch.isfinite(log_pivot), log_pivot, scale[:, k])
         share = column * (scale[:, k] - log_pivot).exp().unsqueeze(-1)
-        through_k = (log_root - log_pivot).unsqueeze(-1) + _log_or_minus_inf(row) + scale[:, k + 1 :]
+        through_k = (
+            (log_root - log_pivot).unsqueeze(-1) + _log_or_minus_inf(row) + scale[:, k + 1 :]
+        )
         new_root = torch.logaddexp(root[:, 1:], through_k)
         if tape is not None:
             tape.append((column, row, log_root, log_pivot, root[:, 1:], new_root))
@@ -202,7 +213,7 @@ def _eliminate_marginals(
     Adjoints of word weights pass unchanged through the updates that do not consume them;
     adjoints of the log root weights are carried as ``d log Z / d log r``.
     """
-    batch, size = arc_scores.shape[0], arc_scores.shape[-1]
+    size = arc_scores.shape[-1]
     with torch.no_grad():
         weights, root, scale = _elimination_weights(arc_scores, lengths, multiroot)
         tape: list = []
@@ -219,15 +230,23 @@ def _eliminate_marginals(
             # r'[d] = logaddexp(r[d], through_k[d]): the two arguments' shares of r'[d]
             kept = (root_before - root_after).exp().nan_to_num(1.0)
             per_row_weight = (
-                (log_root - log_pivot).unsqueeze(-1) + scale[:, k + 1 :] - root_after
-            ).exp().nan_to_num(0.0)
+                ((log_root - log_pivot).unsqueeze(-1) + scale[:, k + 1 :] - root_after)
+                .exp()
+                .nan_to_num(0.0)
+            )
             through = per_row_weight * row * later
             root_adjoint[:, k + 1 :] = kept * later
             block = adjoint[:, k + 1 :, k + 1 :]
-            adjoint[:, k, k + 1 :] = (share.unsqueeze(-2) @ block).squeeze(-2) + per_row_weight * later
+            adjoint[:, k, k + 1 :] = (share.unsqueeze(-2) @ block).squeeze(
+                -2
+            ) + per_row_weight * later
             share_adjoint = (block @ row.unsqueeze(-1)).squeeze(-1)
-            pivot_adjoint = counted.to(scale.dtype) - through.sum(-1) - (share_adjoint * share).sum(-1)
-            adjoint[:, k + 1 :, k] = (share_adjoint + pivot_adjoint.unsqueeze(-1)) * share_scale.unsqueeze(-1)
+            pivot_adjoint = (
+                counted.to(scale.dtype) - through.sum(-1) - (share_adjoint * share).sum(-1)
+            )
+            adjoint[:, k + 1 :, k] = (
+                share_adjoint + pivot_adjoint.unsqueeze(-1)
+            ) * share_scale.unsqueeze(-1)
             root_share = torch.where(multiroot, (log_root - log_pivot).exp(), 0.0)
             root_adjoint[:, k] = (
                 through.sum(-1)
@@ -256,7 +275,11 @@ def _as_flags(multiroot: bool | torch.Tensor, batch: int, device: torch.device) 
 
 
 def _groups(multiroot: torch.Tensor):
-    """``(flag, indices)`` for each root mode present in a batch."""
+    """``(flag, indices)`` for each root mode present in a batch (``indices`` is a full slice
+    when the batch has one mode, so that nothing is copied)."""
+    if multiroot.numel() and bool((multiroot == multiroot[0]).all()):
+        yield bool(multiroot[0]), slice(None)
+        return
     for flag in (False, True):
         indices = (multiroot == flag).nonzero().squeeze(-1)
         if indices.numel():
@@ -286,6 +309,20 @@ def _matrix_tree_log_partition_no_grad(
     return log_z
 
 
+def _laplacian_no_grad(
+    arc_scores: torch.Tensor, lengths: torch.Tensor, multiroot: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_kirchhoff``'s matrix, arc and root weights in float64, built in place (no graph)."""
+    size = arc_scores.shape[-1]
+    words, scores = None, arc_scores
+    if bool((lengths < size).any()):
+        words = _word_mask(lengths, size)
+        scores = arc_scores.masked_fill(~(words.unsqueeze(-1) & words.unsqueeze(-2)), -torch.inf)
+    shift = scores.amax(-2, keepdim=True)
+    shift.masked_fill_(~torch.isfinite(shift), 0.0)
+    return _shifted_laplacian(scores, shift, words, multiroot, torch.float64)
+
+
 def _matrix_tree_marginals_no_grad(
     arc_scores: torch.Tensor, lengths: torch.Tensor, multiroot: torch.Tensor
 ) -> torch.Tensor:
@@ -295,13 +332,15 @@ def _matrix_tree_marginals_no_grad(
     marginals = torch.empty_like(scores)
     for flag, indices in _groups(multiroot):
         part, part_lengths = scores[indices], lengths[indices]
-        matrix, arcs, root, _ = _kirchhoff(part, part_lengths, flag)
+        matrix, arcs, root = _laplacian_no_grad(part, part_lengths, flag)
         inverse_t, info = torch.linalg.inv_ex(matrix.mT)
         good = _well_conditioned(matrix, inverse_t, info)
         values = _marginals_from_inverse(inverse_t, arcs, root, flag)
         bad = (~good).nonzero().squeeze(-1)
         if bad.numel():
-            values[bad] = _eliminate_marginals(part[bad], part_lengths[bad], multiroot[indices][bad])
+            values[bad] = _eliminate_marginals(
+                part[bad], part_lengths[bad], multiroot[indices][bad]
+            )
         marginals[indices] = values
     return marginals
 
@@ -311,8 +350,7 @@ def _matrix_tree_marginals_with_grad(
 ) -> torch.Tensor:
     """Differentiable marginals ``(B, N, N)`` in float64 (a loss on them trains the scores)."""
     scores = arc_scores.double()
-    parts = []
-    order = []
+    marginals = None
     for flag, indices in _groups(multiroot):
         part, part_lengths = scores[indices], lengths[indices]
         matrix, arcs, root, _ = _kirchhoff(part, part_lengths, flag)
@@ -334,12 +372,12 @@ def _matrix_tree_marginals_with_grad(
                 log_z = _elimination_log_partition(leaf, part_lengths[bad], multiroot[indices][bad])
                 (grad,) = torch.autograd.grad(log_z.sum(), leaf, create_graph=True)
             values = values.index_put((bad,), grad)
-        parts.append(values)
-        order.append(indices)
-    values = torch.cat(parts)
-    inverse_order = torch.empty_like(torch.cat(order))
-    inverse_order[torch.cat(order)] = torch.arange(len(inverse_order), device=scores.device)
-    return values[inverse_order]
+        if isinstance(indices, slice):
+            return values
+        if marginals is None:
+            marginals = torch.zeros_like(scores)
+        marginals = marginals.index_put((indices,), values)
+    return marginals
 
 
 class _MatrixTreeLogPartition(torch.autograd.Function):
@@ -493,7 +531,7 @@ def _matrix_tree_marginals(
     flags = _as_flags(multiroot, arc_scores.shape[0], arc_scores.device)
     uniform = bool((flags == flags[0]).all())
     if arc_scores.dtype == torch.float32 and size >= _BLOCKED_INVERSE_WORDS and uniform:
-        single_flag = bool(flags[0])
+        multiroot_flag = bool(flags[0])
         words, scores = None, arc_scores
         if bool((lengths < size).any()):
             words = _word_mask(lengths, size)
@@ -504,12 +542,14 @@ def _matrix_tree_marginals(
             shift.masked_fill_(~words.unsqueeze(-2), 0.0)
         lowest = scores.masked_fill(scores == -torch.inf, torch.inf)
         spread = float((shift.squeeze(-2) - lowest.amin(-2)).max())
-        limit = _FLOAT32_TRY_SPREAD_MULTIROOT if single_flag else _FLOAT32_TRY_SPREAD
+        limit = _FLOAT32_TRY_SPREAD_MULTIROOT if multiroot_flag else _FLOAT32_TRY_SPREAD
         if spread <= limit:
-            matrix, arcs, root = _shifted_laplacian(scores, shift, words, single_flag, torch.float32)
-            inverse_t = _float32_inverse_t(matrix, single_flag)
+            matrix, arcs, root = _shifted_laplacian(
+                scores, shift, words, multiroot_flag, torch.float32
+            )
+            inverse_t = _float32_inverse_t(matrix, multiroot_flag)
             if inverse_t is not None:
-                return _marginals_from_inverse(inverse_t, arcs, root, single_flag)
+                return _marginals_from_inverse(inverse_t, arcs, root, multiroot_flag)
     return _matrix_tree_marginals_no_grad(arc_scores, lengths, flags).to(arc_scores.dtype)
 
 
