@@ -17,7 +17,7 @@ import networkx as nx
 import torch
 from torch.distributions import constraints
 
-from .semiring import LogSemiring, MaxSemiring
+from .semiring import LogSemiring, MaxSemiring, computation_dtype
 from .structured import (
     StructuredDistribution,
     check_lengths,
@@ -534,7 +534,7 @@ def _matrix_tree_marginals(
     """
     size = arc_scores.shape[-1]
     flags = _as_flags(multiroot, arc_scores.shape[0], arc_scores.device)
-    uniform = bool((flags == flags[0]).all())
+    uniform = flags.numel() > 0 and bool((flags == flags[0]).all())
     if arc_scores.dtype == torch.float32 and size >= _BLOCKED_INVERSE_WORDS and uniform:
         multiroot_flag = bool(flags[0])
         words, scores = None, arc_scores
@@ -687,6 +687,92 @@ class _DependencyCRF(StructuredDistribution):
     @constraints.dependent_property(is_discrete=True, event_dim=1)
     def support(self) -> constraints.Constraint:
         return constraints.independent(constraints.integer_interval(0, self.num_words - 1), 1)
+
+    # ------------------------------------------------------- values: support, broadcasting
+    projective = False
+
+    def _flat(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # the base class folds an empty batch into one structure; keep it empty
+        dtype = computation_dtype(self.potentials.dtype)
+        batch = self.batch_shape.numel()
+        potentials = self.potentials.to(dtype).reshape((batch,) + self.potentials.shape[-2:])
+        return potentials, self.lengths.reshape(batch)
+
+    def _broadcast_to_value(self, value: torch.Tensor) -> _DependencyCRF:
+        """``self`` expanded over the size-1 batch dims that ``value`` enlarges (as
+        ``Categorical.log_prob`` broadcasts), or ``self`` when there are none."""
+        event_dims = 2 if value.is_floating_point() else 1
+        value_batch = value.shape[: max(0, value.dim() - event_dims)]
+        try:
+            full = torch.broadcast_shapes(value_batch, self.batch_shape)
+        except RuntimeError:
+            return self  # ``score`` names the mismatch
+        batch_shape = full[len(full) - len(self.batch_shape) :]
+        return self if batch_shape == self.batch_shape else self.expand(batch_shape)
+
+    def is_tree(self, value: torch.Tensor) -> torch.Tensor:
+        """Whether each head vector ``value: (..., N)`` (broadcasting against the batch) is a
+        structure of this distribution: heads of real words in ``[0, length)``, no cycle,
+        one root unless ``multiroot``, no crossing arcs for the projective CRF. Padded
+        positions are ignored. Returns a bool tensor of ``value``'s shape without the event."""
+        size = self.num_words
+        lengths = self.lengths
+        shape = torch.broadcast_shapes(value.shape[:-1], lengths.shape)
+        heads = value.long().expand(shape + (size,))
+        lengths = lengths.expand(shape).unsqueeze(-1)
+        positions = torch.arange(size, device=heads.device)
+        real = positions < lengths
+        in_range = (heads >= 0) & (heads < lengths)
+        ok = (in_range | ~real).all(-1)
+        # padding and out-of-range heads point at themselves, so that the walk below stays put
+        parent = torch.where(real & in_range, heads, positions)
+        roots = (parent == positions) & real
+        count = roots.sum(-1)
+        ok &= (count >= 1) if self.multiroot else (count == 1)
+        # pointer doubling: after 2^t >= N steps every word of a tree has reached its root
+        ancestor = parent
+        for _ in range(max(1, (size - 1).bit_length())):
+            ancestor = ancestor.gather(-1, ancestor)
+        ok &= (parent.gather(-1, ancestor) == ancestor).all(-1)
+        if self.projective:
+            # arcs as spans, the root left of every word; two spans cross when exactly one
+            # endpoint of one lies strictly inside the other
+            head_position = torch.where(parent == positions, -1, parent)
+            low = torch.minimum(head_position, positions).masked_fill(~real, -2)
+            high = torch.maximum(head_position, positions).masked_fill(~real, -2)
+            a_low, a_high = low.unsqueeze(-1), high.unsqueeze(-1)
+            b_low, b_high = low.unsqueeze(-2), high.unsqueeze(-2)
+            crossing = (a_low < b_low) & (b_low < a_high) & (a_high < b_high)
+            ok &= ~crossing.flatten(-2).any(-1)
+        return ok
+
+    def score(self, value: torch.Tensor) -> torch.Tensor:
+        """Unnormalized log score, broadcasting ``value`` against size-1 batch dims (see the
+        base class); impossible structures are scored as if they were trees."""
+        expanded = self._broadcast_to_value(value)
+        if expanded is not self:
+            return expanded.score(value)
+        return super().score(value)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """``log p(value)``, shape ``sample_shape + batch_shape``; ``-inf`` for a head vector
+        that is not a tree of this distribution (a cycle, a second root without
+        ``multiroot``, crossing arcs under the projective CRF, a head out of range). With
+        validation on, such a value raises ``ValueError`` instead, as torch does outside
+        the support."""
+        expanded = self._broadcast_to_value(value)
+        if expanded is not self:
+            return expanded.log_prob(value)
+        heads = self._parts_to_value(value) if value.is_floating_point() else value
+        possible = self.is_tree(heads)
+        if self._validate_args and not bool(possible.all()):
+            raise ValueError(
+                f"value must hold {'projective ' if self.projective else ''}dependency trees "
+                f"({'one or more roots' if self.multiroot else 'exactly one root'}, no cycle, "
+                f"heads in [0, length)); {int((~possible).sum())} of {possible.numel()} are not"
+            )
+        heads = heads.clamp(0, self.num_words - 1)
+        return super().log_prob(heads).masked_fill(~possible, -torch.inf)
 
     def _score_flat(self, value, potentials, lengths):
         num_samples = value.shape[0]
@@ -847,6 +933,8 @@ class ProjectiveDependencyCRF(_DependencyCRF):
         multiroot: allow several words attached to the root (default: exactly one; torch-struct
             defaults to several).
     """
+
+    projective = True
 
     def _log_partition_flat(self, potentials, lengths):
         # float64 inside: at scale 100 float32 inside-outside left marginals 0.0045 above one
