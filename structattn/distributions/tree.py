@@ -150,12 +150,6 @@ def _elimination_weights(
     return weights, root, scale
 
 
-def _log_or_minus_inf(tensor: torch.Tensor) -> torch.Tensor:
-    """``log`` whose gradient stays finite at zero (where it is ``-inf``)."""
-    positive = tensor > 0
-    return torch.where(positive, torch.where(positive, tensor, 1.0).log(), -torch.inf)
-
-
 def _eliminate(
     weights: torch.Tensor,
     root: torch.Tensor,
@@ -185,18 +179,26 @@ def _eliminate(
     for k in range(int(lengths.max())):
         column, row = weights[:, 1:, 0], weights[:, 0, 1:]
         log_root = root[:, 0]
-        log_column = _log_or_minus_inf(column.sum(-1)) + scale[:, k]
-        log_pivot = torch.where(multiroot, torch.logaddexp(log_column, log_root), log_column)
+        # -inf never enters logaddexp: its second derivative would be NaN
+        total = column.sum(-1)
+        has_column = total > 0
+        log_column = torch.where(has_column, total, 1.0).log() + scale[:, k]
+        with_root = torch.where(multiroot, torch.logaddexp(log_column, log_root), log_column)
+        without_column = torch.where(multiroot, log_root, -torch.inf)
+        log_pivot = torch.where(has_column, with_root, without_column)
         counted = torch.where(multiroot, k < lengths, k < last)
         log_z = log_z + torch.where(counted, log_pivot, 0.0)
         log_z = log_z + torch.where(~multiroot & (k == last), log_root, 0.0)
         # an empty pivot (padding, or a single root's last word) divides nothing real
         log_pivot = torch.where(torch.isfinite(log_pivot), log_pivot, scale[:, k])
         share = column * (scale[:, k] - log_pivot).exp().unsqueeze(-1)
+        reachable = row > 0
         through_k = (
-            (log_root - log_pivot).unsqueeze(-1) + _log_or_minus_inf(row) + scale[:, k + 1 :]
+            (log_root - log_pivot).unsqueeze(-1)
+            + torch.where(reachable, row, 1.0).log()
+            + scale[:, k + 1 :]
         )
-        new_root = torch.logaddexp(root[:, 1:], through_k)
+        new_root = torch.where(reachable, torch.logaddexp(root[:, 1:], through_k), root[:, 1:])
         if tape is not None:
             tape.append((column, row, log_root, log_pivot, root[:, 1:], new_root))
         if tape is None:
@@ -771,8 +773,9 @@ class _DependencyCRF(StructuredDistribution):
                 f"({'one or more roots' if self.multiroot else 'exactly one root'}, no cycle, "
                 f"heads in [0, length)); {int((~possible).sum())} of {possible.numel()} are not"
             )
+        # is_tree is a stricter check than the base class's support (and works on empty values)
         heads = heads.clamp(0, self.num_words - 1)
-        return super().log_prob(heads).masked_fill(~possible, -torch.inf)
+        return (self.score(heads) - self.log_partition).masked_fill(~possible, -torch.inf)
 
     def _score_flat(self, value, potentials, lengths):
         num_samples = value.shape[0]
@@ -940,6 +943,10 @@ class ProjectiveDependencyCRF(_DependencyCRF):
         # float64 inside: at scale 100 float32 inside-outside left marginals 0.0045 above one
         log_z = _eisner(LogSemiring, potentials.double(), lengths, self.multiroot)
         return log_z.to(potentials.dtype)
+
+    def _marginals_flat(self, potentials, lengths):
+        # inside-outside by autograd rounds a few ulps past [0, 1]
+        return super()._marginals_flat(potentials, lengths).clamp(0.0, 1.0)
 
     def _argmax_flat(self, potentials, lengths):
         best = gradient_of_log_partition(
