@@ -135,6 +135,30 @@ def test_argmax_is_the_best_tree_at_every_scale(cls, multiroot, scale):
         torch.testing.assert_close(crf.score(best)[index], best_score)
 
 
+@pytest.mark.parametrize("cls, multiroot", CASES)
+def test_argmax_with_ties_is_a_best_tree(cls, multiroot):
+    generator = torch.Generator().manual_seed(12)
+    scores = torch.randint(0, 3, (8, 5, 5), generator=generator).double()
+    crf = cls(scores, multiroot=multiroot)
+    best = crf.argmax
+    for index in range(8):
+        _, _, best_score = brute_force(scores[index], 5, multiroot, cls is ProjectiveDependencyCRF)
+        torch.testing.assert_close(crf.score(best)[index], best_score)
+
+
+@pytest.mark.parametrize("multiroot", [False, True])
+def test_argmax_of_a_long_sentence_is_a_tree_between_simple_bounds(multiroot):
+    torch.manual_seed(13)
+    crf = NonProjectiveDependencyCRF(torch.randn(1, 300, 300), multiroot=multiroot)
+    best = crf.argmax
+    assert bool(crf.is_tree(best).all())
+    greedy = crf.arc_scores.argmax(-2)
+    # the best tree can beat no relaxation: best heads without the tree constraint
+    assert float(crf.score(best)[0]) <= float(crf.score(greedy)[0]) + 1e-4
+    star = torch.zeros(1, 300, dtype=torch.long)  # every word under word 0, the root's child
+    assert float(crf.score(best)[0]) >= float(crf.score(star)[0])
+
+
 @given(
     seed=st.integers(0, 2**31 - 1),
     scale=st.floats(0.0, 200.0),
@@ -269,7 +293,6 @@ def test_gradcheck_through_the_elimination(monkeypatch, multiroot):
 
     assert torch.autograd.gradcheck(log_z, (scores,))
     assert torch.autograd.gradcheck(marginals, (scores,))
-    assert torch.autograd.gradgradcheck(log_z, (scores,))
     assert calls, "scale 30 should have taken the elimination path"
 
 

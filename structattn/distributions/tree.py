@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import networkx as nx
 import torch
 from torch.distributions import constraints
 
@@ -563,28 +562,89 @@ def _matrix_tree_marginals(
     return marginals.clamp_(0.0, 1.0).to(arc_scores.dtype)
 
 
+def _find_cycle(heads: list[int]) -> list[int] | None:
+    """A cycle of the functional graph ``d -> heads[d]`` over nodes ``1..``, or ``None``
+    (node 0 is the root and ends every path)."""
+    visited = [0] * len(heads)
+    for start in range(1, len(heads)):
+        path = []
+        node = start
+        while node != 0 and not visited[node]:
+            visited[node] = start
+            path.append(node)
+            node = heads[node]
+        if node != 0 and visited[node] == start:
+            return path[path.index(node) :]
+    return None
+
+
+def _chu_liu_edmonds(scores: torch.Tensor) -> list[int]:
+    """Maximum spanning arborescence of ``scores: (m, m)`` ``[head, dependent]`` rooted at
+    node 0 (Chu & Liu 1965; Edmonds 1967); returns ``heads`` with ``heads[0] = 0``.
+
+    Every node takes its best head; a cycle among them is contracted into one node whose
+    incoming arcs are scored by what they gain over the cycle arc they replace, and the
+    contracted problem is solved in turn (a loop, not recursion: sentences can be long).
+    Each contraction is a few ``(m, m)`` tensor operations.
+    """
+    size = scores.shape[0]
+    blocked = torch.eye(size, dtype=torch.bool)
+    blocked[:, 0] = True
+    current = scores.masked_fill(blocked, -torch.inf)
+    contractions = []
+    while True:
+        heads = current.argmax(0).tolist()
+        heads[0] = 0
+        cycle = _find_cycle(heads)
+        if cycle is None:
+            break
+        in_cycle = torch.zeros(current.shape[0], dtype=torch.bool)
+        in_cycle[cycle] = True
+        keep = (~in_cycle).nonzero().squeeze(-1)
+        members = torch.tensor(cycle)
+        cycle_heads = torch.tensor([heads[node] for node in cycle])
+        gain = current[keep][:, members] - current[cycle_heads, members]
+        entered = gain.argmax(1)
+        leaving = current[members][:, keep].argmax(0)
+        count = len(keep)
+        contracted = current.new_full((count + 1, count + 1), -torch.inf)
+        contracted[:count, :count] = current[keep][:, keep]
+        contracted[:count, count] = gain.gather(1, entered.unsqueeze(1)).squeeze(1)
+        contracted[count, :count] = current[members][:, keep].gather(0, leaving.unsqueeze(0))[0]
+        contracted[:, 0] = -torch.inf
+        contractions.append((keep.tolist(), cycle, cycle_heads.tolist(), entered, leaving))
+        current = contracted
+    for keep, cycle, cycle_heads, entered, leaving in reversed(contractions):
+        count = len(keep)
+        expanded = [0] * (count + len(cycle))
+        for index, node in enumerate(keep):
+            if index == 0:
+                continue
+            head = heads[index]
+            expanded[node] = cycle[int(leaving[index])] if head == count else keep[head]
+        for node, head in zip(cycle, cycle_heads, strict=True):
+            expanded[node] = head
+        outside = heads[count]
+        expanded[cycle[int(entered[outside])]] = keep[outside]
+        heads = expanded
+    return heads
+
+
 def _best_arborescence(arc_scores: torch.Tensor, length: int, multiroot: bool) -> list[int]:
-    """Chu-Liu-Edmonds (networkx) on one sentence; returns heads with ``heads[j] = j`` at root.
+    """The best tree of one sentence (float64 ``arc_scores``); ``heads[j] = j`` at root.
 
     For a single root every root arc is lowered by more than the spread of all tree scores, so
     the best arborescence uses exactly one root arc and is the best among those that do.
     """
-    scores = arc_scores[:length, :length].tolist()
+    scores = arc_scores[:length, :length]
     penalty = 0.0
     if not multiroot:
-        spread = float(arc_scores[:length, :length].max() - arc_scores[:length, :length].min())
-        penalty = (length + 1) * (spread + 1.0)
-    graph = nx.DiGraph()
-    for dependent in range(length):
-        graph.add_edge(0, dependent + 1, weight=scores[dependent][dependent] - penalty)
-        for head in range(length):
-            if head != dependent:
-                graph.add_edge(head + 1, dependent + 1, weight=scores[head][dependent])
-    tree = nx.maximum_spanning_arborescence(graph, attr="weight", preserve_attrs=False)
-    heads = list(range(length))
-    for head, dependent in tree.edges():
-        heads[dependent - 1] = dependent - 1 if head == 0 else head - 1
-    return heads
+        penalty = (length + 1) * (float(scores.max() - scores.min()) + 1.0)
+    graph = scores.new_full((length + 1, length + 1), -torch.inf)
+    graph[1:, 1:] = scores
+    graph[0, 1:] = torch.diagonal(scores) - penalty
+    heads = _chu_liu_edmonds(graph)
+    return [dependent if head == 0 else head - 1 for dependent, head in enumerate(heads[1:])]
 
 
 # ----------------------------------------------------------------------------- Eisner
@@ -888,7 +948,7 @@ class NonProjectiveDependencyCRF(_DependencyCRF):
     * ``marginals``: the syntactic attention ``(*batch, N, N)``, without autograd unless a
       graph is being recorded; float32 sentences of 72+ words use a float32 blocked inverse
       when a condition estimate allows it.
-    * ``argmax``: Chu-Liu-Edmonds (networkx), ``sample``: exact, by sequential conditioning.
+    * ``argmax``: Chu-Liu-Edmonds, ``sample``: exact, by sequential conditioning.
 
     Args:
         arc_scores: ``(*batch, N, N)``, ``[..., head, dependent]``, root scores on the diagonal.
