@@ -426,3 +426,19 @@ def test_empty_batch_gives_empty_results(cls, multiroot):
     leaf = torch.zeros(2, 0, 3, 3, requires_grad=True)
     cls(leaf, multiroot=multiroot).partition.sum().backward()
     assert leaf.grad.shape == (2, 0, 3, 3)
+
+
+@pytest.mark.parametrize("multiroot", [False, True])
+def test_norm_estimate_agrees_with_the_explicit_inverse_on_the_conditioning(multiroot):
+    generator = torch.Generator().manual_seed(14)
+    mild = torch.randn(4, 40, 40, generator=generator, dtype=torch.float64)
+    peaked = 100 * torch.randn(4, 40, 40, generator=generator, dtype=torch.float64)
+    lengths = torch.tensor([40, 40, 30, 2])
+    for scores, expected in ((mild, True), (peaked, False)):
+        matrix, _, _, _ = tree_module._kirchhoff(scores, lengths, multiroot)
+        factors, pivots, info = torch.linalg.lu_factor_ex(matrix)
+        inverse, _ = torch.linalg.inv_ex(matrix)
+        estimated = tree_module._well_conditioned_lu(matrix, factors, pivots, info)
+        explicit = tree_module._well_conditioned(matrix, inverse, info)
+        assert torch.equal(estimated[:3], explicit[:3])
+        assert bool((explicit[:3] == expected).all())
