@@ -110,6 +110,21 @@ def test_adversarial_scores_match_brute_force(cls, multiroot, name, dtype):
     check_against_brute_force(cls, multiroot, scores, torch.tensor([5, 4]))
 
 
+@given(
+    successor=st.lists(st.integers(0, 4), min_size=5, max_size=5),
+    low=st.floats(1.0, 600.0),
+    multiroot=st.booleans(),
+    float64=st.booleans(),
+)
+@settings(max_examples=40, deadline=None)
+def test_one_good_head_per_word_matches_brute_force(successor, low, multiroot, float64):
+    # the best heads form any functional graph (cycles, self-roots); every other arc is far
+    # below: the Laplacian is singular to working precision whenever they close a cycle
+    dtype = torch.float64 if float64 else torch.float32
+    scores = cycle_scores(successor, low=-low).to(dtype).unsqueeze(0)
+    check_against_brute_force(NonProjectiveDependencyCRF, multiroot, scores, torch.tensor([5]))
+
+
 def test_issue_example_with_one_good_head_per_word_is_finite():
     # issue 9: one arc per dependent at 0, the rest at -40 gave log Z = -inf
     scores = cycle_scores([1, 2, 3, 4, 0]).unsqueeze(0)
@@ -442,3 +457,11 @@ def test_norm_estimate_agrees_with_the_explicit_inverse_on_the_conditioning(mult
         explicit = tree_module._well_conditioned(matrix, inverse, info)
         assert torch.equal(estimated[:3], explicit[:3])
         assert bool((explicit[:3] == expected).all())
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("shape", [(2, 3), (3, 4), ()])
+def test_value_of_the_wrong_shape_raises_value_error(cls, shape):
+    crf = cls(torch.randn(2, 4, 4))
+    with pytest.raises(ValueError, match="value"):
+        crf.log_prob(torch.zeros(shape, dtype=torch.long))

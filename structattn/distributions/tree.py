@@ -821,8 +821,16 @@ class _DependencyCRF(StructuredDistribution):
         one root unless ``multiroot``, no crossing arcs for the projective CRF. Padded
         positions are ignored. Returns a bool tensor of ``value``'s shape without the event."""
         size = self.num_words
+        if value.dim() == 0 or value.shape[-1] != size:
+            raise ValueError(f"value must end in the {size} words, got shape {tuple(value.shape)}")
         lengths = self.lengths
-        shape = torch.broadcast_shapes(value.shape[:-1], lengths.shape)
+        try:
+            shape = torch.broadcast_shapes(value.shape[:-1], lengths.shape)
+        except RuntimeError as err:
+            raise ValueError(
+                f"value of shape {tuple(value.shape)} does not broadcast to batch shape "
+                f"{tuple(self.batch_shape)}"
+            ) from err
         heads = value.long().expand(shape + (size,))
         lengths = lengths.expand(shape).unsqueeze(-1)
         positions = torch.arange(size, device=heads.device)
