@@ -457,3 +457,31 @@ def test_value_of_the_wrong_shape_raises_value_error(cls, shape):
     crf = cls(torch.randn(2, 4, 4))
     with pytest.raises(ValueError, match="value"):
         crf.log_prob(torch.zeros(shape, dtype=torch.long))
+
+
+@pytest.mark.parametrize("multiroot", [False, True])
+def test_second_derivatives_stay_finite_when_weights_differ_by_over_709_nats(multiroot):
+    # torch.logaddexp's double backward is NaN there; training through the marginals of
+    # peaked float32 scores hit it
+    scores = 100 * torch.randn(2, 64, 64, generator=torch.Generator().manual_seed(1))
+    weights = torch.randn(2, 64, 64, generator=torch.Generator().manual_seed(2))
+    gradients = []
+    for dtype in (torch.float32, torch.float64):
+        leaf = scores.to(dtype).detach().requires_grad_(True)
+        marginals = NonProjectiveDependencyCRF(leaf, multiroot=multiroot).marginals
+        (marginals * weights.to(dtype)).sum().backward()
+        assert torch.isfinite(leaf.grad).all()
+        gradients.append(leaf.grad.double())
+    torch.testing.assert_close(gradients[0], gradients[1], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("multiroot", [False, True])
+def test_gradcheck_of_marginals_at_scale_400(multiroot):
+    scores = (
+        400 * torch.randn(1, 4, 4, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
+    ).requires_grad_(True)
+
+    def marginals(x):
+        return NonProjectiveDependencyCRF(x, multiroot=multiroot).marginals
+
+    assert torch.autograd.gradcheck(marginals, (scores,))

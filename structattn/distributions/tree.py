@@ -171,6 +171,14 @@ def _elimination_weights(
     return weights, root, scale
 
 
+def _log_add(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """``log(exp(first) + exp(second))`` whose second derivative stays finite however far
+    apart the two are (``torch.logaddexp``'s is NaN beyond ~709 nats)."""
+    top = torch.maximum(first, second).detach()
+    top = top.masked_fill(~torch.isfinite(top), 0.0)
+    return top + ((first - top).exp() + (second - top).exp()).log()
+
+
 def _eliminate(
     weights: torch.Tensor,
     root: torch.Tensor,
@@ -204,7 +212,7 @@ def _eliminate(
         total = column.sum(-1)
         has_column = total > 0
         log_column = torch.where(has_column, total, 1.0).log() + scale[:, k]
-        with_root = torch.where(multiroot, torch.logaddexp(log_column, log_root), log_column)
+        with_root = torch.where(multiroot, _log_add(log_column, log_root), log_column)
         without_column = torch.where(multiroot, log_root, -torch.inf)
         log_pivot = torch.where(has_column, with_root, without_column)
         counted = torch.where(multiroot, k < lengths, k < last)
@@ -219,7 +227,7 @@ def _eliminate(
             + torch.where(reachable, row, 1.0).log()
             + scale[:, k + 1 :]
         )
-        new_root = torch.where(reachable, torch.logaddexp(root[:, 1:], through_k), root[:, 1:])
+        new_root = torch.where(reachable, _log_add(root[:, 1:], through_k), root[:, 1:])
         if tape is not None:
             tape.append((column, row, log_root, log_pivot, root[:, 1:], new_root))
         if tape is None:
