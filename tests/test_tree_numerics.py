@@ -485,3 +485,30 @@ def test_gradcheck_of_marginals_at_scale_400(multiroot):
         return NonProjectiveDependencyCRF(x, multiroot=multiroot).marginals
 
     assert torch.autograd.gradcheck(marginals, (scores,))
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    scale=st.floats(0.0, 300.0),
+    size=st.integers(1, 12),
+    multiroot=st.booleans(),
+    float64=st.booleans(),
+)
+@settings(max_examples=40, deadline=None)
+def test_training_through_marginals_gives_finite_gradients(seed, scale, size, multiroot, float64):
+    dtype = torch.float64 if float64 else torch.float32
+    generator = torch.Generator().manual_seed(seed)
+    scores = scale * torch.randn(2, size, size, generator=generator, dtype=dtype)
+    lengths = torch.randint(1, size + 1, (2,), generator=generator)
+    leaf = scores.clone().requires_grad_(True)
+    crf = NonProjectiveDependencyCRF(leaf, lengths=lengths, multiroot=multiroot)
+    marginals = crf.marginals
+    torch.testing.assert_close(
+        marginals.detach(),
+        NonProjectiveDependencyCRF(scores, lengths=lengths, multiroot=multiroot).marginals,
+        atol=1e-5 if dtype == torch.float32 else 1e-9,
+        rtol=0,
+    )
+    loss = (marginals * torch.randn(2, size, size, generator=generator, dtype=dtype)).sum()
+    (loss + crf.partition.sum()).backward()
+    assert torch.isfinite(leaf.grad).all()
