@@ -81,7 +81,12 @@ def test_partition_and_log_prob_match_brute_force(cls, multiroot):
         values, log_p = enumerate_trees(crf, index)
         scores = crf.score(values.unsqueeze(1).expand(-1, 3, -1))[:, index]
         torch.testing.assert_close(crf.partition[index], torch.logsumexp(scores, 0))
-        log_probs = crf.log_prob(values.unsqueeze(1).expand(-1, 3, -1))[:, index]
+        alone = cls(
+            crf.arc_scores[index : index + 1],
+            lengths=crf.lengths[index : index + 1],
+            multiroot=multiroot,
+        )
+        log_probs = alone.log_prob(values.unsqueeze(1))[:, 0]
         torch.testing.assert_close(log_probs, log_p)
         torch.testing.assert_close(
             torch.logsumexp(log_probs, 0), torch.zeros((), dtype=torch.float64)
