@@ -39,6 +39,7 @@ class Spec:
     event_shape: tuple[int, ...]
     attention_tail: tuple[int, ...]
     infer_args: tuple[str, ...] | None = None
+    attention_total: float = 1.0
 
 
 KEYS, LENGTH, STATES = 4, 4, 3
@@ -60,6 +61,8 @@ SPECS = [
          lambda **p: sd.LinearChainCRF(**p), (LENGTH,), (LENGTH, STATES), ("log_potentials",)),
     Spec("segmentation", lambda b: {"scores": _randn(*b, LENGTH)},
          lambda **p: sd.segmentation_crf(**p), (LENGTH,), (LENGTH, 2)),
+    Spec("segmentation_attention", lambda b: {"scores": _randn(*b, KEYS)},
+         lambda **p: sd.SegmentationAlignment(**p), (KEYS,), (KEYS,), None, 2.0),
     Spec("projective", lambda b: {"arc_scores": _randn(*b, LENGTH, LENGTH)},
          lambda **p: sd.ProjectiveDependencyCRF(**p), (LENGTH,), (LENGTH, LENGTH),
          ("arc_scores",)),
@@ -203,4 +206,7 @@ def test_attention_has_the_documented_shape_and_lies_on_the_simplex(spec, dtype)
     assert (attention >= 0).all()
     tolerance = 1e-5 if dtype == torch.float32 else 1e-10
     sums = attention.sum(-1)
-    torch.testing.assert_close(sums, torch.ones_like(sums), atol=tolerance, rtol=0)
+    # each query's weights sum to one (to ``attention_total`` where the class documents a
+    # rescaling, as segmentation attention does after Kim et al.)
+    expected = torch.full_like(sums, spec.attention_total)
+    torch.testing.assert_close(sums, expected, atol=tolerance * spec.attention_total, rtol=0)

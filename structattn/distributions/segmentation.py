@@ -94,7 +94,7 @@ class SegmentationAlignment(TorchDistribution):
         if validate:
             check_finite(scores, "scores", full_mask)
         self.scores = scores
-        self.mask = full_mask
+        self.key_mask = full_mask
         self.transition = transition.to(scores.dtype)
         self.scale = float(scale)
         self.num_keys = scores.shape[-1]
@@ -112,7 +112,7 @@ class SegmentationAlignment(TorchDistribution):
             compact = self.scores.gather(-1, self._order).reshape(-1, keys)
             # masked keys sit past each row's length, where the chain never reads them
             compact = compact.masked_fill(
-                ~self.mask.gather(-1, self._order).reshape(-1, keys), 0.0
+                ~self.key_mask.gather(-1, self._order).reshape(-1, keys), 0.0
             )
             self._chain_cache = segmentation_crf(
                 compact, self.transition, lengths=self._lengths.reshape(-1),
@@ -140,7 +140,7 @@ class SegmentationAlignment(TorchDistribution):
     def marginals(self) -> torch.Tensor:
         """``p(z_k = 1)``, ``(..., queries, keys)``; exactly zero at masked keys."""
         nodes = self.chain.node_marginals[..., 1]
-        return self._to_keys(nodes).masked_fill(~self.mask, 0.0)
+        return self._to_keys(nodes).masked_fill(~self.key_mask, 0.0)
 
     @property
     def attention(self) -> torch.Tensor:
@@ -175,11 +175,20 @@ class SegmentationAlignment(TorchDistribution):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         """``log p(value)``, ``sample_shape + (..., queries)``; ``value`` binary per key."""
-        if value.shape[-self.scores.dim():] != self.scores.shape:
+        shape = self.batch_shape + self.event_shape
+        try:
+            full = torch.broadcast_shapes(value.shape, shape)
+        except RuntimeError:
             raise ValueError(
-                f"value must end in {tuple(self.scores.shape)}, got {tuple(value.shape)}"
-            )
-        if self._validate_args and bool(((value != 0) & ~self.mask).any()):
+                f"value of shape {tuple(value.shape)} does not broadcast against "
+                f"batch + event shape {tuple(shape)}"
+            ) from None
+        if full[len(full) - len(shape):] != shape:
+            # size-1 batch dims grow to the value's, as torch's Categorical does
+            grown = full[len(full) - len(shape): len(full) - len(self.event_shape)]
+            return self.expand(grown).log_prob(value)
+        value = value.expand(full)
+        if self._validate_args and bool(((value != 0) & ~self.key_mask).any()):
             raise ValueError("value selects a masked key")
         compact, lead = self._to_compact(value.long())
         log_prob = self.chain.log_prob(compact)
@@ -198,6 +207,6 @@ class SegmentationAlignment(TorchDistribution):
         batch_shape = torch.Size(batch_shape)
         shape = batch_shape + self.event_shape
         return SegmentationAlignment(
-            self.scores.expand(shape), self.mask.expand(shape), self.transition, self.scale,
+            self.scores.expand(shape), self.key_mask.expand(shape), self.transition, self.scale,
             validate_args=self._validate_args,
         )
