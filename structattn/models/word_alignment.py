@@ -457,7 +457,8 @@ class IBM1Aligner(WordAligner):
     def pyro_viterbi(self, batch, table):
         decoded = infer_discrete(self.model, first_available_dim=-3, temperature=0)
         trace = pyro.poutine.trace(decoded).get_trace(batch, table)
-        best = trace.nodes["z"]["value"]
+        # infer_discrete may drop size-one batch dims
+        best = trace.nodes["z"]["value"].expand(batch.target.shape)
         return torch.where(best == table.shape[-1] - 1, batch.source.shape[1], best)
 
 
@@ -500,7 +501,8 @@ class HMMAligner(WordAligner):
         trace = pyro.poutine.trace(decoded).get_trace(batch, table)
         num_sources = batch.source.shape[1]
         states = torch.stack(
-            [trace.nodes[f"z_{t}"]["value"] for t in range(table.shape[1])], -1
+            [trace.nodes[f"z_{t}"]["value"].expand(batch.source.shape[:1])
+             for t in range(table.shape[1])], -1
         )
         return torch.where(states >= num_sources, num_sources, states)
 
