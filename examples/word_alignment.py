@@ -145,10 +145,10 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--out", default="runs/word_alignment", help="output folder")
     parser.add_argument("--smoke-test", action="store_true",
-                        help="tiny run (200 verses, 1 epoch each, 20 test verses)")
+                        help="tiny run (100 verses <= 15 tokens, 1 epoch each, 10 test verses)")
     args = parser.parse_args(argv)
     if args.smoke_test:
-        args.train_size, args.test_size = 200, 20
+        args.train_size, args.max_length, args.test_size = 100, 15, 10
         args.ibm1_epochs = args.hmm_epochs = 1
     return args
 

@@ -189,21 +189,21 @@ def test_decoding_must_be_known():
         aligner.align(_pairs(2), "beam")
 
 
-def test_bible_verses_align_better_than_the_diagonal(tmp_path):
+def test_example_runs_in_smoke_test_mode(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
     bible = pytest.importorskip("structattn.data.bible")
     try:
-        splits = bible.load_bible(max_train=200, max_length=15, lowercase=True)
+        bible.sword_module_path("engKJV2006eb")
+        bible.sword_module_path("spaRV1909eb")
     except bible.SwordModuleNotFoundError:
         pytest.skip("SWORD Bible modules are not installed")
-    from structattn.app.metrics import alignment_error_rate
-
-    pairs = [(p.source, p.target) for p in splits.train]
-    aligner = train_aligner("hmm", pairs, epochs=1, initial_epochs=2)
-    test = list(splits.train)[:50]
-    links = aligner.align([(p.source, p.target) for p in test], "posterior")
-    sure = [set(p.sure) for p in test]
-    possible = [set(p.possible) for p in test]
-    diagonal = [{(round(t * len(p.source) / len(p.target)), t) for t in range(len(p.target))}
-                for p in test]
-    assert (alignment_error_rate(links, sure, possible).aer
-            < alignment_error_rate(diagonal, sure, possible).aer)
+    path = Path(__file__).resolve().parent.parent / "examples" / "word_alignment.py"
+    spec = importlib.util.spec_from_file_location("word_alignment_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    args = example.parse_args(["--smoke-test", "--out", str(tmp_path), "--save-links"])
+    results = example.main(args)
+    assert (tmp_path / "results.json").exists() and (tmp_path / "hmm_links.txt").exists()
+    assert 0.0 <= results["hmm grow-diag-final-and viterbi"]["aer"] <= 1.0
