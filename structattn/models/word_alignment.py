@@ -114,12 +114,20 @@ class AlignmentBatch:
         return positions < self.target_lengths.unsqueeze(-1)
 
 
+def hmm_cells(source_length: int, target_length: int) -> int:
+    """Cells of one padded pair in the HMM's chain: ``T * S^2``."""
+    return target_length * source_length**2
+
+
 def make_batches(
-    encoded: Sequence[tuple[list[int], list[int]]], max_cells: int
+    encoded: Sequence[tuple[list[int], list[int]]],
+    max_cells: int,
+    cells: Callable[[int, int], int] = hmm_cells,
 ) -> list[AlignmentBatch]:
     """Group encoded pairs of similar lengths into batches of at most ``max_cells`` cells.
 
-    A pair costs ``T * S^2`` cells (the HMM's chain); sorting by length keeps padding small.
+    A batch of ``B`` pairs padded to ``S`` source and ``T`` target words costs
+    ``B * cells(S, T)``; sorting by length keeps padding small.
     """
     if not encoded:
         raise ValueError("encoded must hold at least one sentence pair")
@@ -147,7 +155,7 @@ def make_batches(
         candidate = current + [i]
         num_sources = max(len(encoded[j][0]) for j in candidate)
         num_targets = max(len(encoded[j][1]) for j in candidate)
-        if current and len(candidate) * num_targets * num_sources**2 > max_cells:
+        if current and len(candidate) * cells(num_sources, num_targets) > max_cells:
             flush()
             current = [i]
         else:
@@ -219,7 +227,6 @@ def hmm_model(
     :func:`~structattn.infer.gather_along`, two views and no copy. The same model written
     ``pyro.sample(..., Categorical(logits=gather_along(moves, z_previous, dim=-2)))``
     renormalizes a ``(states, batch, states)`` tensor every step and costs 1.5x more.
-    Past its length a sentence stays where it is (a deterministic move).
     """
     num_pairs, num_targets, _ = table.shape
     num_sources = batch.source.shape[1]
@@ -229,24 +236,24 @@ def hmm_model(
     )
     emissions = state_emissions(table, num_sources)
     num_states = emissions.shape[-1]
-    from_previous = moves.mT  # [batch, previous, next]
-    stay = torch.eye(num_states, dtype=torch.bool)
-    stay = torch.zeros(num_states, num_states).masked_fill(~stay, FORBIDDEN)
     flat = dist.Categorical(logits=torch.zeros(num_states))
     # the flat prior's -log(states) per step is given back in the move's factor
     log_states = math.log(num_states)
+    start = start + log_states
+    from_previous = moves.mT + log_states  # [batch, previous, next]
     target_mask = batch.target_mask
     with pyro.plate("pairs", num_pairs, dim=-1):
         previous = None
         for t in pyro.markov(range(num_targets)):
-            z = pyro.sample(f"z_{t}", flat, infer={"enumerate": "parallel"})
-            if t == 0:
-                move = gather_along(start, z, dim=-1)
-            else:
-                step = torch.where(target_mask[:, t, None, None], from_previous, stay)
-                move = gather_along(gather_along(step, previous, dim=-2), z, dim=-1)
-            pyro.factor(f"move_{t}", move + log_states)
-            observe_alignment_emission(f"y_{t}", emissions[:, t], z, target_mask[:, t])
+            # a masked enumerated site sums to one: padding adds nothing
+            with pyro.poutine.mask(mask=target_mask[:, t]):
+                z = pyro.sample(f"z_{t}", flat, infer={"enumerate": "parallel"})
+                if t == 0:
+                    move = gather_along(start, z, dim=-1)
+                else:
+                    move = gather_along(gather_along(from_previous, previous, dim=-2), z, dim=-1)
+                pyro.factor(f"move_{t}", move)
+                observe_alignment_emission(f"y_{t}", emissions[:, t], z)
             previous = z
 
 
@@ -326,7 +333,11 @@ class WordAligner(abc.ABC):
         if self.source_vocab is None or self.target_vocab is None:
             raise ValueError("the aligner is not trained: call fit() first")
         encoded = [(self.source_vocab.encode(s), self.target_vocab.encode(t)) for s, t in pairs]
-        return make_batches(encoded, self.max_cells)
+        return make_batches(encoded, self.max_cells, self.cells)
+
+    def cells(self, source_length: int, target_length: int) -> int:
+        """Memory cost of one padded pair (batches hold ``max_cells``): the HMM's ``T * S^2``."""
+        return hmm_cells(source_length, target_length)
 
     def table(self, batch: AlignmentBatch) -> torch.Tensor:
         return emission_table(self.log_t, batch, self.source_vocab.null_id)
@@ -456,6 +467,10 @@ class IBM1Aligner(WordAligner):
     """IBM Model 1: the alignment of each word is uniform over the source words and NULL."""
 
     max_plate_nesting = 2
+
+    def cells(self, source_length, target_length):
+        # no chain: a pair costs its emission table, so batches are S times larger
+        return target_length * (source_length + 1)
 
     def exact_log_likelihood(self, batch, table):
         return ibm1_log_likelihood(batch, table)
