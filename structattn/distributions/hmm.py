@@ -117,7 +117,8 @@ class HMMAlignment(LinearChainCRF):
     where ``c`` are the jump scores (``c(d)`` for ``|d| <= max_jump``, the end buckets beyond),
     ``I`` the source length, ``\varnothing_j`` the NULL state that remembers position ``j``
     (transitions out of it are those out of ``j``), and the first word jumps from a virtual
-    position ``-1``. With emissions ``e_t(k) = log p(y_t | z_t = k)`` this is the posterior
+    position ``-1`` to some ``j``, then is NULL (state ``\varnothing_j``) with probability
+    ``p_0``. With emissions ``e_t(k) = log p(y_t | z_t = k)`` this is the posterior
     ``p(z | x, y)`` and ``log_partition`` is ``log p(y | x)``; without them the prior.
 
     States (the values of ``sample``/``argmax``/``log_prob``) are ``0 .. S-1`` for source
