@@ -51,6 +51,7 @@ __all__ = [
     "ibm1_log_likelihood",
     "ibm1_model",
     "make_batches",
+    "posterior_average_links",
     "posterior_links",
     "pyro_log_likelihood",
     "register_aligner",
@@ -423,6 +424,26 @@ def posterior_links(posterior: torch.Tensor, threshold: float) -> Links:
     """Links ``(s, t)`` with ``posterior[t, s] >= threshold`` (the NULL column dropped)."""
     chosen = (posterior[:, :-1] >= threshold).nonzero().tolist()
     return {(s, t) for t, s in chosen}
+
+
+def posterior_average_links(
+    forward: torch.Tensor, backward: torch.Tensor, threshold: float
+) -> Links:
+    """Soft symmetrisation: links ``(s, t)`` whose two directions' posteriors average at least
+    ``threshold`` (Liang et al. 2006 train the directions to agree; this only decodes so).
+
+    Args:
+        forward: ``(T, S + 1)`` posteriors of the source -> target aligner (last column NULL).
+        backward: ``(S, T + 1)`` posteriors of the target -> source aligner.
+    """
+    num_targets, num_sources = forward.shape[0], forward.shape[1] - 1
+    if backward.shape != (num_sources, num_targets + 1):
+        raise ValueError(
+            f"backward must have shape ({num_sources}, {num_targets + 1}) to match forward "
+            f"{tuple(forward.shape)}, got {tuple(backward.shape)}"
+        )
+    average = 0.5 * (forward[:, :-1] + backward[:, :-1].T)
+    return {(s, t) for t, s in (average >= threshold).nonzero().tolist()}
 
 
 def _add_counts(counts: torch.Tensor, batch: AlignmentBatch, posterior: torch.Tensor,
