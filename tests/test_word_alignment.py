@@ -207,3 +207,25 @@ def test_example_runs_in_smoke_test_mode(tmp_path):
     results = example.main(args)
     assert (tmp_path / "results.json").exists() and (tmp_path / "hmm_links.txt").exists()
     assert 0.0 <= results["hmm grow-diag-final-and viterbi"]["aer"] <= 1.0
+
+
+def test_posterior_average_keeps_links_both_directions_support_on_average():
+    from structattn.models.word_alignment import posterior_average_links
+
+    forward = torch.tensor([[0.9, 0.0, 0.1], [0.2, 0.4, 0.4]])  # (T=2, S=2 + NULL)
+    backward = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.8, 0.2]])  # (S=2, T=2 + NULL)
+    assert posterior_average_links(forward, backward, 0.5) == {(0, 0), (1, 1)}
+    assert posterior_average_links(forward, backward, 0.25) == {(0, 0), (1, 1), (0, 1)}
+    with pytest.raises(ValueError, match="backward"):
+        posterior_average_links(forward, backward.T, 0.5)
+
+
+def test_ibm1_batches_are_sized_by_its_emission_table_not_the_chain():
+    pairs = _pairs(40)
+    ibm1 = IBM1Aligner(max_cells=200).fit(pairs, 1)
+    hmm = HMMAligner(max_cells=200)
+    hmm.source_vocab, hmm.target_vocab, hmm.log_t = ibm1.source_vocab, ibm1.target_vocab, ibm1.log_t
+    assert len(ibm1.batches(pairs)) < len(hmm.batches(pairs))
+    for batch in hmm.batches(pairs):
+        source, target = batch.source.shape[1], batch.target.shape[1]
+        assert len(batch.indices) == 1 or len(batch.indices) * target * source**2 <= 200
