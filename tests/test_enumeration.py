@@ -1,9 +1,13 @@
 """gather_along, broadcast_cat and observe_alignment_emission under real enumeration."""
 
+import itertools
+
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pyro.infer import TraceEnum_ELBO
 
 import structattn as sa
@@ -146,3 +150,38 @@ def test_emission_helper_returns_the_table_read_at_a_sampled_alignment():
     torch.testing.assert_close(trace.nodes["y"]["fn"].log_factor, expected)
     with pytest.raises(ValueError, match="mask"):
         observe_alignment_emission("y", table, z, torch.ones(2, 3))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    head=st.lists(st.integers(1, 3), min_size=0, max_size=2),
+    size=st.integers(1, 4),
+    tail=st.lists(st.integers(1, 3), min_size=0, max_size=2),
+    extra=st.integers(0, 2),
+    seed=st.integers(0, 1000),
+)
+def test_gather_along_matches_indexing_element_by_element(head, size, tail, extra, seed):
+    generator = torch.Generator().manual_seed(seed)
+    tensor = torch.randn(*head, size, *tail, generator=generator)
+    index = torch.randint(0, size, (2,) * extra + tuple(head), generator=generator)
+    out = gather_along(tensor, index, dim=len(head))
+    assert out.shape == index.shape + tuple(tail)
+    for position in itertools.product(*(range(n) for n in index.shape)):
+        where = position[len(position) - len(head):] if head else ()
+        expected = tensor[where + (int(index[position]),)]
+        torch.testing.assert_close(out[position], expected)
+
+
+def test_gather_along_at_pyro_enumerated_support_is_a_view_with_the_same_values():
+    table = torch.randn(2, 3, 4)
+
+    def model():
+        with pyro.plate("b", 2, dim=-2), pyro.plate("q", 3, dim=-1):
+            z = pyro.sample("z", dist.Categorical(logits=torch.zeros(4)),
+                            infer={"enumerate": "parallel"})
+        return z, gather_along(table, z, dim=-1)
+
+    z, out = pyro.poutine.enum(model, first_available_dim=-3)()
+    assert z.shape == (4, 1, 1) and out.shape == (4, 2, 3)
+    assert out.data_ptr() == table.data_ptr()  # no copy
+    torch.testing.assert_close(out, table.movedim(-1, 0))
