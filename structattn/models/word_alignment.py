@@ -191,16 +191,17 @@ def ibm1_log_likelihood(batch: AlignmentBatch, table: torch.Tensor) -> torch.Ten
 def ibm1_model(batch: AlignmentBatch, table: torch.Tensor) -> None:
     """IBM Model 1 in Pyro: ``z_t`` uniform over the source words and NULL (the last column).
 
-    Padded target words may only align to NULL, so summing them out adds exactly nothing.
+    The prior's logits are ``(pairs, 1, S + 1)``, shared by the target words (broadcast by the
+    plate), so it costs nothing per target word; a masked (padded) target word's enumerated
+    site sums to one and adds nothing.
     """
-    num_pairs, num_targets, num_columns = table.shape
+    num_pairs, num_targets, _ = table.shape
     target_mask = batch.target_mask
     valid = torch.cat([batch.source_mask, torch.ones_like(batch.source_mask[:, :1])], 1)
-    null_only = torch.arange(num_columns) == num_columns - 1
-    allowed = torch.where(target_mask.unsqueeze(-1), valid.unsqueeze(1), null_only)
-    prior = CategoricalAlignment(logits=table.new_zeros(table.shape), mask=allowed)
+    prior = CategoricalAlignment(logits=table.new_zeros(num_pairs, 1, table.shape[-1]),
+                                 mask=valid.unsqueeze(1))
     with pyro.plate("pairs", num_pairs, dim=-2), pyro.plate("targets", num_targets, dim=-1):
-        z = sample_alignment("z", prior, estimator="enum")
+        z = sample_alignment("z", prior, estimator="enum", mask=target_mask)
         observe_alignment_emission("y", table, z, target_mask)
 
 
@@ -243,11 +244,14 @@ def hmm_model(
     start = start + log_states
     from_previous = moves.mT + log_states  # [batch, previous, next]
     target_mask = batch.target_mask
+    shortest = int(batch.target_lengths.min())
     with pyro.plate("pairs", num_pairs, dim=-1):
         previous = None
         for t in pyro.markov(range(num_targets)):
-            # a masked enumerated site sums to one: padding adds nothing
-            with pyro.poutine.mask(mask=target_mask[:, t]):
+            # a masked enumerated site sums to one: padding adds nothing (and where no
+            # sentence has ended yet, no mask saves a pass over every factor)
+            mask = True if t < shortest else target_mask[:, t]
+            with pyro.poutine.mask(mask=mask):
                 z = pyro.sample(f"z_{t}", flat, infer={"enumerate": "parallel"})
                 if t == 0:
                     move = gather_along(start, z, dim=-1)
