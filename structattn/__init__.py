@@ -8,6 +8,7 @@ way of training through that choice.
 from structattn import distributions, functional, infer, models, nn
 from structattn.distributions import (
     CategoricalAlignment,
+    HMMAlignment,
     LinearChainCRF,
     MonotonicAlignment,
     NonProjectiveDependencyCRF,
@@ -22,6 +23,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "CategoricalAlignment",
+    "HMMAlignment",
     "LinearChainCRF",
     "MonotonicAlignment",
     "NonProjectiveDependencyCRF",

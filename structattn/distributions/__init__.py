@@ -7,6 +7,7 @@ from structattn.distributions.categorical import (
     mask_value,
 )
 from structattn.distributions.chain import LinearChainCRF, segmentation_crf
+from structattn.distributions.hmm import HMMAlignment
 from structattn.distributions.monotonic import MonotonicAlignment
 from structattn.distributions.segmentation import SegmentationAlignment
 from structattn.distributions.structured import StructuredDistribution
@@ -14,6 +15,7 @@ from structattn.distributions.tree import NonProjectiveDependencyCRF, Projective
 
 __all__ = [
     "CategoricalAlignment",
+    "HMMAlignment",
     "LinearChainCRF",
     "MonotonicAlignment",
     "NonProjectiveDependencyCRF",

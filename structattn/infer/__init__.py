@@ -13,6 +13,11 @@ from structattn.infer.baselines import (
 )
 from structattn.infer.diagnostics import GradientVarianceReport, gradient_variance
 from structattn.infer.elbo import RLOO_ELBO, AlignmentELBO, ExactELBO, StraightThroughELBO
+from structattn.infer.enumeration import (
+    broadcast_cat,
+    gather_along,
+    observe_alignment_emission,
+)
 from structattn.infer.estimators import (
     ESTIMATOR_NAMES,
     ESTIMATORS,
@@ -59,13 +64,16 @@ __all__ = [
     "SparseEstimator",
     "StraightThroughELBO",
     "StraightThroughEstimator",
+    "broadcast_cat",
     "condition",
     "exact_elbo",
     "gather",
+    "gather_along",
     "gradient_variance",
     "make_baseline",
     "make_estimator",
     "marginal_log_likelihood",
+    "observe_alignment_emission",
     "posterior",
     "readout",
     "register_readout",

@@ -3,5 +3,14 @@
 from structattn.models.seq2seq import MODES, Seq2Seq
 from structattn.models.toy import AlignedCopyModel
 from structattn.models.transformer import TRANSFORMER_MODES, TransformerSeq2Seq
+from structattn.models.word_alignment import ALIGNERS, train_aligner
 
-__all__ = ["MODES", "TRANSFORMER_MODES", "AlignedCopyModel", "Seq2Seq", "TransformerSeq2Seq"]
+__all__ = [
+    "ALIGNERS",
+    "MODES",
+    "TRANSFORMER_MODES",
+    "AlignedCopyModel",
+    "Seq2Seq",
+    "TransformerSeq2Seq",
+    "train_aligner",
+]

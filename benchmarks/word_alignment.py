@@ -1,0 +1,188 @@
+"""Per-step cost of the word-alignment Pyro models against hand-written PyTorch, same run.
+
+One step is what EM does per batch: the emission table read from the translation table, the
+exact ``log p(y | x)``, its gradient with respect to the emission table (the posterior of every
+link) and the expected counts added into a translation-table-sized buffer. Compared, on one
+batch of synthetic sentence pairs shaped like the Bible verses (vocabularies of 5,000 words):
+
+* IBM Model 1: the Pyro model (``TraceEnum_ELBO``, ``observe_alignment_emission``) against a
+  hand-written ``logsumexp``; also the naive Pyro emission
+  ``pyro.sample("y", Categorical(logits=log_t[gather(source, z)]), obs=y)`` (gradient to
+  ``log_t``) to show what the helper saves;
+* the HMM aligner: the Pyro model (``pyro.markov``, ``gather_along``) against
+  ``HMMAlignment.log_partition`` and against a plain forward recursion written in a loop.
+
+Ratios (Pyro / hand-written) come from the same run, so they survive a busy machine better
+than the absolute times.
+
+    python benchmarks/word_alignment.py
+    python benchmarks/word_alignment.py --pairs 64 --length 30 --repeats 5
+"""
+
+import argparse
+import statistics
+import time
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+import structattn as sa
+from structattn.models.word_alignment import (
+    AlignmentBatch,
+    hmm_log_likelihood,
+    hmm_model,
+    ibm1_log_likelihood,
+    ibm1_model,
+    pyro_log_likelihood,
+)
+
+
+def synthetic_batch(pairs: int, length: int, vocabulary: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    source = torch.randint(2, vocabulary, (pairs, length), generator=generator)
+    target = torch.randint(1, vocabulary, (pairs, length), generator=generator)
+    source_lengths = torch.randint(length // 2, length + 1, (pairs,), generator=generator)
+    target_lengths = torch.randint(length // 2, length + 1, (pairs,), generator=generator)
+    source_lengths[0] = target_lengths[0] = length
+    batch = AlignmentBatch(source, target, source_lengths, target_lengths, list(range(pairs)))
+    log_t = torch.log_softmax(torch.randn(vocabulary, vocabulary, generator=generator), -1)
+    return batch, log_t
+
+
+def table_of(log_t, batch):
+    source = torch.cat([batch.source, torch.ones_like(batch.source[:, :1])], 1)
+    return log_t[source.unsqueeze(1), batch.target.unsqueeze(2)].requires_grad_(True)
+
+
+def timed_interleaved(steps: dict, repeats: int) -> dict:
+    """Median seconds of each step; the steps take turns, so load changes hit them alike."""
+    for step in steps.values():
+        step()  # warm-up
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def naive_ibm1_model(batch, log_t):
+    """The pattern the emission helper replaces: logits over the vocabulary per alignment."""
+    num_pairs, num_targets = batch.target.shape
+    source = torch.cat([batch.source, torch.ones_like(batch.source[:, :1])], 1)
+    valid = torch.cat([batch.source_mask, torch.ones_like(batch.source_mask[:, :1])], 1)
+    prior = sa.CategoricalAlignment(logits=torch.zeros(num_pairs, 1, source.shape[1]),
+                                    mask=valid.unsqueeze(1))
+    with pyro.plate("pairs", num_pairs, dim=-2), pyro.plate("targets", num_targets, dim=-1):
+        z = sa.infer.sample_alignment("z", prior, estimator="enum", mask=batch.target_mask)
+        words = sa.infer.gather(source.unsqueeze(-1), z).squeeze(-1)
+        with pyro.poutine.mask(mask=batch.target_mask):
+            pyro.sample("y", dist.Categorical(logits=log_t[words]), obs=batch.target)
+
+
+def plain_forward(batch, table, jump_scores, null_probability):
+    """The HMM's forward recursion written directly (log space, a loop over target words)."""
+    num_sources = batch.source.shape[1]
+    start, moves, _ = sa.distributions.hmm.hmm_log_transitions(
+        jump_scores.expand(batch.source.shape[0], -1), batch.source_lengths, num_sources,
+        null_probability, -1e4,
+    )
+    emissions = sa.distributions.hmm.state_emissions(table, num_sources)
+    alpha = start + emissions[:, 0]
+    mask = batch.target_mask
+    for t in range(1, table.shape[1]):
+        step = torch.logsumexp(moves + alpha.unsqueeze(-2), -1) + emissions[:, t]
+        alpha = torch.where(mask[:, t, None], step, alpha)
+    return torch.logsumexp(alpha, -1)
+
+
+def main(args):
+    torch.set_num_threads(1)
+    pyro.set_rng_seed(0)
+    pyro.enable_validation(False)  # as in training; validation re-checks every site's value
+    batch, log_t = synthetic_batch(args.pairs, args.length, args.vocabulary, args.seed)
+    ibm1_batch, _ = synthetic_batch(args.ibm1_pairs, args.length, args.vocabulary, args.seed)
+    jump_scores = torch.randn(15)
+    null = args.null_probability
+    counts = torch.zeros_like(log_t)
+
+    def em_step(log_likelihood, batch=batch):
+        """One EM step as the trainer runs it: table, log p(y|x), its gradient, the counts."""
+        source = torch.cat([batch.source, torch.ones_like(batch.source[:, :1])], 1)
+
+        def step():
+            table = table_of(log_t, batch)
+            (posterior,) = torch.autograd.grad(log_likelihood(table), [table])
+            rows = source.unsqueeze(1).expand(posterior.shape)
+            columns = batch.target.unsqueeze(2).expand(posterior.shape)
+            counts.index_put_((rows.reshape(-1), columns.reshape(-1)), posterior.reshape(-1),
+                              accumulate=True)
+        return step
+
+    leaf = log_t.clone().requires_grad_(True)
+
+    def naive_step():
+        """The naive emission: the counts come from the gradient with respect to log t."""
+        loss = pyro.infer.TraceEnum_ELBO(max_plate_nesting=2).differentiable_loss(
+            naive_ibm1_model, lambda *a: None, batch, leaf)
+        (grad,) = torch.autograd.grad(loss, [leaf])
+        counts.sub_(grad)
+
+    steps = {
+        "IBM1 hand-written logsumexp": em_step(
+            lambda table: ibm1_log_likelihood(ibm1_batch, table).sum(), ibm1_batch),
+        "IBM1 Pyro + observe_alignment_emission": em_step(
+            lambda table: pyro_log_likelihood(ibm1_model, 2, ibm1_batch, table), ibm1_batch),
+        "IBM1-small hand-written logsumexp": em_step(
+            lambda table: ibm1_log_likelihood(batch, table).sum()),
+        "IBM1-small Pyro + observe_alignment_emission": em_step(
+            lambda table: pyro_log_likelihood(ibm1_model, 2, batch, table)),
+        "IBM1-small Pyro, naive Categorical emission": naive_step,
+        "HMM HMMAlignment.log_partition": em_step(
+            lambda table: hmm_log_likelihood(batch, table, jump_scores, null).sum()),
+        "HMM plain forward loop + autograd": em_step(
+            lambda table: plain_forward(batch, table, jump_scores, null).sum()),
+        "HMM Pyro (pyro.markov + gather_along)": em_step(lambda table: pyro_log_likelihood(
+            hmm_model, 1, batch, table, jump_scores, null)),
+    }
+    if args.skip_naive:
+        del steps["IBM1-small Pyro, naive Categorical emission"]
+    seconds = timed_interleaved(steps, args.repeats)
+    references = {"IBM1": seconds["IBM1 hand-written logsumexp"],
+                  "IBM1-small": seconds["IBM1-small hand-written logsumexp"],
+                  "HMM": seconds["HMM plain forward loop + autograd"]}
+    print(f"HMM and IBM1-small batch {args.pairs} pairs, IBM1 batch {args.ibm1_pairs} pairs "
+          f"(the trainer's IBM1 batches are S times larger than the HMM's), length <= "
+          f"{args.length}, vocabulary {args.vocabulary}, median of {args.repeats} interleaved "
+          "rounds, 1 thread")
+    print(f"{'one EM step (log p(y|x), gradient, counts)':46s} {'ms':>9s} "
+          f"{'/ hand-written':>15s}")
+    rows = []
+    for name, value in seconds.items():
+        ratio = value / references[name.split()[0]]
+        rows.append((name, value, ratio))
+        print(f"{name:46s} {1000 * value:9.1f} {ratio:15.2f}")
+    print("hand-written references: IBM1 logsumexp; HMM plain forward loop")
+    return rows
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pairs", type=int, default=32,
+                        help="sentence pairs in the HMM's batch")
+    parser.add_argument("--ibm1-pairs", type=int, default=1024,
+                        help="sentence pairs in IBM1's batch")
+    parser.add_argument("--length", type=int, default=30, help="longest sentence (both sides)")
+    parser.add_argument("--vocabulary", type=int, default=5000, help="words per side")
+    parser.add_argument("--null-probability", type=float, default=0.2, help="HMM NULL p0")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (median)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--skip-naive", action="store_true",
+                        help="leave out the naive emission (slow at large batches)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())
