@@ -3,6 +3,7 @@ enumeration; emission heads; encoders and inference networks."""
 
 from structattn.nn.attention import LatentAttention
 from structattn.nn.heads import EmissionHead
+from structattn.nn.hmm import HMMNormalizer
 from structattn.nn.inference import InferenceNetwork
 from structattn.nn.multihead import MultiheadAttention
 from structattn.nn.normalizers import (
@@ -43,6 +44,7 @@ __all__ = [
     "Entmax15Normalizer",
     "EntmaxBisect",
     "EntmaxNormalizer",
+    "HMMNormalizer",
     "InferenceNetwork",
     "LatentAttention",
     "MonotonicNormalizer",

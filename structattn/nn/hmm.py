@@ -6,11 +6,13 @@ import torch
 from torch import nn
 
 from structattn.distributions.hmm import HMMAlignment
+from structattn.nn.normalizers import Normalizer, register_normalizer
 
 __all__ = ["HMMNormalizer"]
 
 
-class HMMNormalizer(nn.Module):
+@register_normalizer("hmm")
+class HMMNormalizer(Normalizer):
     """Scores ``(..., queries, keys)`` -> :class:`~structattn.distributions.hmm.HMMAlignment`.
 
     The scores are the emission log-likelihoods (each query is a target step, each key a source
