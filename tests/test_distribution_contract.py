@@ -75,6 +75,12 @@ SPECS = [
          lambda **p: sd.MonotonicAlignment(**p), (LENGTH,), (LENGTH, KEYS),
          ("alignment_logits", "emission_log_likelihoods")),
 ]
+SPECS.append(
+    Spec("hmm",
+         lambda b: {"jump_scores": _randn(*b, 5),
+                    "emission_log_likelihoods": _randn(*b, LENGTH, KEYS)},
+         lambda **p: sd.HMMAlignment(**p), (LENGTH,), (LENGTH, KEYS))
+)
 IDS = [spec.name for spec in SPECS]
 
 
