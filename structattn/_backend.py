@@ -142,20 +142,23 @@ class SequentialScan(ChainScanKernel):
         normalize = _is_log_semiring(semiring) and not (
             torch.is_grad_enabled() and (matrices.requires_grad or start.requires_grad)
         )
-        message = start
-        messages, shifts = [message], []
+        if not normalize:
+            message = start
+            messages = [message]
+            for n in range(num_steps):
+                message = semiring.matvec(matrices.select(-3, n), message)
+                messages.append(message)
+            return torch.stack(messages, -2), start.new_zeros(batch, num_steps + 1)
+        top = start.amax(-1, keepdim=True)
+        message = start - top
+        messages, shifts = [message], [top]
         for n in range(num_steps):
             message = semiring.matvec(matrices.select(-3, n), message)
-            if normalize:
-                top = message.amax(-1, keepdim=True)
-                message = message - top
-                shifts.append(top.squeeze(-1))
+            top = message.amax(-1, keepdim=True)
+            message = message - top
             messages.append(message)
-        if shifts:
-            log_scale = torch.cat([start.new_zeros(batch, 1), torch.stack(shifts, 1).cumsum(1)], 1)
-        else:
-            log_scale = start.new_zeros(batch, num_steps + 1)
-        return torch.stack(messages, -2), log_scale
+            shifts.append(top)
+        return torch.stack(messages, -2), torch.cat(shifts, -1).cumsum(-1)
 
 
 class ProbabilityScan(ChainScanKernel):
