@@ -317,7 +317,7 @@ class LinearChainCRF(StructuredDistribution):
             SamplingSemiring, repeat(potentials), repeat(initial), repeat(lengths)
         )
         labels = _parts_to_labels(*parts)
-        return labels.view(num_samples, batch, -1)
+        return labels.view(num_samples, batch, potentials.shape[1] + 1)
 
     def _entropy_flat(self, potentials, lengths):
         initial = self._initial_flat(potentials)

@@ -271,7 +271,8 @@ class StructuredDistribution(TorchDistribution):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         """``log p(value)``, shape ``sample_shape + batch_shape`` (see ``score`` for ``value``)."""
-        if self._validate_args and not value.is_floating_point():
+        # torch's support check cannot reshape an empty value; an empty value has nothing to check
+        if self._validate_args and not value.is_floating_point() and value.numel() > 0:
             self._validate_sample(value)
         return self.score(value) - self.log_partition
 
