@@ -83,8 +83,8 @@ def _masks(lengths: torch.Tensor, num_nodes: int) -> tuple[torch.Tensor, torch.T
 
 def _forward_backward(
     potentials: torch.Tensor, initial: torch.Tensor, lengths: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(edge marginals (B, E, C, C), node marginals (B, E+1, C))``, no graph.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(edge marginals (B, E, C, C), node marginals (B, E+1, C), log Z (B,))``, no graph.
 
     Potentials past each length are set to zero for the recursions, which only adds the same
     constant to every entry of a message: locally normalized marginals are then exact with no
@@ -99,9 +99,13 @@ def _forward_backward(
     torch.mul(potentials, edge_mask, out=stacked[:batch])
     stacked[batch:] = stacked[:batch].flip(1).transpose(-1, -2)
     starts = torch.cat([initial, torch.zeros_like(initial)], 0)
-    messages, _ = _backend.chain_scan(LogSemiring, stacked, starts)
+    messages, log_scale = _backend.chain_scan(LogSemiring, stacked, starts)
     del stacked
     alpha, beta = messages[:batch], messages[batch:].flip(1)
+    # the forward messages are exact up to each sequence's end (the padding comes after it)
+    last = (lengths - 1).view(-1, 1)
+    final = alpha.gather(1, last.unsqueeze(-1).expand(-1, 1, num_states)).squeeze(1)
+    log_partition = torch.logsumexp(final, -1) + log_scale[:batch].gather(1, last).squeeze(1)
     nodes = torch.softmax(alpha + beta, -1) * node_mask.unsqueeze(-1)
     edges = potentials + beta[:, 1:].unsqueeze(-1)
     edges.add_(alpha[:, :-1].unsqueeze(-2))
@@ -110,7 +114,7 @@ def _forward_backward(
     flat.div_(flat.sum(-1, keepdim=True))
     if bool((lengths <= num_steps).any()):
         edges.mul_(edge_mask)
-    return edges, nodes
+    return edges, nodes, log_partition
 
 
 def _divide_or_zero(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
@@ -173,7 +177,7 @@ class _ChainMarginals(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, potentials, initial, lengths):  # type: ignore[override]
-        edges, nodes = _forward_backward(potentials, initial, lengths)
+        edges, nodes, _ = _forward_backward(potentials, initial, lengths)
         ctx.save_for_backward(edges, nodes, lengths)
         return edges, nodes
 
@@ -198,22 +202,35 @@ def chain_marginals(
 
 
 class _ChainLogPartition(torch.autograd.Function):
-    """``log Z`` by the log-semiring program, its gradient the marginals (``chain_marginals``).
+    """``log Z``, its gradient the marginals (``chain_marginals``).
 
-    The forward pass records nothing; the backward pass goes through ``chain_marginals``, so
-    ``create_graph=True`` gives exact second derivatives.
+    When a gradient will be asked for, the forward pass runs the forward-backward scan (the
+    two recursions on a doubled batch cost about one recursion where per-step overhead
+    dominates) and keeps the marginals; otherwise only the log-semiring program runs. When
+    the backward pass itself records (``create_graph=True``) it goes through
+    ``chain_marginals``, so second derivatives are exact.
     """
 
     @staticmethod
     def forward(ctx, potentials, initial, lengths):  # type: ignore[override]
         ctx.save_for_backward(potentials, initial, lengths)
+        ctx.marginals = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            edges, nodes, log_partition = _forward_backward(potentials, initial, lengths)
+            ctx.marginals = (edges, nodes[:, 0])
+            return log_partition
         return chain_program(LogSemiring, potentials, initial, lengths)
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         potentials, initial, lengths = ctx.saved_tensors
-        edges, nodes = chain_marginals(potentials, initial, lengths)
-        return grad_output.view(-1, 1, 1, 1) * edges, grad_output.view(-1, 1) * nodes[:, 0], None
+        if torch.is_grad_enabled() or ctx.marginals is None:
+            edges, nodes = chain_marginals(potentials, initial, lengths)
+            first = nodes[:, 0]
+        else:
+            edges, first = ctx.marginals
+        ctx.marginals = None
+        return grad_output.view(-1, 1, 1, 1) * edges, grad_output.view(-1, 1) * first, None
 
 
 class LinearChainCRF(StructuredDistribution):
