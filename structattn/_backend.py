@@ -56,10 +56,10 @@ class ChainScanKernel(abc.ABC):
 
     ``matrices: (*element, B, E, C, C)`` ``[next, previous]`` semiring elements, ``start:
     (*element, B, C)``. ``scan`` returns ``(messages (*element, B, E+1, C), log_scale (B, E+1))``
-    with ``messages + log_scale[..., None]`` the exact messages; the scale lets float32 keep
-    its precision at the scale of one step rather than the whole prefix (kernels that do not
-    rescale return zeros). Kernels for the log semiring run without autograd; the generic
-    sequential kernel records a graph (its gradients give argmax and samples).
+    with ``semiring.rescale(messages, log_scale)`` the exact messages; the scale lets float32
+    keep its precision at the scale of one step rather than the whole prefix. Kernels for the
+    log semiring alone run without autograd; the generic sequential kernel records a graph
+    (its gradients give argmax and samples).
     """
 
     name: str = ""
@@ -128,8 +128,8 @@ def _matvec(matrices: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
 class SequentialScan(ChainScanKernel):
     """The chain program as written: one semiring matrix-vector product per step.
 
-    Any semiring, differentiable by autograd. In the log semiring without autograd each
-    message is shifted to a maximum of zero and the shift kept in the scale.
+    Any semiring, differentiable by autograd. Each message is shifted by the semiring's
+    ``normalize`` (a constant without gradient) and the shift kept in the scale.
     """
 
     name = "sequential"
@@ -138,27 +138,13 @@ class SequentialScan(ChainScanKernel):
         return True
 
     def scan(self, semiring, matrices, start):
-        batch, num_steps = matrices.shape[-4], matrices.shape[-3]
-        normalize = _is_log_semiring(semiring) and not (
-            torch.is_grad_enabled() and (matrices.requires_grad or start.requires_grad)
-        )
-        if not normalize:
-            message = start
-            messages = [message]
-            for n in range(num_steps):
-                message = semiring.matvec(matrices.select(-3, n), message)
-                messages.append(message)
-            return torch.stack(messages, -2), start.new_zeros(batch, num_steps + 1)
-        top = start.amax(-1, keepdim=True)
-        message = start - top
-        messages, shifts = [message], [top]
-        for n in range(num_steps):
-            message = semiring.matvec(matrices.select(-3, n), message)
-            top = message.amax(-1, keepdim=True)
-            message = message - top
+        message, shift = semiring.normalize(start)
+        messages, shifts = [message], [shift]
+        for n in range(matrices.shape[-3]):
+            message, shift = semiring.normalize(semiring.matvec(matrices.select(-3, n), message))
             messages.append(message)
-            shifts.append(top)
-        return torch.stack(messages, -2), torch.cat(shifts, -1).cumsum(-1)
+            shifts.append(shift)
+        return torch.stack(messages, -2), torch.stack(shifts, -1).cumsum(-1)
 
 
 class ProbabilityScan(ChainScanKernel):

@@ -6,6 +6,8 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pyro.infer import SVI, Trace_ELBO, TraceGraph_ELBO
 from pyro.optim import Adam
 
@@ -450,3 +452,64 @@ def test_entropy_is_differentiable_and_matches_log_z_minus_expected_score():
 
     torch.testing.assert_close(entropy(phi), reference(phi))
     assert torch.autograd.gradcheck(entropy, (phi,))
+
+
+@pytest.mark.parametrize("states", [2, 8])
+def test_float32_length_1024_scale_1000_matches_float64(states):
+    generator = torch.Generator().manual_seed(6)
+    phi = 1000 * torch.randn(2, 1023, states, states, generator=generator)
+    weights = torch.randn(phi.shape, generator=generator)
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        leaf = phi.to(dtype).requires_grad_(True)
+        crf = LinearChainCRF(leaf)
+        marginals = crf.marginals
+        (grad,) = torch.autograd.grad((marginals * weights.to(dtype)).sum(), leaf)
+        results[dtype] = (crf.partition, marginals, crf.entropy(), crf.argmax, grad)
+    single, double = results[torch.float32], results[torch.float64]
+    assert all(torch.isfinite(t).all() for t in single[:3] + single[4:])
+    torch.testing.assert_close(single[0].double(), double[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(single[1].double(), double[1], rtol=0, atol=1e-4)
+    torch.testing.assert_close(single[2].double(), double[2], rtol=0, atol=1e-2)
+    torch.testing.assert_close(single[3], double[3])
+    torch.testing.assert_close(single[4].double(), double[4], rtol=0, atol=1e-3)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    nodes=st.integers(1, 4),
+    states=st.integers(1, 3),
+    scale=st.sampled_from([1.0, 30.0, 100.0]),
+    seed=st.integers(0, 1000),
+    data=st.data(),
+)
+def test_partition_and_marginals_match_brute_force_for_any_shape(
+    batch, nodes, states, scale, seed, data
+):
+    lengths = torch.tensor(
+        data.draw(st.lists(st.integers(1, nodes), min_size=batch, max_size=batch))
+    )
+    generator = torch.Generator().manual_seed(seed)
+    phi = scale * torch.randn(batch, nodes - 1, states, states, generator=generator).double()
+    initial = torch.randn(batch, states, generator=generator).double()
+    crf = LinearChainCRF(phi, lengths=lengths, initial_potentials=initial)
+    partition, edges, nodes_marginals = crf.partition, crf.marginals, crf.node_marginals
+    for index in range(batch):
+        values, log_p = enumerate_sequences(crf, index)
+        scores = crf.score(values.unsqueeze(1).expand(-1, batch, -1))[:, index]
+        torch.testing.assert_close(partition[index], torch.logsumexp(scores, 0))
+        brute_nodes, brute_edges = brute_force_marginals(crf, index)
+        torch.testing.assert_close(nodes_marginals[index], brute_nodes)
+        torch.testing.assert_close(edges[index], brute_edges)
+        torch.testing.assert_close(crf.argmax[index], values[log_p.argmax()])
+
+
+def test_segmentation_crf_accepts_non_contiguous_scores():
+    scores = torch.randn(6, 3, dtype=torch.float64).t()  # (3, 6), transposed
+    transition = torch.randn(2, 2, dtype=torch.float64).t()
+    ours = segmentation_crf(scores, transition)
+    reference = segmentation_crf(scores.contiguous(), transition.contiguous())
+    torch.testing.assert_close(ours.partition, reference.partition)
+    torch.testing.assert_close(ours.node_marginals, reference.node_marginals)
+    torch.testing.assert_close(ours.entropy(), reference.entropy())

@@ -46,7 +46,7 @@ def chain_program(
     last = (lengths - 1).view(-1, 1)
     index = last.unsqueeze(-1).expand(messages.shape[:-2] + (1, messages.shape[-1]))
     final = messages.gather(-2, index).squeeze(-2)
-    return semiring.sum(final, -1) + log_scale.gather(-1, last).squeeze(-1)
+    return semiring.rescale(semiring.sum(final, -1), log_scale.gather(-1, last).squeeze(-1))
 
 
 def _program_gradient(

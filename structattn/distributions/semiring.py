@@ -58,6 +58,22 @@ class Semiring(abc.ABC):
         return left + right
 
     @classmethod
+    def normalize(cls, message: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(message - shift, shift)``: a message ``(*element, B, C)`` shifted to a maximum of 0.
+
+        The shift ``(B,)`` is a constant (no gradient), so a program that adds it back with
+        ``rescale`` has the same value and the same gradients, while float32 keeps the
+        precision of one step instead of the whole prefix.
+        """
+        shift = message.detach().amax(-1)
+        return message - shift.unsqueeze(-1), shift
+
+    @classmethod
+    def rescale(cls, value: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+        """Undo ``normalize``: multiply ``value`` ``(*element, B)`` by ``exp(log_scale)``."""
+        return value + log_scale
+
+    @classmethod
     @abc.abstractmethod
     def sum(cls, elements: torch.Tensor, dim: int) -> torch.Tensor:
         """Combine alternative structures along ``dim`` (a negative dim of the element part)."""
@@ -163,6 +179,16 @@ class EntropySemiring(Semiring):
     @classmethod
     def zero(cls, like: torch.Tensor) -> torch.Tensor:
         return torch.stack([torch.full_like(like[0], float("-inf")), torch.zeros_like(like[1])])
+
+    @classmethod
+    def normalize(cls, message: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # only the log weight moves; the entropy of the normalized weights does not change
+        shift = message[0].detach().amax(-1)
+        return torch.stack([message[0] - shift.unsqueeze(-1), message[1]]), shift
+
+    @classmethod
+    def rescale(cls, value: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+        return torch.stack([value[0] + log_scale, value[1]])
 
     @classmethod
     def sum(cls, elements: torch.Tensor, dim: int) -> torch.Tensor:
