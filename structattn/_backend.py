@@ -207,8 +207,9 @@ class BlockedProbabilityScan(ChainScanKernel):
         padding = num_blocks * block - num_steps
         if padding:
             # identity steps at the very end leave every real prefix unchanged
-            eye = torch.eye(num_states, dtype=weights.dtype, device=weights.device)
-            weights = torch.cat([weights, eye.expand(batch, padding, num_states, num_states)], 1)
+            filler = weights.new_zeros(batch, padding, num_states, num_states)
+            filler.diagonal(dim1=-2, dim2=-1).fill_(1.0)
+            weights = torch.cat([weights, filler], 1)
             base = torch.cat([base, base.new_zeros(batch, padding)], 1)
         blocks = weights.view(batch, num_blocks, block, num_states, num_states)
         base_within = base.view(batch, num_blocks, block).cumsum(-1)
@@ -388,11 +389,9 @@ class BlockedAffineScan(AffineScanKernel):
         augmented = matrices.new_zeros(batch, size, num_states + 1, num_states + 1)
         augmented[:, :num_steps, :num_states, :num_states] = matrices
         augmented[:, :num_steps, :num_states, num_states] = offsets
-        augmented[:, :, num_states, num_states] = 1.0
-        if size > num_steps:
-            # identity steps at the very end leave every real prefix unchanged
-            eye = torch.eye(num_states, dtype=matrices.dtype, device=matrices.device)
-            augmented[:, num_steps:, :num_states, :num_states] = eye
+        # identity steps at the very end leave every real prefix unchanged
+        augmented[:, num_steps:].diagonal(dim1=-2, dim2=-1).fill_(1.0)
+        augmented[:, :num_steps, num_states, num_states] = 1.0
         blocks = augmented.view(batch, num_blocks, block, num_states + 1, num_states + 1)
         prefix = blocks[:, :, 0]
         prefixes = [prefix]

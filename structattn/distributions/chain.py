@@ -117,10 +117,14 @@ def _forward_backward(
     return edges, nodes, log_partition
 
 
-def _divide_or_zero(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    """``numerator / denominator`` where the denominator is positive, else 0 (differentiable)."""
-    positive = denominator > 0
-    return torch.where(positive, numerator / torch.where(positive, denominator, 1.0), 0.0)
+def _safe_denominator(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with zeros replaced by ones, for dividing marginals by marginals.
+
+    An edge marginal is at most its node marginal, so the quotient is a probability; where the
+    node marginal is 0 so is the numerator (and the state is never conditioned on). Division,
+    not a reciprocal: ``1 / p`` overflows float32 for subnormal ``p``.
+    """
+    return torch.where(tensor > 0, tensor, 1.0)
 
 
 def _hessian_vector_product(
@@ -151,12 +155,13 @@ def _hessian_vector_product(
     direction = direction - (edges * direction).sum((-1, -2), keepdim=True)
     first = first - (nodes[:, 0] * first).sum(-1, keepdim=True)
     weighted = edges * direction
+    denominator = _safe_denominator(nodes)
     # forward: A_{n+1} = P_n A_n + r_n with P_n[i, j] = p(z_n = j | z_{n+1} = i)
-    forward = _divide_or_zero(edges, nodes[:, 1:].unsqueeze(-1))
-    forward_offsets = _divide_or_zero(weighted.sum(-1), nodes[:, 1:])
+    forward = edges / denominator[:, 1:].unsqueeze(-1)
+    forward_offsets = weighted.sum(-1) / denominator[:, 1:]
     # backward: B_n = Q_n B_{n+1} + s_n with Q_n[j, i] = p(z_{n+1} = i | z_n = j), reversed
-    backward = _divide_or_zero(edges, nodes[:, :-1].unsqueeze(-2)).transpose(-1, -2)
-    backward_offsets = _divide_or_zero(weighted.sum(-2), nodes[:, :-1])
+    backward = (edges / denominator[:, :-1].unsqueeze(-2)).transpose(-1, -2)
+    backward_offsets = weighted.sum(-2) / denominator[:, :-1]
     expectations = _backend.affine_scan(
         torch.cat([forward, backward.flip(1)], 0),
         torch.cat([forward_offsets, backward_offsets.flip(1)], 0),
