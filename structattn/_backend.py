@@ -216,17 +216,16 @@ class BlockedProbabilityScan(ChainScanKernel):
         prefix = blocks[:, :, 0]
         scale = prefix.amax(-2, keepdim=True)
         prefix = prefix / scale
-        log_scale = scale.log()
-        prefixes, log_scales = [prefix], [log_scale]
+        prefixes, scales = [prefix], [scale]
         for j in range(1, block):
             prefix = torch.matmul(blocks[:, :, j], prefix)
             scale = prefix.amax(-2, keepdim=True)
             prefix = prefix / scale
-            log_scale = log_scale + scale.log()
             prefixes.append(prefix)
-            log_scales.append(log_scale)
+            scales.append(scale)
         within = torch.stack(prefixes, 2)  # (B, K, block, C, C), columns scaled to max one
-        column_log = torch.stack(log_scales, 2).squeeze(-2)  # (B, K, block, C)
+        # each step's column scale lies in [exp(-spread) / C, C]: its log is taken once, after
+        column_log = torch.stack(scales, 2).squeeze(-2).log().cumsum(2)  # (B, K, block, C)
         # boundary messages stay shifted to a maximum of zero; the shifts add up separately
         boundary_top = start.amax(-1, keepdim=True)
         boundary = start - boundary_top
@@ -412,7 +411,12 @@ class BlockedAffineScan(AffineScanKernel):
 
 # tried in reverse order of registration: probability space first when exact, blocked first
 # when short of states, the sequential program last (it always applies)
-for _kernel in (SequentialScan(), BlockedLogScan(), ProbabilityScan(), BlockedProbabilityScan()):
+for _kernel in (
+    SequentialScan(),
+    BlockedLogScan(),
+    ProbabilityScan(),
+    BlockedProbabilityScan(),
+):
     register_chain_scan_kernel(_kernel)
 for _affine in (SequentialAffineScan(), BlockedAffineScan()):
     register_affine_scan_kernel(_affine)
