@@ -97,8 +97,10 @@ class StructuredDistribution(TorchDistribution):
     """Base class of the structured alignment distributions (a Pyro ``TorchDistribution``).
 
     Subclasses set ``potential_event_dims`` (trailing dims of ``potentials`` that belong to one
-    structure) and implement the flat-batch hooks ``_log_partition_flat``,
-    ``_marginals_flat``, ``_argmax_flat``, ``_sample_flat`` and ``_score_flat``.
+    structure) and implement the flat-batch hooks ``_log_partition_flat``, ``_argmax_flat``,
+    ``_sample_flat`` and ``_score_flat`` (``_marginals_flat`` and ``_entropy_flat`` have
+    generic defaults). The hooks see one contiguous leading batch dim, possibly of size 0;
+    this class broadcasts values against the batch shape as ``Categorical`` does.
 
     Attributes:
         potentials: the caller's log-potentials, ``batch_shape + potential event shape``.
