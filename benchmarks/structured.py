@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout", type=float, default=300.0, help="seconds allowed per cell before giving up"
     )
+    parser.add_argument(
+        "--lengths", type=int, nargs="+", default=None, help="chain lengths N (default: the grid)"
+    )
+    parser.add_argument(
+        "--states", type=int, nargs="+", default=None, help="chain states C (default: the grid)"
+    )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument(
         "--cell", default=None, help="internal: run one cell given as JSON and print its result"
@@ -173,8 +179,8 @@ def run_cell(spec: dict) -> dict:
 def _grid(args) -> list[dict]:
     cells = []
     if "chain" in args.structures:
-        lengths = [32, 128] if args.quick else [32, 128, 512, 2048]
-        states = [2, 8] if args.quick else [2, 8, 32]
+        lengths = args.lengths or ([32, 128] if args.quick else [32, 128, 512, 2048])
+        states = args.states or ([2, 8] if args.quick else [2, 8, 32])
         for n in lengths:
             for c in states:
                 for path in CHAIN_PATHS:
