@@ -82,9 +82,11 @@ def _masks(lengths: torch.Tensor, num_nodes: int) -> tuple[torch.Tensor, torch.T
 
 
 def _forward_backward(
-    potentials: torch.Tensor, initial: torch.Tensor, lengths: torch.Tensor
+    potentials: torch.Tensor, initial: torch.Tensor, lengths: torch.Tensor, all_nodes: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(edge marginals (B, E, C, C), node marginals (B, E+1, C), log Z (B,))``, no graph.
+
+    With ``all_nodes=False`` only the first node's marginals are computed, ``(B, 1, C)``.
 
     Potentials past each length are set to zero for the recursions, which only adds the same
     constant to every entry of a message: locally normalized marginals are then exact with no
@@ -106,7 +108,10 @@ def _forward_backward(
     last = (lengths - 1).view(-1, 1)
     final = alpha.gather(1, last.unsqueeze(-1).expand(-1, 1, num_states)).squeeze(1)
     log_partition = torch.logsumexp(final, -1) + log_scale[:batch].gather(1, last).squeeze(1)
-    nodes = torch.softmax(alpha + beta, -1) * node_mask.unsqueeze(-1)
+    if all_nodes:
+        nodes = torch.softmax(alpha + beta, -1) * node_mask.unsqueeze(-1)
+    else:
+        nodes = torch.softmax(alpha[:, :1] + beta[:, :1], -1)
     edges = potentials + beta[:, 1:].unsqueeze(-1)
     edges.add_(alpha[:, :-1].unsqueeze(-2))
     flat = edges.view(batch, num_steps, num_states * num_states)
@@ -230,7 +235,9 @@ class _ChainLogPartition(torch.autograd.Function):
         ctx.save_for_backward(potentials, initial, lengths)
         ctx.marginals = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            edges, nodes, log_partition = _forward_backward(potentials, initial, lengths)
+            edges, nodes, log_partition = _forward_backward(
+                potentials, initial, lengths, all_nodes=False
+            )
             ctx.marginals = (edges, nodes[:, 0])
             return log_partition
         return chain_program(LogSemiring, potentials, initial, lengths)
