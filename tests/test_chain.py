@@ -6,6 +6,8 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pyro.infer import SVI, Trace_ELBO, TraceGraph_ELBO
 from pyro.optim import Adam
 
@@ -315,3 +317,199 @@ def test_score_function_site_under_trace_elbo_moves_toward_the_prior():
         svi.step()
     end = LinearChainCRF(pyro.param("phi").detach()).kl_divergence(LinearChainCRF(prior))
     assert float(end) < 0.5 * float(start)
+
+
+# ------------------------------------------- brute force at every scale, float32 and float64
+SCALES = [1.0, 30.0, 100.0]
+DTYPES = [torch.float32, torch.float64]
+
+
+def scaled_crf(scale, dtype, seed=0, batch=3, nodes=4, states=3):
+    generator = torch.Generator().manual_seed(seed)
+    phi = scale * torch.randn(batch, nodes - 1, states, states, generator=generator)
+    initial = scale * torch.randn(batch, states, generator=generator)
+    lengths = torch.tensor([nodes, 1, nodes - 1][:batch])
+    return LinearChainCRF(phi.to(dtype), lengths=lengths, initial_potentials=initial.to(dtype))
+
+
+def as_float64(crf):
+    return LinearChainCRF(crf.potentials.double(), crf.lengths, crf.initial_potentials.double())
+
+
+def tolerance(dtype, scale):
+    return (
+        dict(rtol=0, atol=1e-9 * scale)
+        if dtype == torch.float64
+        else dict(rtol=0, atol=2e-5 * scale)
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scale", SCALES)
+def test_every_quantity_matches_brute_force_at_every_scale(scale, dtype):
+    crf = scaled_crf(scale, dtype)
+    exact = as_float64(crf)
+    partition, edges, nodes = crf.partition, crf.marginals, crf.node_marginals
+    entropy, best = crf.entropy(), crf.argmax
+    for index in range(3):
+        values, log_p = enumerate_sequences(exact, index)
+        scores = exact.score(values.unsqueeze(1).expand(-1, 3, -1))[:, index]
+        log_z = torch.logsumexp(scores, 0)
+        torch.testing.assert_close(partition[index].double(), log_z, **tolerance(dtype, scale))
+        brute_nodes, brute_edges = brute_force_marginals(exact, index)
+        atol = 1e-9 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(nodes[index].double(), brute_nodes, rtol=0, atol=atol)
+        torch.testing.assert_close(edges[index].double(), brute_edges, rtol=0, atol=atol)
+        brute_entropy = -(log_p.exp() * log_p).sum()
+        torch.testing.assert_close(entropy[index].double(), brute_entropy, rtol=0, atol=atol * 10)
+        torch.testing.assert_close(best[index], values[log_p.argmax()])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_sample_frequencies_match_brute_force(scale, dtype):
+    # larger scales make every distribution nearly deterministic, so frequencies say little
+    torch.manual_seed(1)
+    crf = scaled_crf(scale, dtype, states=2)
+    draws = crf.sample((6000,))
+    assert draws.shape == (6000, 3, 4) and draws.dtype == torch.long
+    for index in range(3):
+        values, log_p = enumerate_sequences(as_float64(crf), index)
+        hits = (draws[:, index].unsqueeze(1) == values.unsqueeze(0)).all(-1).double().mean(0)
+        assert (hits - log_p.exp()).abs().max() < 0.025
+
+
+# ------------------------------------------------------ the marginals' analytic backward
+def reference_log_partition(phi, initial, lengths):
+    """A plain differentiable forward recursion in float64 (second derivatives by autograd)."""
+    alpha = initial
+    alphas = [alpha]
+    for n in range(phi.shape[1]):
+        alpha = torch.logsumexp(phi[:, n] + alpha.unsqueeze(-2), -1)
+        alphas.append(alpha)
+    final = torch.stack(alphas, 1)[torch.arange(phi.shape[0]), lengths - 1]
+    return torch.logsumexp(final, -1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("nodes, states", [(5, 3), (60, 2), (200, 3), (40, 9)])
+def test_backward_through_marginals_matches_second_order_autograd(nodes, states, scale, dtype):
+    generator = torch.Generator().manual_seed(nodes + states)
+    phi = scale * torch.randn(
+        3, nodes - 1, states, states, generator=generator, dtype=torch.float64
+    )
+    initial = torch.randn(3, states, generator=generator, dtype=torch.float64)
+    lengths = torch.tensor([nodes, 1, max(1, nodes // 2)])
+    edge_weights = torch.randn(phi.shape, generator=generator, dtype=torch.float64)
+    node_weights = torch.randn(3, nodes, states, generator=generator, dtype=torch.float64)
+
+    leaf = phi.clone().requires_grad_(True)
+    start = initial.clone().requires_grad_(True)
+    log_z = reference_log_partition(leaf, start, lengths)
+    edges, first = torch.autograd.grad(log_z.sum(), (leaf, start), create_graph=True)
+    node_marg = torch.cat([first.unsqueeze(1), edges.sum(-1)], 1)
+    positions = torch.arange(nodes) < lengths.unsqueeze(-1)
+    node_marg = node_marg * positions.unsqueeze(-1)
+    loss = (edges * edge_weights).sum() + (node_marg * node_weights).sum()
+    expected = torch.autograd.grad(loss, (leaf, start))
+
+    ours_phi = phi.to(dtype).requires_grad_(True)
+    ours_initial = initial.to(dtype).requires_grad_(True)
+    crf = LinearChainCRF(ours_phi, lengths=lengths, initial_potentials=ours_initial)
+    ours_loss = (crf.marginals * edge_weights.to(dtype)).sum()
+    ours_loss = ours_loss + (crf.node_marginals * node_weights.to(dtype)).sum()
+    got = torch.autograd.grad(ours_loss, (ours_phi, ours_initial))
+    atol = 1e-9 if dtype == torch.float64 else 2e-4
+    for ours, reference in zip(got, expected, strict=True):
+        assert torch.isfinite(ours).all()
+        torch.testing.assert_close(ours.double(), reference, rtol=0, atol=atol)
+
+
+def test_gradcheck_and_gradgradcheck_of_edge_and_node_marginals():
+    phi = torch.randn(3, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    initial = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([5, 2, 1])
+
+    def marginals(x, theta):
+        crf = LinearChainCRF(x, lengths=lengths, initial_potentials=theta)
+        return crf.marginals, crf.node_marginals
+
+    assert torch.autograd.gradcheck(marginals, (phi, initial))
+    assert torch.autograd.gradgradcheck(marginals, (phi, initial))
+
+
+def test_entropy_is_differentiable_and_matches_log_z_minus_expected_score():
+    phi = torch.randn(2, 6, 3, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([7, 3])
+
+    def entropy(x):
+        return LinearChainCRF(x, lengths=lengths).entropy()
+
+    def reference(x):
+        crf = LinearChainCRF(x, lengths=lengths)
+        return crf.partition - (crf.marginals * x).sum((-1, -2, -3))
+
+    torch.testing.assert_close(entropy(phi), reference(phi))
+    assert torch.autograd.gradcheck(entropy, (phi,))
+
+
+@pytest.mark.parametrize("states", [2, 8])
+def test_float32_length_1024_scale_1000_matches_float64(states):
+    generator = torch.Generator().manual_seed(6)
+    phi = 1000 * torch.randn(2, 1023, states, states, generator=generator)
+    weights = torch.randn(phi.shape, generator=generator)
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        leaf = phi.to(dtype).requires_grad_(True)
+        crf = LinearChainCRF(leaf)
+        marginals = crf.marginals
+        (grad,) = torch.autograd.grad((marginals * weights.to(dtype)).sum(), leaf)
+        results[dtype] = (crf.partition, marginals, crf.entropy(), crf.argmax, grad)
+    single, double = results[torch.float32], results[torch.float64]
+    assert all(torch.isfinite(t).all() for t in single[:3] + single[4:])
+    torch.testing.assert_close(single[0].double(), double[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(single[1].double(), double[1], rtol=0, atol=1e-4)
+    torch.testing.assert_close(single[2].double(), double[2], rtol=0, atol=1e-2)
+    torch.testing.assert_close(single[3], double[3])
+    torch.testing.assert_close(single[4].double(), double[4], rtol=0, atol=1e-3)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    nodes=st.integers(1, 4),
+    states=st.integers(1, 3),
+    scale=st.sampled_from([1.0, 30.0, 100.0]),
+    seed=st.integers(0, 1000),
+    data=st.data(),
+)
+def test_partition_and_marginals_match_brute_force_for_any_shape(
+    batch, nodes, states, scale, seed, data
+):
+    lengths = torch.tensor(
+        data.draw(st.lists(st.integers(1, nodes), min_size=batch, max_size=batch))
+    )
+    generator = torch.Generator().manual_seed(seed)
+    phi = scale * torch.randn(batch, nodes - 1, states, states, generator=generator).double()
+    initial = torch.randn(batch, states, generator=generator).double()
+    crf = LinearChainCRF(phi, lengths=lengths, initial_potentials=initial)
+    partition, edges, nodes_marginals = crf.partition, crf.marginals, crf.node_marginals
+    for index in range(batch):
+        values, log_p = enumerate_sequences(crf, index)
+        scores = crf.score(values.unsqueeze(1).expand(-1, batch, -1))[:, index]
+        torch.testing.assert_close(partition[index], torch.logsumexp(scores, 0))
+        brute_nodes, brute_edges = brute_force_marginals(crf, index)
+        torch.testing.assert_close(nodes_marginals[index], brute_nodes)
+        torch.testing.assert_close(edges[index], brute_edges)
+        torch.testing.assert_close(crf.argmax[index], values[log_p.argmax()])
+
+
+def test_segmentation_crf_accepts_non_contiguous_scores():
+    scores = torch.randn(6, 3, dtype=torch.float64).t()  # (3, 6), transposed
+    transition = torch.randn(2, 2, dtype=torch.float64).t()
+    ours = segmentation_crf(scores, transition)
+    reference = segmentation_crf(scores.contiguous(), transition.contiguous())
+    torch.testing.assert_close(ours.partition, reference.partition)
+    torch.testing.assert_close(ours.node_marginals, reference.node_marginals)
+    torch.testing.assert_close(ours.entropy(), reference.entropy())

@@ -186,3 +186,83 @@ def test_expand_keeps_source_lengths_and_jumps():
     draws = expanded.sample((5,))
     assert draws.shape == (5, 2, 3, 4)
     assert bool((draws[..., 2, :] == 0).all())  # one source position: always aligned to 0
+
+
+# ------------------------------------------- brute force at every scale, float32 and float64
+def scaled(scale, dtype, max_jump=2, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    logits = scale * torch.randn(3, 4, 5, generator=generator)
+    emissions = scale * torch.randn(3, 4, 5, generator=generator)
+    return MonotonicAlignment(
+        logits.to(dtype),
+        emissions.to(dtype),
+        target_lengths=torch.tensor([4, 2, 3]),
+        source_lengths=torch.tensor([5, 3, 1]),
+        max_jump=max_jump,
+    )
+
+
+def as_float64(dist):
+    return MonotonicAlignment(
+        dist.alignment_logits.double(),
+        dist.emission_log_likelihoods.double(),
+        target_lengths=dist.target_lengths,
+        source_lengths=dist.source_lengths,
+        max_jump=dist.max_jump,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("scale", [1.0, 30.0, 100.0])
+@pytest.mark.parametrize("max_jump", [1, None])
+def test_every_quantity_matches_brute_force_at_every_scale(max_jump, scale, dtype):
+    dist = scaled(scale, dtype, max_jump)
+    exact = as_float64(dist)
+    evidence, marginals, best, entropy = (
+        dist.log_marginal_likelihood,
+        dist.node_marginals,
+        dist.argmax,
+        dist.entropy(),
+    )
+    atol = 1e-9 if dtype == torch.float64 else 1e-5
+    for index in range(3):
+        paths, scores, log_evidence = enumerate_paths(exact, index)
+        log_posterior = scores - log_evidence
+        torch.testing.assert_close(
+            evidence[index].double(), log_evidence, rtol=0, atol=atol * scale * 10
+        )
+        expected = torch.zeros(4, 5, dtype=torch.float64)
+        target = int(dist.target_lengths[index])
+        for path, p in zip(paths, log_posterior.exp(), strict=True):
+            expected[torch.arange(target), path[:target]] += p
+        torch.testing.assert_close(marginals[index].double(), expected, rtol=0, atol=atol)
+        torch.testing.assert_close(best[index], paths[scores.argmax()])
+        brute_entropy = -(log_posterior.exp() * log_posterior).sum()
+        torch.testing.assert_close(entropy[index].double(), brute_entropy, rtol=0, atol=atol * 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_sample_frequencies_match_brute_force_in_both_dtypes(dtype):
+    torch.manual_seed(2)
+    dist = scaled(1.0, dtype)
+    draws = dist.sample((6000,))
+    for index in range(3):
+        paths, scores, log_evidence = enumerate_paths(as_float64(dist), index)
+        hits = (draws[:, index].unsqueeze(1) == paths.unsqueeze(0)).all(-1).double().mean(0)
+        assert abs(float(hits.sum()) - 1.0) < 1e-9, "a sample is not an allowed path"
+        assert (hits - (scores - log_evidence).exp()).abs().max() < 0.025
+
+
+@pytest.mark.parametrize("scale", [1.0, 1000.0])
+def test_float32_length_1024_is_finite_and_matches_float64(scale):
+    generator = torch.Generator().manual_seed(4)
+    logits = scale * torch.randn(2, 1024, 12, generator=generator)
+    emissions = scale * torch.randn(2, 1024, 12, generator=generator)
+    single = MonotonicAlignment(logits, emissions, max_jump=3)
+    double = MonotonicAlignment(logits.double(), emissions.double(), max_jump=3)
+    evidence, marginals = single.log_marginal_likelihood, single.node_marginals
+    assert torch.isfinite(evidence).all() and torch.isfinite(marginals).all()
+    torch.testing.assert_close(
+        evidence.double(), double.log_marginal_likelihood, rtol=1e-5, atol=1e-3
+    )
+    torch.testing.assert_close(marginals.double(), double.node_marginals, rtol=0, atol=1e-3)

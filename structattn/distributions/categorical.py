@@ -282,7 +282,8 @@ class SparsemaxAlignment(CategoricalAlignment):
             uniform = valid / valid.sum(-1, keepdim=True)
             probs = (1.0 - smoothing) * probs + smoothing * uniform
         logits = torch.where(
-            probs > 0, probs.clamp_min(torch.finfo(probs.dtype).tiny).log(),
+            probs > 0,
+            probs.clamp_min(torch.finfo(probs.dtype).tiny).log(),
             torch.full_like(probs, mask_value(probs.dtype)),
         )
         # The sparse map already normalised and masked; skip a second validation pass.

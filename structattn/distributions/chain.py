@@ -1,25 +1,17 @@
 """Linear-chain CRF over label sequences, and the segmentation attention of Kim et al. (2017).
 
-How the marginals are computed (CPU, chosen per call; numbers in ``benchmarks/structured.py``):
+One dynamic program, :func:`chain_program`, written once against a semiring
+(:mod:`structattn.distributions.semiring`), answers every question: ``log Z`` (log semiring),
+the best sequence (gradient of the max semiring), exact samples (gradient of the sampling
+semiring) and the entropy (entropy semiring). *How* its recursion runs (sequential, blocked
+scan, probability space) is chosen by :mod:`structattn._backend`, not here.
 
-* **Space.** When no potential matrix spreads more than 60 nats (float32; 600 in float64),
-  messages live in probability space: each matrix is exponentiated once after subtracting its
-  maximum and a step is a BLAS product plus a rescaling. This is exact, not a heuristic: every
-  message entry then stays within exp(-60)/C of its maximum, so nothing underflows (the failure
-  of exp-matmul-log with row and column shifts, as in Pyro's ``DiscreteHMM``, is an entry that
-  underflows although the other direction would have made it large). Otherwise messages live
-  in log space, one ``logsumexp`` with its own shift per output entry, exact at any scale.
-* **Depth.** With few states (up to four in probability space, two in log space) and 24+ steps,
-  a blocked scan: the N-1 steps are cut into ~sqrt(N) blocks whose prefix products are built
-  together, then chained, for depth ~2 sqrt(N) and C-fold arithmetic; a sequential step is then
-  nothing but per-operation overhead. With more states the sequential loop, O(N C^2) work.
-  A log-depth scan of semiring matrix products (torch-struct) costs O(N C^3) work and memory
-  per level; on CPU it loses to both, by 30-50x at 32 states.
-
-The forward and backward recursions share one loop (the batch doubled), every marginal is
-normalized locally rather than by a global log Z, and memory stays at one potentials-sized
-buffer. When autograd records (training through the marginals) sequential log-space
-recursions run with differentiable operations instead.
+The marginals, the training path of structured attention, are an autograd function of their
+own (:class:`_ChainMarginals`): one forward-backward (the two recursions share one scan on a
+doubled batch) in the forward pass, every marginal normalized locally, and in the backward
+pass the exact Hessian-vector product of ``log Z`` (a covariance, computed from the
+marginals by two linear recursions of conditional probabilities), with no graph of the
+recursion kept. Its backward is itself differentiable, so higher derivatives stay exact.
 """
 
 from __future__ import annotations
@@ -27,7 +19,9 @@ from __future__ import annotations
 import torch
 from torch.distributions import constraints
 
-from .semiring import LogSemiring, sample_categorical
+from structattn import _backend
+
+from .semiring import EntropySemiring, LogSemiring, MaxSemiring, SamplingSemiring
 from .structured import (
     StructuredDistribution,
     check_lengths,
@@ -36,341 +30,228 @@ from .structured import (
 )
 
 
-def _chain_forward(
-    semiring: type, potentials: torch.Tensor, initial: torch.Tensor, normalize: bool = False
+# ------------------------------------------------------------------------ the one program
+def chain_program(
+    semiring: type, potentials: torch.Tensor, initial: torch.Tensor, lengths: torch.Tensor
 ) -> torch.Tensor:
-    """Forward messages ``alpha: (B, N, C)`` for ``potentials: (N-1, B, C, C)`` (time-major).
+    """The chain's value in ``semiring``: ``(*element, B)``.
 
-    ``alpha[:, n, c]`` is the semiring sum of the scores of all prefixes ending in state ``c``
-    at position ``n``; ``initial: (B, C)`` scores the first label. With ``normalize`` every
-    message is shifted to a maximum of zero, which keeps float32 rounding at the scale of one
-    step instead of the whole prefix (messages are then right up to a per-position constant).
+    ``potentials: (B, E, C, C)`` ``[b, n, c_next, c_prev]`` log-potentials, ``initial: (B, C)``
+    scores of the first label, ``lengths: (B,)`` in ``[1, E+1]``. The log semiring gives
+    ``log Z``, the max semiring the best score, the entropy semiring ``[log Z, H]``.
     """
-    alpha = initial
-    alphas = [alpha]
-    for step in potentials:
-        alpha = semiring.sum(step + alpha.unsqueeze(-2), -1)
-        if normalize:
-            alpha = alpha - alpha.amax(-1, keepdim=True)
-        alphas.append(alpha)
-    return torch.stack(alphas, 1)
+    matrices = semiring.lift(potentials)
+    start = semiring.lift(initial)
+    messages, log_scale = _backend.chain_scan(semiring, matrices, start)
+    last = (lengths - 1).view(-1, 1)
+    index = last.unsqueeze(-1).expand(messages.shape[:-2] + (1, messages.shape[-1]))
+    final = messages.gather(-2, index).squeeze(-2)
+    return semiring.rescale(semiring.sum(final, -1), log_scale.gather(-1, last).squeeze(-1))
 
 
-def _chain_backward(potentials: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Backward messages ``beta: (B, N, C)``, each shifted to a maximum of zero.
-
-    ``beta[:, n] = 0`` from the last real position on.
-    """
-    num_edges, batch, num_states = potentials.shape[:3]
-    beta = potentials.new_zeros(batch, num_states)
-    betas = [beta]
-    for n in range(num_edges - 1, -1, -1):
-        step = torch.logsumexp(potentials[n] + beta.unsqueeze(-1), -2)
-        step = step - step.amax(-1, keepdim=True)
-        beta = torch.where((lengths - 1 <= n).unsqueeze(-1), 0.0, step)
-        betas.append(beta)
-    betas.reverse()
-    return torch.stack(betas, 1)
-
-
-def _final(tensor: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """``tensor[b, lengths[b] - 1]`` for ``tensor: (B, N, ...)``."""
-    index = (lengths - 1).view(-1, *([1] * (tensor.dim() - 1)))
-    index = index.expand(-1, 1, *tensor.shape[2:])
-    return tensor.gather(1, index).squeeze(1)
-
-
-def _matvec(matrices: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """``(B, C, C) @ (B, C) -> (B, C)``; above 16 states a broadcast multiply-sum beats CPU bmm."""
-    if matrices.shape[-1] <= 16:
-        return torch.bmm(matrices, vectors.unsqueeze(-1)).squeeze(-1)
-    return (matrices * vectors.unsqueeze(-2)).sum(-1)
-
-
-def _chain_log_partition(
-    potentials: torch.Tensor, initial: torch.Tensor, lengths: torch.Tensor
-) -> torch.Tensor:
-    """log Z ``(B,)`` by the forward recursion alone (no graph; see ``_ChainLogPartition``).
-
-    In probability space when that is exact (``_probability_space_is_exact``), keeping the log
-    of every rescaling; otherwise in log space.
-    """
-    if potentials.shape[1] and _probability_space_is_exact(potentials, initial):
-        shift = potentials.amax((-1, -2), keepdim=True)
-        start_shift = initial.amax(-1, keepdim=True)
-        vector = torch.exp(initial - start_shift)
-        vectors, scales = [vector], [start_shift.squeeze(-1)]
-        for n in range(potentials.shape[1]):
-            # exponentiated step by step: a potentials-sized temporary costs more than the loop
-            vector = _matvec(torch.exp(potentials[:, n] - shift[:, n]), vector)
-            top = vector.amax(-1, keepdim=True)
-            vector = vector / top
-            vectors.append(vector)
-            scales.append(top.squeeze(-1).log() + shift[:, n, 0, 0])
-        log_scale = torch.stack(scales, 1).cumsum(1)
-        final = (lengths - 1).unsqueeze(-1)
-        last = _final(torch.stack(vectors, 1), lengths)
-        return last.sum(-1).log() + log_scale.gather(1, final).squeeze(-1)
-    alpha = _chain_forward(LogSemiring, potentials.transpose(0, 1), initial)
-    return torch.logsumexp(_final(alpha, lengths), -1)
-
-
-def _log_matmul(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """Log-semiring product ``out[..., i, k] = logsumexp_j left[..., i, j] + right[..., j, k]``.
-
-    Each output entry gets its own shift (exact at any scale); memory ``(..., I, J, K)``, so
-    only for few states.
-    """
-    # reduce over the last dim: a contiguous reduction is about twice as fast on CPU
-    return torch.logsumexp(left.unsqueeze(-2) + right.transpose(-1, -2).unsqueeze(-3), -1)
-
-
-def _blocked_scan(matrices: torch.Tensor, start: torch.Tensor, block: int) -> torch.Tensor:
-    """All prefix messages ``out[:, n+1] = matrices[:, n] (x) out[:, n]`` in the log semiring.
-
-    Messages (and the block prefix products) are shifted to a maximum of zero, so they are
-    right up to a per-position constant.
-
-    ``matrices: (B, E, C, C)``, ``start: (B, C)``; returns ``(B, E+1, C)``. Two-level scan: the
-    ``E`` steps are cut into ``K`` blocks of ``block`` steps; prefix products inside all blocks
-    are built at once (``block`` sequential steps of ``K`` small matrix products), the block
-    boundaries are chained (``K`` steps), and every message is read off in one batched product.
-    Depth ``block + K`` ~ ``2 sqrt(E)`` instead of ``E``, for ``C`` times more work: the right
-    trade for few states, where a sequential step is all overhead and no arithmetic.
-    """
-    batch, num_steps, num_states = matrices.shape[:3]
-    num_blocks = -(-num_steps // block)
-    padding = num_blocks * block - num_steps
-    if padding:
-        filler = matrices.new_zeros(batch, padding, num_states, num_states)
-        matrices = torch.cat([matrices, filler], 1)
-    blocks = matrices.view(batch, num_blocks, block, num_states, num_states)
-    prefix = blocks[:, :, 0]
-    prefixes = [prefix]
-    for j in range(1, block):
-        prefix = _log_matmul(blocks[:, :, j], prefix)
-        prefix = prefix - prefix.amax((-1, -2), keepdim=True)
-        prefixes.append(prefix)
-    within = torch.stack(prefixes, 2)
-    boundary = start
-    boundaries = [boundary]
-    for k in range(num_blocks - 1):
-        boundary = torch.logsumexp(within[:, k, -1] + boundary.unsqueeze(-2), -1)
-        boundary = boundary - boundary.amax(-1, keepdim=True)
-        boundaries.append(boundary)
-    entry = torch.stack(boundaries, 1)[:, :, None, None, :]
-    messages = torch.logsumexp(within + entry, -1).reshape(batch, num_blocks * block, num_states)
-    messages = messages - messages.amax(-1, keepdim=True)
-    return torch.cat([start.unsqueeze(1), messages[:, :num_steps]], 1)
-
-
-#: largest spread (max - min) of one potential matrix for which probability-space messages are
-#: exact: every message entry then stays above exp(-spread) / C of its maximum, far from
-#: underflow, and the terms that do underflow are below 1e-12 of their sum
-_PROBABILITY_SPREAD = {torch.float32: 60.0, torch.float64: 600.0}
-
-
-def _use_blocked_scan(num_steps: int, num_states: int, probability_space: bool) -> bool:
-    """Blocked scan or sequential loop (measured on CPU, ``benchmarks/structured.py``).
-
-    With few states a sequential step is nothing but per-operation overhead and the C-fold
-    extra arithmetic of the scan is cheap: the probability-space scan wins up to four states
-    (2.4x at two states, 1.2x at four, N = 2048), the log-space one only at two states.
-    """
-    return num_steps >= 24 and num_states <= (4 if probability_space else 2)
-
-
-def _blocked_probability_scan(
-    weights: torch.Tensor, start: torch.Tensor, block: int
-) -> torch.Tensor:
-    """``_blocked_scan`` in probability space: BLAS products and no transcendental per step.
-
-    ``weights: (B, E, C, C)`` (each matrix exponentiated after subtracting its maximum),
-    ``start: (B, C)`` log start messages; returns log messages ``(B, E+1, C)``, each right up
-    to a per-position constant. Every column of a block prefix product is rescaled to a
-    maximum of one and its log scale kept; under the spread condition of
-    ``_PROBABILITY_SPREAD`` every entry of a column then stays within exp(-spread) / C of the
-    column's maximum, so nothing that matters underflows.
-    """
-    batch, num_steps, num_states = weights.shape[:3]
-    num_blocks = -(-num_steps // block)
-    padding = num_blocks * block - num_steps
-    if padding:
-        # identity steps at the very end leave every real prefix unchanged
-        eye = torch.eye(num_states, dtype=weights.dtype, device=weights.device)
-        weights = torch.cat([weights, eye.expand(batch, padding, num_states, num_states)], 1)
-    blocks = weights.view(batch, num_blocks, block, num_states, num_states)
-    prefix = blocks[:, :, 0]
-    scale = prefix.amax(-2, keepdim=True)
-    prefix = prefix / scale
-    log_scale = scale.log()
-    prefixes, log_scales = [prefix], [log_scale]
-    for j in range(1, block):
-        prefix = torch.matmul(blocks[:, :, j], prefix)
-        scale = prefix.amax(-2, keepdim=True)
-        prefix = prefix / scale
-        log_scale = log_scale + scale.log()
-        prefixes.append(prefix)
-        log_scales.append(log_scale)
-    within = torch.stack(prefixes, 2)
-    within_log = torch.stack(log_scales, 2).squeeze(-2)
-    boundary = start
-    boundaries = [boundary]
-    for k in range(num_blocks - 1):
-        log_weights = within_log[:, k, -1] + boundary
-        vector = torch.exp(log_weights - log_weights.amax(-1, keepdim=True))
-        boundary = _matvec(within[:, k, -1], vector).log()
-        boundaries.append(boundary)
-    log_weights = within_log + torch.stack(boundaries, 1).unsqueeze(2)
-    vectors = torch.exp(log_weights - log_weights.amax(-1, keepdim=True))
-    messages = (within * vectors.unsqueeze(-2)).sum(-1).log()
-    messages = messages.reshape(batch, num_blocks * block, num_states)
-    return torch.cat([start.unsqueeze(1), messages[:, :num_steps]], 1)
-
-
-def _paired_step(matrices: torch.Tensor, n: int) -> torch.Tensor:
-    """Step ``n`` of the forward recursion stacked on step ``n`` of the reversed backward one.
-
-    ``matrices: (B, E, C, C)`` -> ``(2B, C, C)``: ``matrices[:, n]`` over
-    ``matrices[:, E-1-n]`` transposed (the backward messages flow from next to previous state).
-    """
-    return torch.cat([matrices[:, n], matrices[:, -1 - n].transpose(-1, -2)], 0)
-
-
-def _paired_log_scan(matrices: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-    """Both recursions in one loop of ``(2B, C, C)`` ``logsumexp`` steps; ``(2B, E+1, C)``."""
-    message = starts
-    messages = [message]
-    for n in range(matrices.shape[1]):
-        message = torch.logsumexp(_paired_step(matrices, n) + message.unsqueeze(-2), -1)
-        message = message - message.amax(-1, keepdim=True)
-        messages.append(message)
-    return torch.stack(messages, 1)
-
-
-def _paired_probability_scan(weights: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-    """Both recursions as matrix-vector products of ``weights = exp(matrices - max)``.
-
-    ``weights: (B, E, C, C)`` (each matrix exponentiated after subtracting its maximum),
-    ``starts: (2B, C)`` log start messages; returns log messages ``(2B, E+1, C)``, each right
-    up to a per-position constant. A step is one product and one rescaling to a maximum of one,
-    against the ``(2B, C, C)`` ``logsumexp`` of ``_paired_log_scan``. Exact only when every
-    matrix spreads less than ``_PROBABILITY_SPREAD`` (checked by the caller).
-    """
-    vector = torch.exp(starts - starts.amax(-1, keepdim=True))
-    vectors = [vector]
-    for n in range(weights.shape[1]):
-        vector = _matvec(_paired_step(weights, n), vector)
-        vector = vector / vector.amax(-1, keepdim=True)
-        vectors.append(vector)
-    return torch.log(torch.stack(vectors, 1))
-
-
-def _probability_space_is_exact(matrices: torch.Tensor, initial: torch.Tensor) -> bool:
-    """Whether every matrix of ``(B, E, C, C)`` and the start scores spread less than the limit."""
-    limit = _PROBABILITY_SPREAD.get(matrices.dtype, 0.0)
-    spread = (matrices.amax((-1, -2)) - matrices.amin((-1, -2))).amax()
-    start_spread = (initial.amax(-1) - initial.amin(-1)).amax()
-    return bool(spread < limit) and bool(start_spread < limit)
-
-
-def _fast_marginals(
-    potentials: torch.Tensor, initial: torch.Tensor, lengths: torch.Tensor
+def _program_gradient(
+    semiring: type, potentials: torch.Tensor, initial: torch.Tensor, lengths: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_chain_marginals`` without autograd, in one potentials-sized buffer.
+    """``d value / d (potentials, initial)`` of ``chain_program`` on private copies, no graph.
+
+    In the max and sampling semirings this is the one-hot parts of one sequence.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        phi = potentials.detach().clone().requires_grad_(True)
+        theta = initial.detach().clone().requires_grad_(True)
+        value = chain_program(semiring, phi, theta, lengths)
+        edges, first = torch.autograd.grad(
+            value.sum(), (phi, theta), allow_unused=True, materialize_grads=True
+        )
+    return edges.detach(), first.detach()
+
+
+def _parts_to_labels(edges: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """Labels ``(B, N)`` of one-hot edge parts ``(B, N-1, C, C)`` and first-node parts ``(B, C)``.
+
+    Positions past a sequence's end have no part and read as label 0.
+    """
+    return torch.cat([first.argmax(-1, keepdim=True), edges.sum(-1).argmax(-1)], -1)
+
+
+# ----------------------------------------------------------------------------- marginals
+def _masks(lengths: torch.Tensor, num_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(node mask (B, N), edge mask (B, N-1, 1, 1))``: True inside each sequence."""
+    node_mask = torch.arange(num_nodes, device=lengths.device) < lengths.unsqueeze(-1)
+    return node_mask, node_mask[:, 1:, None, None]
+
+
+def _forward_backward(
+    potentials: torch.Tensor, initial: torch.Tensor, lengths: torch.Tensor, all_nodes: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(edge marginals (B, E, C, C), node marginals (B, E+1, C), log Z (B,))``, no graph.
+
+    With ``all_nodes=False`` only the first node's marginals are computed, ``(B, 1, C)``.
 
     Potentials past each length are set to zero for the recursions, which only adds the same
-    constant to every entry of a message: the locally normalized marginals are then exact with
-    no per-sequence boundary handling. The forward and the (reversed) backward recursion share
-    one loop, so the loop has N-1 steps on a doubled batch. The buffer first holds the padded
-    potentials (or their exponentials), then becomes the edge marginals in place: on CPU a fresh
-    potentials-sized tensor costs as much as the whole recursion.
+    constant to every entry of a message: locally normalized marginals are then exact with no
+    per-sequence boundary handling. The backward recursion is the forward one on the reversed,
+    transposed matrices, so both run in one scan on a doubled batch. Every marginal is a
+    softmax over its own position (or edge), not ``exp(. - log Z)``: messages are known only up
+    to a per-position constant, and float32 keeps its precision at scale 100 and length 1024.
     """
     batch, num_steps, num_states = potentials.shape[:3]
-    positions = torch.arange(num_steps + 1, device=lengths.device)
-    node_mask = positions < lengths.unsqueeze(-1)
-    edge_mask = node_mask[:, 1:, None, None]
-    buffer = potentials * edge_mask  # also the one potentials-sized allocation
+    node_mask, edge_mask = _masks(lengths, num_steps + 1)
+    stacked = potentials.new_empty((2 * batch,) + potentials.shape[1:])
+    torch.mul(potentials, edge_mask, out=stacked[:batch])
+    stacked[batch:] = stacked[:batch].flip(1).transpose(-1, -2)
     starts = torch.cat([initial, torch.zeros_like(initial)], 0)
-    if num_steps == 0:
-        messages = starts.unsqueeze(1)
-    elif _probability_space_is_exact(buffer, initial):
-        buffer.sub_(buffer.amax((-1, -2), keepdim=True)).exp_()
-        if _use_blocked_scan(num_steps, num_states, probability_space=True):
-            reverse = buffer.flip(1).transpose(-1, -2)
-            messages = _blocked_probability_scan(
-                torch.cat([buffer, reverse], 0), starts, max(1, round(num_steps**0.5))
-            )
-        else:
-            messages = _paired_probability_scan(buffer, starts)
-    elif _use_blocked_scan(num_steps, num_states, probability_space=False):
-        reverse = buffer.flip(1).transpose(-1, -2)
-        messages = _blocked_scan(
-            torch.cat([buffer, reverse], 0), starts, max(1, round(num_steps**0.5))
-        )
-    else:
-        messages = _paired_log_scan(buffer, starts)
+    messages, log_scale = _backend.chain_scan(LogSemiring, stacked, starts)
+    del stacked
     alpha, beta = messages[:batch], messages[batch:].flip(1)
-    nodes = torch.softmax(alpha + beta, -1) * node_mask.unsqueeze(-1)
-    edges = torch.add(potentials, beta[:, 1:].unsqueeze(-1), out=buffer)
+    # the forward messages are exact up to each sequence's end (the padding comes after it)
+    last = (lengths - 1).view(-1, 1)
+    final = alpha.gather(1, last.unsqueeze(-1).expand(-1, 1, num_states)).squeeze(1)
+    log_partition = torch.logsumexp(final, -1) + log_scale[:batch].gather(1, last).squeeze(1)
+    if all_nodes:
+        nodes = torch.softmax(alpha + beta, -1) * node_mask.unsqueeze(-1)
+    else:
+        nodes = torch.softmax(alpha[:, :1] + beta[:, :1], -1)
+    edges = potentials + beta[:, 1:].unsqueeze(-1)
     edges.add_(alpha[:, :-1].unsqueeze(-2))
     flat = edges.view(batch, num_steps, num_states * num_states)
     flat.sub_(flat.amax(-1, keepdim=True)).exp_()
     flat.div_(flat.sum(-1, keepdim=True))
     if bool((lengths <= num_steps).any()):
         edges.mul_(edge_mask)
-    return edges, nodes
+    return edges, nodes, log_partition
 
 
-def _chain_marginals(
+def _safe_denominator(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with zeros replaced by ones, for dividing marginals by marginals.
+
+    An edge marginal is at most its node marginal, so the quotient is a probability; where the
+    node marginal is 0 so is the numerator (and the state is never conditioned on). Division,
+    not a reciprocal: ``1 / p`` overflows float32 for subnormal ``p``.
+    """
+    return torch.where(tensor > 0, tensor, 1.0)
+
+
+def _hessian_vector_product(
+    edges: torch.Tensor,
+    nodes: torch.Tensor,
+    lengths: torch.Tensor,
+    grad_edges: torch.Tensor,
+    grad_nodes: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``H v`` for the Hessian ``H`` of ``log Z`` in (edge potentials, initial potentials).
+
+    The marginals are ``d log Z / d phi``, so the backward pass of a loss through them is
+    ``H v`` with ``v`` the loss's gradient with respect to the marginals; ``H`` is the
+    covariance of the parts: ``(H v)_e = mu_e (E[g | e] - E[g])`` with ``g(z) = <v,
+    parts(z)>``. A node gradient is folded into the edge entering the node (the first node's
+    into the initial potentials), and ``v`` is centered at every position (a constant per
+    position changes no covariance), so ``E[g]`` is 0 and nothing grows with the length. In a
+    chain, ``E[g | z_n = j, z_{n+1} = i] = A_n[j] + v_n[i, j] + B_{n+1}[i]`` with ``A`` (``B``)
+    the expected ``g`` before (after) the edge given its end state, two affine recursions
+    whose matrices are conditional probabilities read off the marginals
+    (``p(z_n = j | z_{n+1} = i) = mu_n[i, j] / nu_{n+1}[i]``).
+    """
+    batch, num_steps, num_states = edges.shape[:3]
+    node_mask, edge_mask = _masks(lengths, num_steps + 1)
+    grad_nodes = grad_nodes * node_mask.unsqueeze(-1)
+    # potentials-sized temporaries are released as soon as they are used: peak memory is
+    # part of the benchmark's target
+    direction = torch.where(edge_mask, grad_edges + grad_nodes[:, 1:].unsqueeze(-1), 0.0)
+    direction = direction - (edges * direction).sum((-1, -2), keepdim=True)
+    first = grad_nodes[:, 0]
+    first = first - (nodes[:, 0] * first).sum(-1, keepdim=True)
+    denominator = _safe_denominator(nodes)
+    weighted = edges * direction
+    # forward: A_{n+1} = P_n A_n + r_n with P_n[i, j] = p(z_n = j | z_{n+1} = i);
+    # backward: B_n = Q_n B_{n+1} + s_n with Q_n[j, i] = p(z_{n+1} = i | z_n = j), reversed
+    offsets = torch.cat(
+        [weighted.sum(-1) / denominator[:, 1:], (weighted.sum(-2) / denominator[:, :-1]).flip(1)]
+    )
+    del weighted
+    matrices = torch.cat(
+        [
+            edges / denominator[:, 1:].unsqueeze(-1),
+            (edges / denominator[:, :-1].unsqueeze(-2)).transpose(-1, -2).flip(1),
+        ]
+    )
+    expectations = _backend.affine_scan(
+        matrices, offsets, torch.cat([first, torch.zeros_like(first)])
+    )
+    del matrices
+    before, after = expectations[:batch], expectations[batch:].flip(1)
+    # past a sequence's end the edge marginals are 0, so the conditional there is never used
+    conditional = direction + before[:, :-1].unsqueeze(-2)
+    del direction
+    conditional = conditional + after[:, 1:].unsqueeze(-1)
+    mean = (edges * conditional).sum((-1, -2), keepdim=True)
+    grad_potentials = edges * (conditional - mean)
+    first_conditional = before[:, 0] + after[:, 0]
+    first_mean = (nodes[:, 0] * first_conditional).sum(-1, keepdim=True)
+    return grad_potentials, nodes[:, 0] * (first_conditional - first_mean)
+
+
+class _ChainMarginals(torch.autograd.Function):
+    """``(edge marginals, node marginals)`` with the Hessian-vector product as backward."""
+
+    @staticmethod
+    def forward(ctx, potentials, initial, lengths):  # type: ignore[override]
+        edges, nodes, _ = _forward_backward(potentials, initial, lengths)
+        ctx.save_for_backward(edges, nodes, lengths)
+        return edges, nodes
+
+    @staticmethod
+    def backward(ctx, grad_edges, grad_nodes):  # type: ignore[override]
+        edges, nodes, lengths = ctx.saved_tensors
+        if grad_edges is None:
+            grad_edges = torch.zeros_like(edges)
+        if grad_nodes is None:
+            grad_nodes = torch.zeros_like(nodes)
+        grad_potentials, grad_initial = _hessian_vector_product(
+            edges, nodes, lengths, grad_edges, grad_nodes
+        )
+        return grad_potentials, grad_initial, None
+
+
+def chain_marginals(
     potentials: torch.Tensor, initial: torch.Tensor, lengths: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward-backward: ``(edge marginals (B, N-1, C, C), node marginals (B, N, C))``.
-
-    Every marginal is normalized locally (a softmax over the states of its own position or
-    edge) rather than by subtracting a global ``log Z``: messages are only known up to a
-    per-position constant, and float32 keeps its precision at scale 100 and length 1024.
-    When autograd records and the potentials require grad, only differentiable operations are
-    used, so a loss on the marginals trains the potentials (second order); otherwise
-    ``_fast_marginals`` runs and no graph is built.
-    """
-    recording = torch.is_grad_enabled() and (potentials.requires_grad or initial.requires_grad)
-    if not recording:
-        return _fast_marginals(potentials, initial, lengths)
-    batch, num_edges, num_states = potentials.shape[:3]
-    positions = torch.arange(num_edges + 1, device=lengths.device)
-    node_mask = positions < lengths.unsqueeze(-1)
-    time_major = potentials.transpose(0, 1).contiguous()
-    alpha = _chain_forward(LogSemiring, time_major, initial, normalize=True)
-    beta = _chain_backward(time_major, lengths)
-    nodes = torch.softmax(alpha + beta, -1) * node_mask.unsqueeze(-1)
-    joint = alpha[:, :-1].unsqueeze(-2) + potentials + beta[:, 1:].unsqueeze(-1)
-    edges = torch.softmax(joint.reshape(batch, num_edges, num_states * num_states), -1)
-    edges = edges.reshape(joint.shape) * node_mask[:, 1:, None, None]
-    return edges, nodes
+    """``(edge marginals (B, E, C, C), node marginals (B, E+1, C))``; differentiable."""
+    return _ChainMarginals.apply(potentials, initial, lengths)
 
 
 class _ChainLogPartition(torch.autograd.Function):
-    """log Z with a forward-backward gradient (the edge and first-node marginals).
+    """``log Z``, its gradient the marginals (``chain_marginals``).
 
-    The forward pass runs without recording; the backward pass computes the marginals with
-    differentiable operations, so ``create_graph=True`` gives exact second derivatives.
+    When a gradient will be asked for, the forward pass runs the forward-backward scan (the
+    two recursions on a doubled batch cost about one recursion where per-step overhead
+    dominates) and keeps the marginals; otherwise only the log-semiring program runs. When
+    the backward pass itself records (``create_graph=True``) it goes through
+    ``chain_marginals``, so second derivatives are exact.
     """
 
     @staticmethod
     def forward(ctx, potentials, initial, lengths):  # type: ignore[override]
         ctx.save_for_backward(potentials, initial, lengths)
-        return _chain_log_partition(potentials, initial, lengths)
+        ctx.marginals = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            edges, nodes, log_partition = _forward_backward(
+                potentials, initial, lengths, all_nodes=False
+            )
+            ctx.marginals = (edges, nodes[:, 0])
+            return log_partition
+        return chain_program(LogSemiring, potentials, initial, lengths)
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         potentials, initial, lengths = ctx.saved_tensors
-        edges, nodes = _chain_marginals(potentials, initial, lengths)
-        return (
-            grad_output.view(-1, 1, 1, 1) * edges,
-            grad_output.view(-1, 1) * nodes[:, 0],
-            None,
-        )
+        if torch.is_grad_enabled() or ctx.marginals is None:
+            edges, nodes = chain_marginals(potentials, initial, lengths)
+            first = nodes[:, 0]
+        else:
+            edges, first = ctx.marginals
+        ctx.marginals = None
+        return grad_output.view(-1, 1, 1, 1) * edges, grad_output.view(-1, 1) * first, None
 
 
 class LinearChainCRF(StructuredDistribution):
@@ -457,54 +338,28 @@ class LinearChainCRF(StructuredDistribution):
         return _ChainLogPartition.apply(potentials, self._initial_flat(potentials), lengths)
 
     def _marginals_flat(self, potentials, lengths):
-        return _chain_marginals(potentials, self._initial_flat(potentials), lengths)[0]
+        return chain_marginals(potentials, self._initial_flat(potentials), lengths)[0]
 
     def _argmax_flat(self, potentials, lengths):
-        time_major = potentials.transpose(0, 1)
-        initial = self._initial_flat(potentials)
-        batch, num_nodes = initial.shape[0], time_major.shape[0] + 1
-        best = initial
-        bests, pointers = [best], []
-        for step in time_major:
-            best, pointer = (step + best.unsqueeze(-2)).max(-1)
-            bests.append(best)
-            pointers.append(pointer)
-        bests_t = torch.stack(bests, 1)
-        labels = torch.zeros(batch, num_nodes, dtype=torch.long, device=potentials.device)
-        current = torch.zeros(batch, dtype=torch.long, device=potentials.device)
-        for n in range(num_nodes - 1, -1, -1):
-            start_here = bests_t[:, n].argmax(-1)
-            if n < num_nodes - 1:
-                followed = pointers[n].gather(-1, current.unsqueeze(-1)).squeeze(-1)
-            else:
-                followed = start_here
-            current = torch.where(
-                lengths - 1 == n, start_here, torch.where(n < lengths - 1, followed, 0)
-            )
-            labels[:, n] = current
-        return labels
+        parts = _program_gradient(MaxSemiring, potentials, self._initial_flat(potentials), lengths)
+        return _parts_to_labels(*parts)
 
     def _sample_flat(self, potentials, lengths, num_samples):
-        # forward filtering, backward sampling: exact ancestral draws from the chain
-        time_major = potentials.transpose(0, 1)
+        batch = potentials.shape[0]
         initial = self._initial_flat(potentials)
-        alpha = _chain_forward(LogSemiring, time_major, initial)
-        batch, num_nodes, num_states = alpha.shape
-        labels = torch.zeros(
-            num_samples, batch, num_nodes, dtype=torch.long, device=potentials.device
+
+        def repeat(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.expand((num_samples,) + tensor.shape).reshape((-1,) + tensor.shape[1:])
+
+        parts = _program_gradient(
+            SamplingSemiring, repeat(potentials), repeat(initial), repeat(lengths)
         )
-        current = torch.zeros(num_samples, batch, dtype=torch.long, device=potentials.device)
-        for n in range(num_nodes - 1, -1, -1):
-            logits = alpha[:, n].expand(num_samples, batch, num_states)
-            if n < num_nodes - 1:
-                index = current.view(num_samples, batch, 1, 1).expand(-1, -1, 1, num_states)
-                rows = time_major[n].expand(num_samples, -1, -1, -1).gather(-2, index)
-                interior = (n < lengths - 1).view(1, batch, 1)
-                logits = logits + torch.where(interior, rows.squeeze(-2), 0.0)
-            drawn = sample_categorical(logits)
-            current = torch.where(n <= lengths - 1, drawn, 0)
-            labels[..., n] = current
-        return labels
+        labels = _parts_to_labels(*parts)
+        return labels.view(num_samples, batch, potentials.shape[1] + 1)
+
+    def _entropy_flat(self, potentials, lengths):
+        initial = self._initial_flat(potentials)
+        return chain_program(EntropySemiring, potentials, initial, lengths)[1]
 
     def _score_flat(self, value, potentials, lengths):
         initial = self._initial_flat(potentials)
@@ -537,7 +392,7 @@ class LinearChainCRF(StructuredDistribution):
     def node_marginals(self) -> torch.Tensor:
         """``p(z_n = c)``, shape ``(*batch, N, C)``; zero past each length."""
         potentials, lengths = self._flat()
-        nodes = _chain_marginals(potentials, self._initial_flat(potentials), lengths)[1]
+        nodes = chain_marginals(potentials, self._initial_flat(potentials), lengths)[1]
         return self._unflatten(nodes).to(self._result_dtype())
 
     @property
@@ -548,7 +403,7 @@ class LinearChainCRF(StructuredDistribution):
 
     def expected_score(self, other: StructuredDistribution) -> torch.Tensor:
         potentials, lengths = self._flat()
-        edges, nodes = _chain_marginals(potentials, self._initial_flat(potentials), lengths)
+        edges, nodes = chain_marginals(potentials, self._initial_flat(potentials), lengths)
         other_edges, _ = other._flat()
         other_initial = other._initial_flat(other_edges)
         value = (edges * other_edges).sum((-1, -2, -3)) + (nodes[:, 0] * other_initial).sum(-1)

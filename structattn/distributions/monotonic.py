@@ -143,7 +143,9 @@ class MonotonicAlignment(LinearChainCRF):
         # [..., t, next, previous]
         allowed = allowed & in_source[..., None, :, None]
         start = allowed[..., 0, :, 0]
-        spread = (logits.detach().abs().amax() + emissions.detach().abs().amax()).item()
+        spread = 0.0
+        if logits.numel() > 0:  # an empty batch has no scores to stay below
+            spread = (logits.detach().abs().amax() + emissions.detach().abs().amax()).item()
         forbidden = -(2 * logits.shape[-2] + 1) * (spread + num_sources) - 1e4
         scores = logits.unsqueeze(-1).expand(*logits.shape, num_sources)
         scores = scores.masked_fill(~allowed, forbidden)

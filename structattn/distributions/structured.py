@@ -23,9 +23,8 @@ import torch
 from pyro.distributions import TorchDistribution
 from torch.distributions.kl import register_kl
 
+from structattn._backend import computation_dtype
 from structattn._validation import check_broadcasts_to, check_finite, validation_enabled
-
-from .semiring import computation_dtype
 
 
 def check_potentials(potentials: torch.Tensor, name: str, event_dims: int, validate: bool) -> None:
@@ -98,8 +97,10 @@ class StructuredDistribution(TorchDistribution):
     """Base class of the structured alignment distributions (a Pyro ``TorchDistribution``).
 
     Subclasses set ``potential_event_dims`` (trailing dims of ``potentials`` that belong to one
-    structure) and implement the flat-batch hooks ``_log_partition_flat``,
-    ``_marginals_flat``, ``_argmax_flat``, ``_sample_flat`` and ``_score_flat``.
+    structure) and implement the flat-batch hooks ``_log_partition_flat``, ``_argmax_flat``,
+    ``_sample_flat`` and ``_score_flat`` (``_marginals_flat`` and ``_entropy_flat`` have
+    generic defaults). The hooks see one contiguous leading batch dim, possibly of size 0;
+    this class broadcasts values against the batch shape as ``Categorical`` does.
 
     Attributes:
         potentials: the caller's log-potentials, ``batch_shape + potential event shape``.
@@ -154,18 +155,28 @@ class StructuredDistribution(TorchDistribution):
     ) -> torch.Tensor:
         """Unnormalized log score of ``value: (K, B, *event_shape)``; returns ``(K, B)``."""
 
+    def _entropy_flat(self, potentials: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Entropy ``(B,)``: ``log Z - <mu, phi>`` unless a subclass has a direct program."""
+        dims = tuple(range(-self.potential_event_dims, 0))
+        marginals = self._marginals_flat(potentials, lengths)
+        return self._log_partition_flat(potentials, lengths) - (marginals * potentials).sum(dims)
+
     def _parts_to_value(self, parts: torch.Tensor) -> torch.Tensor:
         """Convert a one-hot parts tensor (torch-struct's format) to a compact value."""
         raise ValueError(f"{type(self).__name__} takes integer-valued structures only")
 
     # ------------------------------------------------------------------------- helpers
     def _flat(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Potentials ``(B, ...)`` in the computation dtype and lengths ``(B,)``."""
+        """Contiguous potentials ``(B, ...)`` in the computation dtype and lengths ``(B,)``.
+
+        Any layout of the caller's tensor (transposed, expanded, sliced) is accepted; ``B`` may
+        be 0 (every method then returns an empty result).
+        """
         event = self.potentials.shape[self.potentials.dim() - self.potential_event_dims :]
         dtype = computation_dtype(self.potentials.dtype)
-        batch = max(1, self.batch_shape.numel()) if self.batch_shape else 1
-        potentials = self.potentials.to(dtype).reshape((batch,) + tuple(event))
-        return potentials, self.lengths.reshape(batch)
+        batch = self.batch_shape.numel()
+        potentials = self.potentials.to(dtype).reshape((batch,) + tuple(event)).contiguous()
+        return potentials, self.lengths.reshape(batch).contiguous()
 
     def _unflatten(self, tensor: torch.Tensor, leading: tuple[int, ...] = ()) -> torch.Tensor:
         """Reshape ``(*leading, B, ...)`` (flat batch) to ``(*leading, *batch_shape, ...)``."""
@@ -213,7 +224,11 @@ class StructuredDistribution(TorchDistribution):
     def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
         """Exact samples, ``sample_shape + batch_shape + event_shape`` (int64)."""
         sample_shape = torch.Size(sample_shape)
-        num_samples = max(1, sample_shape.numel())
+        num_samples = sample_shape.numel()
+        if num_samples == 0:
+            return self.potentials.new_zeros(
+                sample_shape + self.batch_shape + self.event_shape, dtype=torch.long
+            )
         potentials, lengths = self._flat()
         with torch.no_grad():
             draws = self._sample_flat(potentials.detach(), lengths, num_samples)
@@ -244,13 +259,13 @@ class StructuredDistribution(TorchDistribution):
                 f"{tuple(self.batch_shape)}"
             ) from err
         leading = full[: len(full) - len(self.batch_shape)]
-        if full[len(leading) :] != self.batch_shape:
-            raise ValueError(
-                f"value of shape {tuple(value.shape)} enlarges batch shape "
-                f"{tuple(self.batch_shape)}"
-            )
+        batch_shape = full[len(leading) :]
+        if batch_shape != self.batch_shape:
+            # the value enlarges size-1 batch dims: score against the broadcast distribution,
+            # as torch's Categorical does (views only)
+            return self.expand(batch_shape).score(value)
         value = value.expand(full + self.event_shape).reshape(
-            (max(1, leading.numel()), -1) + tuple(self.event_shape)
+            (leading.numel(), self.batch_shape.numel()) + tuple(self.event_shape)
         )
         potentials, lengths = self._flat()
         scores = self._score_flat(value.long(), potentials, lengths)
@@ -258,7 +273,8 @@ class StructuredDistribution(TorchDistribution):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         """``log p(value)``, shape ``sample_shape + batch_shape`` (see ``score`` for ``value``)."""
-        if self._validate_args and not value.is_floating_point():
+        # torch's support check cannot reshape an empty value; an empty value has nothing to check
+        if self._validate_args and not value.is_floating_point() and value.numel() > 0:
             self._validate_sample(value)
         return self.score(value) - self.log_partition
 
@@ -268,8 +284,9 @@ class StructuredDistribution(TorchDistribution):
         return (self.marginals * other.potentials).sum(dims)
 
     def entropy(self) -> torch.Tensor:
-        """Shannon entropy ``log Z - <mu, phi>``, shape ``batch_shape``."""
-        return self.log_partition - self.expected_score(self)
+        """Shannon entropy, shape ``batch_shape`` (differentiable)."""
+        potentials, lengths = self._flat()
+        return self._unflatten(self._entropy_flat(potentials, lengths)).to(self._result_dtype())
 
     def kl_divergence(self, other: StructuredDistribution) -> torch.Tensor:
         """``KL(self || other)`` for a distribution of the same type, shapes and lengths."""
