@@ -79,7 +79,8 @@ SPECS.append(
     Spec("hmm",
          lambda b: {"jump_scores": _randn(*b, 5),
                     "emission_log_likelihoods": _randn(*b, LENGTH, KEYS)},
-         lambda **p: sd.HMMAlignment(**p), (LENGTH,), (LENGTH, KEYS))
+         lambda **p: sd.HMMAlignment(**p), (LENGTH,), (LENGTH, KEYS),
+         ("jump_scores", "emission_log_likelihoods"))
 )
 IDS = [spec.name for spec in SPECS]
 

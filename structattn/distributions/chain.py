@@ -284,6 +284,12 @@ class LinearChainCRF(StructuredDistribution):
     potential_event_dims = 3
     _batched_attributes = ("potentials", "lengths", "initial_potentials")
 
+    @classmethod
+    def infer_shapes(cls, log_potentials, **kwargs):
+        """``(batch_shape, event_shape)`` for potentials ``(..., N-1, C, C)``."""
+        shape = torch.Size(log_potentials)
+        return shape[:-3], torch.Size((shape[-3] + 1,))
+
     def __init__(
         self,
         log_potentials: torch.Tensor,

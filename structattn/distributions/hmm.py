@@ -153,6 +153,14 @@ class HMMAlignment(LinearChainCRF):
         "source_lengths",
     )
 
+    @classmethod
+    def infer_shapes(cls, jump_scores, emission_log_likelihoods, **kwargs):
+        """``(batch_shape, event_shape)`` for jump scores ``(..., J)`` and emissions
+        ``(..., T, S)``: the broadcast batch and ``(T,)``."""
+        emissions = torch.Size(emission_log_likelihoods)
+        batch = torch.broadcast_shapes(torch.Size(jump_scores)[:-1], emissions[:-2])
+        return batch, emissions[-2:-1]
+
     def __init__(
         self,
         jump_scores: torch.Tensor,
@@ -213,10 +221,10 @@ class HMMAlignment(LinearChainCRF):
 
         Finite rather than ``-inf`` so that no gradient ever meets ``inf - inf``.
         """
-        spread = (
-            self.jump_scores.detach().abs().amax()
-            + self.emission_log_likelihoods.detach().abs().amax()
-        ).item()
+        def largest(tensor: torch.Tensor) -> float:  # 0 for an empty batch
+            return tensor.detach().abs().amax().item() if tensor.numel() else 0.0
+
+        spread = largest(self.jump_scores) + largest(self.emission_log_likelihoods)
         steps = self.emission_log_likelihoods.shape[-2]
         return -(2 * steps + 2) * (2 * spread + self.num_sources + 10) - 1e4
 

@@ -67,6 +67,15 @@ class MonotonicAlignment(LinearChainCRF):
         "source_lengths",
     )
 
+    @classmethod
+    def infer_shapes(cls, alignment_logits, emission_log_likelihoods=None, **kwargs):
+        """``(batch_shape, event_shape)`` for ``(..., T, S)`` logits (and emissions)."""
+        shape = torch.Size(alignment_logits)
+        batch = shape[:-2]
+        if emission_log_likelihoods is not None:
+            batch = torch.broadcast_shapes(batch, torch.Size(emission_log_likelihoods)[:-2])
+        return batch, shape[-2:-1]
+
     def __init__(
         self,
         alignment_logits: torch.Tensor,

@@ -16,7 +16,9 @@ from collections.abc import Callable
 import torch
 from torch.distributions import constraints
 
-from .semiring import LogSemiring, MaxSemiring, computation_dtype
+from structattn._backend import computation_dtype
+
+from .semiring import LogSemiring, MaxSemiring
 from .structured import (
     StructuredDistribution,
     check_lengths,
@@ -763,6 +765,12 @@ class _DependencyCRF(StructuredDistribution):
 
     arg_constraints = {"arc_scores": constraints.real}
     potential_event_dims = 2
+
+    @classmethod
+    def infer_shapes(cls, arc_scores, **kwargs):
+        """``(batch_shape, event_shape)`` for arc scores ``(..., N, N)``: ``(...)``, ``(N,)``."""
+        shape = torch.Size(arc_scores)
+        return shape[:-2], shape[-1:]
 
     def __init__(
         self,
