@@ -42,7 +42,7 @@ from structattn.models.word_alignment import (
     posterior_average_links,
 )
 
-logging.basicConfig(format="%(relativeCreated) 9d %(message)s", level=logging.INFO)
+logging.basicConfig(format="[%(relativeCreated)7.0f ms] %(message)s", level=logging.INFO)
 
 
 def judged(links, pairs):
