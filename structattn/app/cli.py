@@ -133,7 +133,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def _compare_options(compare: argparse.ArgumentParser) -> None:
     compare.description = (
         "Train each mode with the same data, seeds and budget; keep each run's best-dev "
-        "parameters; score the whole test split; print every metric with a 95%% bootstrap "
+        "parameters; score the whole test split; print every metric with a 95% bootstrap "
         "interval, each mode's paired test against soft attention and the best mode per "
         "metric; with --out write results.json (configuration, versions, per-example scores) "
         "and figures.")
@@ -201,11 +201,6 @@ def _compare(args: argparse.Namespace) -> int:
     task = get_task(args.task)
     options = task.options(_given(args), quick=args.quick)
     modes = args.modes or list(task.default_modes())
-    unknown = [mode for mode in modes if mode not in task.modes()]
-    if unknown:
-        print(f"error: --modes {','.join(unknown)} not available for task {args.task!r} "
-              f"(its modes: {', '.join(task.modes())})", file=sys.stderr)
-        return 2
     if not isinstance(task, Seq2SeqTask):
         from structattn.app.compare_copy import compare_copy
 
@@ -295,7 +290,16 @@ def _command(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(_command(argv)).parse_args(argv)
+    parser = build_parser(_command(argv))
+    args = parser.parse_args(argv)
+    if args.command == "compare" and args.modes:
+        from structattn.app.tasks import get_task
+
+        available = get_task(args.task).modes()
+        unknown = [mode for mode in args.modes if mode not in available]
+        if unknown:
+            parser.error(f"--modes {','.join(unknown)}: not a mode of task {args.task!r} "
+                         f"(its modes: {', '.join(available)})")
     import torch
 
     torch.set_num_threads(getattr(args, "threads", 1))

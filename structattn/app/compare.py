@@ -74,10 +74,10 @@ def mode_descriptions() -> dict[str, str]:
     doc = seq2seq.Seq2Seq.__doc__ or ""
     for block in doc.split("\n    - ")[1:]:
         head, _, text = block.partition(":")
-        text = " ".join(text.split("\n\n")[0].split())
+        text = " ".join(text.split("\n\n")[0].split()).replace("``", "").rstrip(".")
         for name in (part.strip(" `") for part in head.split(",")):
             if name in registry and not descriptions.get(name):
-                descriptions[name] = text
+                descriptions[name] = text.replace("that normaliser", f"the {name} normaliser")
     return {name: descriptions.get(name, "") for name in registry}
 
 

@@ -129,7 +129,8 @@ def _bleu(sums: np.ndarray) -> np.ndarray:
         brevity = np.where(hyp_len < ref_len,
                            np.exp(1.0 - ref_len / np.maximum(hyp_len, 1e-300)), 1.0)
     score = brevity * np.exp(log_precision / 4.0)
-    return np.where((hyp_len > 0) & (totals[..., 0] > 0), score, 0.0)
+    # sacrebleu scores 0 when some n-gram order has no candidate at all (a short corpus)
+    return np.where((hyp_len > 0) & (totals > 0).all(-1), score, 0.0)
 
 
 _BLEU_COLUMNS = tuple(f"match{n}" for n in range(1, 5)) + tuple(
