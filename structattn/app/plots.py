@@ -79,7 +79,8 @@ def plot_alignments(
     cell = 0.24
     panel_w = max(2.6, cell * cols + 1.6)
     panel_h = max(2.2, cell * rows + 1.4)
-    header = 0.3 * (bool(title) + len(captions)) + 0.2
+    text = "\n".join(([title] if title else []) + list(captions))
+    header = 0.19 * (text.count("\n") + 1) + 0.15 if text else 0.1
     figsize = (panel_w * columns, panel_h * grid_rows + header)
     fig, axes = plt.subplots(grid_rows, columns, figsize=figsize, squeeze=False)
     for ax in axes.flat[len(alignments):]:
@@ -102,7 +103,6 @@ def plot_alignments(
             ax.set_xticks(range(cols), list(source)[:cols], fontsize=font, rotation=90)
         if target is not None:
             ax.set_yticks(range(rows), list(target)[:rows], fontsize=font)
-    text = "\n".join(([title] if title else []) + list(captions))
     top = 1.0 - header / figsize[1]
     if text:
         fig.text(0.01, 0.995, text, ha="left", va="top", fontsize=9, family="monospace")
@@ -236,7 +236,9 @@ def plot_comparison(results: Mapping[str, Any], runs: Sequence[Any], models: Map
             gold = {(s, t) for s, t in example.sure}
         title = (f"{config.task} '{task.label(example)}': rows = reference target "
                  f"(teacher-forced); soft-vs-posterior disagreement {score[index]:.2f}"
-                 + ("; red squares = reference links" if gold else ""))
+                 + ("; red squares = reference links" if gold else "")
+                 + "\nposterior = exact p(z|x,y) of the hard-attention reading of each model "
+                 "(for a soft model: the same network reading one source position)")
         path = plot_alignments(panels, out / f"{config.task}_example{rank}.png",
                                source=list(example.source),
                                target=list(example.target) + ["</s>"], title=title,
