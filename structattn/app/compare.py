@@ -178,7 +178,6 @@ def compare_modes(
           f"-> {len(data.target_vocab)}; {base.steps} steps x {seeds} seed(s) per mode; "
           f"dev every {base.dev_every} steps")
     runs: list[Run] = []
-    models = {}
     for number, mode in enumerate(modes, start=1):
         print(f"mode {number}/{len(modes)}: {mode} (minimises {objective_name(mode)})",
               flush=True)
@@ -191,8 +190,6 @@ def compare_modes(
             run = Run(mode, config.seed, trained, evaluation, time.perf_counter() - clock)
             runs.append(run)
             print(_run_row(run, task.metrics), flush=True)
-            if offset == 0:
-                models[mode] = model
     baselines = _baselines(task, data, examples) if task.has_gold_links else {}
     results = _results(base, task, data, examples, list(modes), runs, baselines, seeds,
                        confidence, resamples)
@@ -206,7 +203,7 @@ def compare_modes(
         if plots:
             from structattn.app.plots import plot_comparison
 
-            written += plot_comparison(results, runs, models, base, data, examples, out)
+            written += plot_comparison(results, runs, base, examples, out)
         print("wrote " + ", ".join(str(path) for path in written))
     return results
 

@@ -199,13 +199,14 @@ def disagreement(soft: np.ndarray, hard: np.ndarray) -> float:
     return float(0.5 * np.abs(soft - hard).sum(-1).mean()) if soft.size else 0.0
 
 
-def plot_comparison(results: Mapping[str, Any], runs: Sequence[Any], models: Mapping[str, Any],
-                    config: Any, data: Any, examples: Sequence[Any], out: Path,
-                    count: int = 2, max_length: int = 24) -> list[Path]:
+def plot_comparison(results: Mapping[str, Any], runs: Sequence[Any], config: Any,
+                    examples: Sequence[Any], out: Path, count: int = 2) -> list[Path]:
     """Summary, dev curves and example figures of a finished comparison.
 
-    The examples are those (of at most ``max_length`` tokens a side) where the reference mode's
-    attention and the other modes' exact posteriors disagree most.
+    The examples are the short ones where the reference mode's attention and the other modes'
+    exact posteriors disagree most.  Without reference links each mode gets a row (attention,
+    posterior); with them (Bible) one row compares the reference mode's attention, every other
+    mode's posterior and the reference links.
     """
     from structattn.app.tasks import get_task
 
@@ -217,32 +218,43 @@ def plot_comparison(results: Mapping[str, Any], runs: Sequence[Any], models: Map
         first.setdefault(run.mode, run.evaluation)
     reference = results["reference_mode"]
     others = [mode for mode in first if mode != reference] or [reference]
+    with_links = bool(getattr(task, "has_gold_links", False))
+    longest = 16 if with_links else 24  # keeps labels readable at normal size
     candidates = [i for i, ex in enumerate(examples)
-                  if len(ex.source) <= max_length and len(ex.target) <= max_length]
+                  if len(ex.source) <= longest and len(ex.target) <= longest]
     score = {i: max(disagreement(first[reference].attention[i], first[m].posterior[i])
                     for m in others) for i in candidates}
-    chosen = sorted(candidates, key=lambda i: -score[i])[:count]
-    for rank, index in enumerate(chosen):
+    for rank, index in enumerate(sorted(candidates, key=lambda i: -score[i])[:count]):
         example = examples[index]
-        panels = {}
-        captions = [f"reference  : {' '.join(example.target)}"]
-        for mode, evaluation in first.items():
-            panels[f"{mode}: attention p(z|x,y<t)"] = evaluation.attention[index]
-            panels[f"{mode}: posterior p(z|x,y)"] = evaluation.posterior[index]
-            captions.append(f"{mode:<11}: {' '.join(evaluation.hypotheses[index])}  "
-                            "(beam output)")
+        captions = [f"{'reference':<16}: {' '.join(example.target)}"] + [
+            f"{mode + ' (beam)':<16}: {' '.join(evaluation.hypotheses[index])}"
+            for mode, evaluation in first.items()]
         gold = None
-        if getattr(task, "has_gold_links", False):
+        if with_links:
             gold = {(s, t) for s, t in example.sure}
+            panels = {f"{reference}: attention p(z|x,y<t)": first[reference].attention[index]}
+            panels.update({f"{mode}: posterior p(z|x,y)": first[mode].posterior[index]
+                           for mode in others})
+            links = np.zeros_like(first[reference].attention[index])
+            for s, t in example.possible:
+                links[t, s] = 0.5
+            for s, t in gold:
+                links[t, s] = 1.0
+            panels["reference links (sure 1, possible 0.5)"] = links
+            columns = 3
+        else:
+            panels = {}
+            for mode, evaluation in first.items():
+                panels[f"{mode}: attention p(z|x,y<t)"] = evaluation.attention[index]
+                panels[f"{mode}: posterior p(z|x,y)"] = evaluation.posterior[index]
+            columns = 2
         title = (f"{config.task} '{task.label(example)}': rows = reference target "
-                 f"(teacher-forced); soft-vs-posterior disagreement {score[index]:.2f}"
-                 + ("; red squares = reference links" if gold else "")
-                 + "\nposterior = exact p(z|x,y) of the hard-attention reading of each model "
+                 f"(teacher-forced); {reference}-attention vs posterior disagreement "
+                 f"{score[index]:.2f}" + ("; red squares = sure links" if gold else "")
+                 + "\nposterior = exact p(z|x,y) of the hard-attention reading of a model "
                  "(for a soft model: the same network reading one source position)")
-        path = plot_alignments(panels, out / f"{config.task}_example{rank}.png",
-                               source=list(example.source),
-                               target=list(example.target) + ["</s>"], title=title,
-                               columns=2, gold=gold, captions=captions,
-                               target_label="reference target")
-        paths.append(path)
+        paths.append(plot_alignments(
+            panels, out / f"{config.task}_example{rank}.png", source=list(example.source),
+            target=list(example.target) + ["</s>"], title=title, columns=columns, gold=gold,
+            captions=captions, target_label="reference target"))
     return paths
