@@ -263,7 +263,7 @@ def bootstrap_interval(
     result = stats.bootstrap(
         (np.arange(table.shape[0]),), _resample_statistic(metric, [table]), vectorized=True,
         n_resamples=resamples, batch=_batch(*table.shape), confidence_level=confidence,
-        method="percentile", rng=np.random.default_rng(seed),
+        method="percentile", random_state=np.random.default_rng(seed),
     )
     return Interval(value, float(result.confidence_interval.low),
                     float(result.confidence_interval.high))
@@ -302,7 +302,7 @@ def paired_test(
     interval = stats.bootstrap(
         (np.arange(examples),), _resample_statistic(metric, [table_a, table_b]),
         vectorized=True, n_resamples=resamples, batch=batch, confidence_level=confidence,
-        method="percentile", rng=np.random.default_rng(seed),
+        method="percentile", random_state=np.random.default_rng(seed),
     ).confidence_interval
     # Rows 0..n-1 are a's examples, n..2n-1 b's; swapping x_i and y_i swaps the two modes.
     stacked = np.concatenate([table_a, table_b])
@@ -315,7 +315,7 @@ def paired_test(
     test = stats.permutation_test(
         (np.arange(examples), np.arange(examples, 2 * examples)), swapped,
         permutation_type="samples", vectorized=True, n_resamples=resamples, batch=batch,
-        alternative="two-sided", rng=np.random.default_rng(seed + 1),
+        alternative="two-sided", random_state=np.random.default_rng(seed + 1),
     )
     return PairedResult(difference, float(interval.low), float(interval.high),
                         float(test.pvalue))
