@@ -222,6 +222,10 @@ def plot_comparison(results: Mapping[str, Any], runs: Sequence[Any], config: Any
     longest = 16 if with_links else 24  # keeps labels readable at normal size
     candidates = [i for i, ex in enumerate(examples)
                   if len(ex.source) <= longest and len(ex.target) <= longest]
+    if not candidates:  # every evaluated example is long: draw the shortest ones
+        candidates = sorted(range(len(examples)),
+                            key=lambda i: max(len(examples[i].source), len(examples[i].target)))
+        candidates = candidates[:count]
     score = {i: max(disagreement(first[reference].attention[i], first[m].posterior[i])
                     for m in others) for i in candidates}
     for rank, index in enumerate(sorted(candidates, key=lambda i: -score[i])[:count]):
