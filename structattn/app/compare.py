@@ -297,7 +297,8 @@ def _results(base: ExperimentConfig, task: Seq2SeqTask, data: TaskData,
         "runs": [{
             "mode": run.mode, "seed": run.seed, "objective_name": objective_name(run.mode),
             "final_train_objective": run.train.objective, "best_step": run.train.best_step,
-            "train_seconds": run.train.seconds, "ms_per_step": run.train.ms_per_step,
+            "train_seconds": run.train.seconds, "dev_seconds": run.train.dev_seconds,
+            "ms_per_step": run.train.ms_per_step,
             "eval_seconds": run.eval_seconds, "dev_curve": run.train.dev_curve,
             "metrics": run.evaluation.metrics,
             "per_example": {name: counts.tolist()
@@ -347,10 +348,11 @@ def format_report(results: dict[str, Any]) -> str:
                          _number(cells["precision"]["value"]), _number(cells["recall"]["value"])])
         lines.append(_columns(rows))
     lines.append("")
-    rows = [["mode", "objective", "ms/step", "train s", "test s", "best dev step"]]
+    rows = [["mode", "objective", "ms/step", "train s (dev)", "test s", "best dev step"]]
     for run in results["runs"]:
         rows.append([f"{run['mode']} (seed {run['seed']})", run["objective_name"],
-                     f"{run['ms_per_step']:.0f}", f"{run['train_seconds']:.0f}",
+                     f"{run['ms_per_step']:.0f}",
+                     f"{run['train_seconds']:.0f} ({run.get('dev_seconds', 0.0):.0f})",
                      f"{run['eval_seconds']:.0f}", str(run["best_step"])])
     lines.append(_columns(rows))
     lines.append("")

@@ -102,11 +102,12 @@ class TrainResult:
 
     Attributes:
         seconds: wall time of training, dev evaluations included.
-        ms_per_step: ``1000 * seconds / steps``.
+        ms_per_step: milliseconds per training step, dev evaluations excluded.
         objective: what the mode minimised (its training loss per target token) at the end,
             averaged over the last logging window; see ``objective_name`` in the results.
         best_step: the step whose parameters are returned (best dev perplexity).
         dev_curve: ``[{"step", "ppl"}, ...]`` every dev evaluation.
+        dev_seconds: wall time of the dev evaluations.
     """
 
     seconds: float
@@ -114,6 +115,7 @@ class TrainResult:
     objective: float
     best_step: int
     dev_curve: list[dict[str, float]] = field(default_factory=list)
+    dev_seconds: float = 0.0
 
 
 def load_task(config: ExperimentConfig) -> TaskData:
@@ -186,7 +188,7 @@ def train_mode(
     dev = _sorted_by_length(list(data.dev)[:config.dev_size])
     extra = {"config": asdict(config), "source_vocab": data.source_vocab.to_dict(),
              "target_vocab": data.target_vocab.to_dict()}
-    best: dict[str, Any] = {"ppl": math.inf, "step": 0, "state": None}
+    best: dict[str, Any] = {"ppl": math.inf, "step": 0, "state": None, "seconds": 0.0}
     curve: list[dict[str, float]] = []
     bar = tqdm(total=config.steps, desc=f"train {config.mode}", unit="step",
                disable=not progress, dynamic_ncols=True, leave=False)
@@ -194,12 +196,14 @@ def train_mode(
         report = bar.write if progress else (lambda line: None)
 
     def evaluate(trained: torch.nn.Module) -> dict[str, float]:
+        clock = time.perf_counter()
         total, tokens = dev_log_likelihood(trained, dev, data, 2 * config.batch_size,
                                            config.device)
         ppl = math.exp(min(-total / max(tokens, 1), 709.0))
         improved = ppl < best["ppl"]
         if improved:  # the step is read from the log record that follows this call
             best.update(ppl=ppl, state=copy.deepcopy(trained.state_dict()))
+        best["seconds"] += time.perf_counter() - clock
         return {"ppl": ppl, "improved": float(improved)}
 
     def log(record: dict[str, Any]) -> None:
@@ -231,8 +235,9 @@ def train_mode(
     if best["state"] is not None:
         trained.load_state_dict(best["state"])
     trained.eval()
-    return trained, TrainResult(seconds, 1000 * seconds / max(1, config.steps), summary.loss,
-                                best["step"], curve)
+    steps = max(1, summary.step)
+    return trained, TrainResult(seconds, 1000 * (seconds - best["seconds"]) / steps,
+                                summary.loss, best["step"], curve, best["seconds"])
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[Seq2Seq, ExperimentConfig, TaskData]:
