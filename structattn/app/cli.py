@@ -24,7 +24,8 @@ COMMANDS = {
 }
 # Run options every seq2seq task reads; None = the task's default.
 _RUN_KEYS = ("steps", "batch_size", "hidden", "embed_dim", "dropout", "lr", "num_samples",
-             "temperature", "max_train", "max_length", "vocab_size", "eval_size", "dev_size",
+             "temperature", "max_train", "max_length", "vocab_size", "target_vocab_size",
+             "eval_size", "dev_size",
              "dev_every", "beam_size", "seed", "device")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
@@ -83,15 +84,19 @@ def _add_run_options(parser: argparse.ArgumentParser, trainable_only: bool) -> N
     parser.add_argument("--max-length", type=_positive,
                         help="bible: drop training verses longer than this (default 16)")
     parser.add_argument("--vocab-size", type=_positive,
-                        help="bible: word vocabulary per language (default 1000)")
+                        help="bible: source (English) word vocabulary (default 2000)")
+    parser.add_argument("--target-vocab-size", type=_positive,
+                        help="bible: target (Spanish) word vocabulary; the exact modes pay "
+                        "for it at every source position (default 500)")
     parser.add_argument("--eval-size", type=_positive,
                         help="test examples to evaluate (default: the whole test split)")
     parser.add_argument("--dev-size", type=_positive,
-                        help="dev examples for model selection (default: g2p 1000, bible 300)")
+                        help="dev examples for model selection (default: g2p 1000, bible 200)")
     parser.add_argument("--dev-every", type=_positive,
                         help="steps between dev evaluations (default 250)")
     parser.add_argument("--beam-size", type=_positive,
-                        help="beam width for decoding; 1 is greedy (default 5; --quick 3)")
+                        help="beam width for decoding; 1 is greedy (default: g2p 5, bible 3; "
+                        "g2p --quick 3)")
     parser.add_argument("--seed", type=int, help="random seed (default 0)")
     parser.add_argument("--device", type=_device, default="cpu",
                         help="'cpu' or 'cuda[:N]' (bf16 autocast on CUDA; default cpu)")
@@ -146,7 +151,7 @@ def _compare_options(compare: argparse.ArgumentParser) -> None:
                          help="bootstrap and permutation resamples (default 1000)")
     compare.add_argument("--quick", action="store_true",
                          help="a short run for options you did not set: 300 steps, beam 3, "
-                         "1000 test words (g2p) / 300 verses (bible); copy task 60 steps")
+                         "1000 test words (g2p) / 200 verses (bible); copy task 60 steps")
     compare.add_argument("--out", type=Path, default=None,
                          help="folder for results.json, figures and checkpoints")
 

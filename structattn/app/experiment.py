@@ -41,7 +41,8 @@ __all__ = [
 class ExperimentConfig:
     """Everything that defines a run (stored in checkpoints and results, so plain data only).
 
-    ``eval_size=None`` evaluates the whole test split; ``dev_size=None`` the whole dev split.
+    ``eval_size=None`` evaluates the whole test split; ``dev_size=None`` the whole dev split;
+    ``target_vocab_size=None`` uses ``vocab_size`` on both sides.
     """
 
     task: str = "g2p"
@@ -65,6 +66,7 @@ class ExperimentConfig:
     device: str = "cpu"
     checkpoint_every: int | None = None
     vocab_size: int = 8000
+    target_vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS or not issubclass(TASKS[self.task], Seq2SeqTask):
@@ -77,7 +79,8 @@ class ExperimentConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("eval_size", "dev_size", "max_train", "max_length", "checkpoint_every"):
+        for name in ("eval_size", "dev_size", "max_train", "max_length", "checkpoint_every",
+                     "target_vocab_size"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
