@@ -142,8 +142,8 @@ def plot_summary(results: Mapping[str, Any], path: str | Path) -> Path:
             kind = name.split("_", 1)[0]
             if name.count("_") and kind in cells:
                 ax.axvline(cells[kind]["value"], color="tab:red", linestyle="--", linewidth=1)
-                ax.text(cells[kind]["value"], len(modes) - 0.5, baseline, color="tab:red",
-                        fontsize=7, ha="center")
+                ax.text(cells[kind]["value"], -0.45, baseline, color="tab:red", fontsize=7,
+                        ha="center", va="bottom")
         ax.set_yticks(positions, modes, fontsize=8)
         ax.invert_yaxis()
         ax.set_title(metric_label(name), fontsize=9)
@@ -178,7 +178,6 @@ def plot_dev_curves(results: Mapping[str, Any], path: str | Path) -> Path:
                     color=colors[run["mode"]])
     ax.set_xlabel("training step")
     ax.set_ylabel("dev perplexity")
-    ax.set_yscale("log")
     ax.set_title(f"{results['task']}: dev perplexity (star: the step evaluated on test)",
                  fontsize=10)
     ax.legend(fontsize=8)
