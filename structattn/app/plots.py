@@ -142,10 +142,10 @@ def plot_summary(results: Mapping[str, Any], path: str | Path) -> Path:
             kind = name.split("_", 1)[0]
             if name.count("_") and kind in cells:
                 ax.axvline(cells[kind]["value"], color="tab:red", linestyle="--", linewidth=1)
-                ax.text(cells[kind]["value"], -0.45, baseline, color="tab:red", fontsize=7,
-                        ha="center", va="bottom")
+                ax.text(cells[kind]["value"], -0.6, baseline, color="tab:red", fontsize=7,
+                        ha="center", va="center")
         ax.set_yticks(positions, modes, fontsize=8)
-        ax.invert_yaxis()
+        ax.set_ylim(len(modes) - 0.5, -0.9)  # first mode on top, room for baseline labels
         ax.set_title(metric_label(name), fontsize=9)
         ax.tick_params(axis="x", labelsize=7)
         ax.grid(axis="x", alpha=0.3)
