@@ -81,7 +81,9 @@ def plot_alignments(
     panel_h = max(2.2, cell * rows + 1.4)
     text = "\n".join(([title] if title else []) + list(captions))
     header = 0.19 * (text.count("\n") + 1) + 0.15 if text else 0.1
-    figsize = (panel_w * columns, panel_h * grid_rows + header)
+    longest_line = max((len(line) for line in text.splitlines()), default=0)
+    # monospace 9 pt is about 0.08 inch a character: the caption is never cut off
+    figsize = (max(panel_w * columns, 0.085 * longest_line + 0.4), panel_h * grid_rows + header)
     fig, axes = plt.subplots(grid_rows, columns, figsize=figsize, squeeze=False)
     for ax in axes.flat[len(alignments):]:
         ax.axis("off")
@@ -219,8 +221,10 @@ def plot_comparison(results: Mapping[str, Any], runs: Sequence[Any], config: Any
     others = [mode for mode in first if mode != reference] or [reference]
     with_links = bool(getattr(task, "has_gold_links", False))
     longest = 16 if with_links else 24  # keeps labels readable at normal size
+    # short enough to read, long enough to show an alignment
     candidates = [i for i, ex in enumerate(examples)
-                  if len(ex.source) <= longest and len(ex.target) <= longest]
+                  if 5 <= len(ex.target) and len(ex.source) <= longest
+                  and len(ex.target) <= longest]
     if not candidates:  # every evaluated example is long: draw the shortest ones
         candidates = sorted(range(len(examples)),
                             key=lambda i: max(len(examples[i].source), len(examples[i].target)))
@@ -254,8 +258,8 @@ def plot_comparison(results: Mapping[str, Any], runs: Sequence[Any], config: Any
         title = (f"{config.task} '{task.label(example)}': rows = reference target "
                  f"(teacher-forced); {reference}-attention vs posterior disagreement "
                  f"{score[index]:.2f}" + ("; red squares = sure links" if gold else "")
-                 + "\nposterior = exact p(z|x,y) of the hard-attention reading of a model "
-                 "(for a soft model: the same network reading one source position)")
+                 + "\nposterior = exact p(z|x,y) of each model's hard-attention reading "
+                 "(soft model: the same network reading one source position)")
         paths.append(plot_alignments(
             panels, out / f"{config.task}_example{rank}.png", source=list(example.source),
             target=list(example.target) + ["</s>"], title=title, columns=columns, gold=gold,
