@@ -53,7 +53,7 @@ def test_g2p_counts_give_the_corpus_wer_and_per(items):
         phoneme_error_rate(hypotheses, references))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(WORDS, WORDS), min_size=1, max_size=8))
 def test_bleu_from_counts_matches_sacrebleu(pairs):
     hypotheses = [h for h, _ in pairs]

@@ -129,8 +129,9 @@ def _bleu(sums: np.ndarray) -> np.ndarray:
         brevity = np.where(hyp_len < ref_len,
                            np.exp(1.0 - ref_len / np.maximum(hyp_len, 1e-300)), 1.0)
     score = brevity * np.exp(log_precision / 4.0)
-    # sacrebleu scores 0 when some n-gram order has no candidate at all (a short corpus)
-    return np.where((hyp_len > 0) & (totals > 0).all(-1), score, 0.0)
+    # sacrebleu scores 0 when no n-gram matches at all, and when some order has no candidate
+    any_match = (matches > 0).any(-1)
+    return np.where((hyp_len > 0) & (totals > 0).all(-1) & any_match, score, 0.0)
 
 
 _BLEU_COLUMNS = tuple(f"match{n}" for n in range(1, 5)) + tuple(
