@@ -87,7 +87,7 @@ def _add_run_options(parser: argparse.ArgumentParser, trainable_only: bool) -> N
                         help="bible: source (English) word vocabulary (default 2000)")
     parser.add_argument("--target-vocab-size", type=_positive,
                         help="bible: target (Spanish) word vocabulary; the exact modes pay "
-                        "for it at every source position (default 500)")
+                        "for it at every source position (default 400)")
     parser.add_argument("--eval-size", type=_positive,
                         help="test examples to evaluate (default: the whole test split)")
     parser.add_argument("--dev-size", type=_positive,

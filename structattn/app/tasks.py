@@ -188,7 +188,7 @@ class BibleTask(Seq2SeqTask):
     The exact modes evaluate the emission softmax at every (target, source) pair, so their cost
     per step grows with ``source length x target length x target vocabulary``.  The defaults
     keep them within 4x of soft attention per step on a CPU: training verses of at most 16
-    tokens a side, 2,000 English words and 500 Spanish words (the emission's softmax is over
+    tokens a side, 2,000 English words and 400 Spanish words (the emission's softmax is over
     the Spanish side only), batches of 32 (dev and test verses are never filtered).
     """
 
@@ -200,7 +200,7 @@ class BibleTask(Seq2SeqTask):
         for kind in ("aer", "precision", "recall"))
     has_gold_links = True
     defaults = {"steps": 3000, "batch_size": 32, "max_length": 16, "vocab_size": 2000,
-                "target_vocab_size": 500,
+                "target_vocab_size": 400,
                 "dev_every": 250, "dev_size": 200, "eval_size": None, "beam_size": 3}
     quick = {"steps": 300, "dev_every": 100, "dev_size": 100, "eval_size": 200}
 
