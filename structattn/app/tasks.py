@@ -199,7 +199,7 @@ class BibleTask(Seq2SeqTask):
                                             "posterior_marginals")
         for kind in ("aer", "precision", "recall"))
     has_gold_links = True
-    defaults = {"steps": 3000, "batch_size": 32, "max_length": 16, "vocab_size": 2000,
+    defaults = {"steps": 1500, "batch_size": 32, "max_length": 16, "vocab_size": 2000,
                 "target_vocab_size": 400,
                 "dev_every": 250, "dev_size": 200, "eval_size": None, "beam_size": 3}
     quick = {"steps": 300, "dev_every": 100, "dev_size": 100, "eval_size": 200}
