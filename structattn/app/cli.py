@@ -68,7 +68,7 @@ def _add_run_options(parser: argparse.ArgumentParser, trainable_only: bool) -> N
                         help="; ".join(f"'{n}': {d}" for n, d in tasks.items())
                         + " (default g2p)")
     parser.add_argument("--steps", type=_positive, help="training steps per mode "
-                        "(default: the task's; g2p and bible 3000)")
+                        "(default: g2p 3000, bible 1500)")
     parser.add_argument("--batch-size", type=_positive,
                         help="training batch size (default: g2p 64, bible 32)")
     parser.add_argument("--hidden", type=_positive, help="hidden size, even (default 128)")
