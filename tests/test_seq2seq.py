@@ -223,11 +223,12 @@ def test_quick_g2p_compare_writes_valid_results(tmp_path):
         ]
     )
     assert code == 0
-    rows = json.loads((tmp_path / "results.json").read_text())
-    assert [row["mode"] for row in rows] == ["soft", "marginal"]
-    for row in rows:
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert [run["mode"] for run in runs] == ["soft", "marginal"]
+    for run in runs:
+        row = run["metrics"]
         assert row["ppl"] > 1 and 0 <= row["wer"] <= 1 and 0 <= row["per"]
-        assert row["seconds"] > 0
+        assert run["train_seconds"] > 0
     assert (tmp_path / "g2p_example0.png").stat().st_size > 1000
 
 
@@ -303,8 +304,8 @@ def test_bible_compare_reports_alignment_error_rates(tmp_path):
                  "--beam-size", "1", "--hidden", "8", "--embed-dim", "4", "--batch-size", "4",
                  "--modes", "soft,marginal", "--out", str(tmp_path), "--no-progress"])
     assert code == 0
-    rows = json.loads((tmp_path / "results.json").read_text())
-    for row in rows:
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    for row in (run["metrics"] for run in runs):
         for key in ("aer_prior_argmax", "aer_posterior_map", "aer_posterior_marginals",
                     "precision_posterior_map", "recall_posterior_map"):
             assert 0.0 <= row[key] <= 1.0

@@ -1,116 +1,169 @@
-"""Command line: ``structattn compare | train | eval | plot``."""
+"""Command line: ``structattn compare | train | eval | plot``.
+
+Heavy modules (torch, pyro, the models) are imported only by the command that runs, so
+``structattn --help`` answers at once.  Options left unset take the task's defaults
+(:mod:`structattn.app.tasks`); ``--quick`` fills only options the user did not give.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
-import torch
-
-from structattn.app.compare_copy import COPY_MODES, compare_copy
-from structattn.app.training.errors import RunDirectoryError
-from structattn.models.seq2seq import MODES
-
 __all__ = ["build_parser", "main"]
 
-DEFAULT_MODES = ("soft", "marginal", "variational-enum", "hard-score")
-# --quick: a budget that finishes the default comparison in a few minutes on 2 CPU cores
-QUICK = {"steps": 300, "max_train": 20000, "eval_size": 300, "beam_size": 3}
+COMMANDS = {
+    "compare": "train several attention modes with the same budget and compare them",
+    "train": "train one mode, with checkpoints and --resume",
+    "eval": "evaluate a checkpoint written by 'train' or 'compare'",
+    "plot": "draw alignment heatmaps of a checkpoint",
+}
+# Run options every seq2seq task reads; None = the task's default.
+_RUN_KEYS = ("steps", "batch_size", "hidden", "embed_dim", "dropout", "lr", "num_samples",
+             "temperature", "max_train", "max_length", "vocab_size", "target_vocab_size",
+             "eval_size", "dev_size",
+             "dev_every", "beam_size", "seed", "device")
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from err
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
 
 
+def _device(text: str) -> str:
+    if not _DEVICE.match(text):
+        raise argparse.ArgumentTypeError(f"must be 'cpu', 'cuda' or 'cuda:N', got {text!r}")
+    return text
+
+
 def _modes(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
-    known = set(MODES) | set(COPY_MODES)
-    unknown = sorted(set(modes) - known)
-    if not modes or unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown mode(s) {unknown or text!r}; seq2seq modes: {', '.join(MODES)}; "
-            f"copy task: {', '.join(COPY_MODES)}"
-        )
+    if not modes:
+        raise argparse.ArgumentTypeError(f"no mode named in {text!r}")
+    if len(set(modes)) != len(modes):
+        raise argparse.ArgumentTypeError(f"a mode is repeated in {text!r}")
     return modes
 
 
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", choices=["g2p", "bible", "copy"], default="g2p",
-                        help="'g2p': grapheme-to-phoneme on cmudict (default); 'bible': "
-                        "English->Spanish Bible verses with Strong's-number reference links "
-                        "(needs the Debian packages sword-text-kjv and sword-text-sparv); "
-                        "'copy': the aligned-copy toy task")
-    parser.add_argument("--steps", type=_positive, default=None,
-                        help="training steps per mode (default 3000; copy task 400)")
-    parser.add_argument("--batch-size", type=_positive, default=None,
-                        help="training batch size (default 64; copy task 32)")
-    parser.add_argument("--hidden", type=_positive, default=None,
-                        help="hidden size, even (default 128; copy task 64)")
-    parser.add_argument("--embed-dim", type=_positive, default=64,
-                        help="embedding size (seq2seq tasks, default 64)")
-    parser.add_argument("--dropout", type=float, default=0.1,
-                        help="dropout (seq2seq tasks, default 0.1)")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="Adam learning rate (default 2e-3; copy task 3e-3)")
-    parser.add_argument("--num-samples", type=_positive, default=4,
+def _tasks(trainable_only: bool) -> dict[str, str]:
+    from structattn.app.tasks import TASKS
+
+    return {name: cls.description for name, cls in TASKS.items()
+            if cls.trainable or not trainable_only}
+
+
+def _add_run_options(parser: argparse.ArgumentParser, trainable_only: bool) -> None:
+    tasks = _tasks(trainable_only)
+    parser.add_argument("--task", choices=sorted(tasks), default="g2p",
+                        help="; ".join(f"'{n}': {d}" for n, d in tasks.items())
+                        + " (default g2p)")
+    parser.add_argument("--steps", type=_positive, help="training steps per mode "
+                        "(default: g2p 3000, bible 1500)")
+    parser.add_argument("--batch-size", type=_positive,
+                        help="training batch size (default: g2p 64, bible 32)")
+    parser.add_argument("--hidden", type=_positive, help="hidden size, even (default 128)")
+    parser.add_argument("--embed-dim", type=_positive, help="embedding size (default 64)")
+    parser.add_argument("--dropout", type=float, help="dropout (default 0.1)")
+    parser.add_argument("--lr", type=float, help="Adam learning rate (default 2e-3)")
+    parser.add_argument("--num-samples", type=_positive,
                         help="draws per query for the sampling estimators (default 4)")
-    parser.add_argument("--temperature", type=float, default=1.0,
+    parser.add_argument("--temperature", type=float,
                         help="Gumbel-softmax temperature of variational-st (default 1.0)")
-    parser.add_argument("--max-train", type=_positive, default=None,
+    parser.add_argument("--max-train", type=_positive,
                         help="use only the first N training examples (default: all)")
-    parser.add_argument("--max-length", type=_positive, default=40,
-                        help="bible: drop training verses longer than this (default 40)")
-    parser.add_argument("--vocab-size", type=_positive, default=8000,
-                        help="bible: word vocabulary size per language (default 8000)")
-    parser.add_argument("--eval-size", type=_positive, default=None,
-                        help="held-out examples to evaluate (default 1000; copy task 256)")
-    parser.add_argument("--beam-size", type=_positive, default=5,
-                        help="beam width for decoding; 1 is greedy (default 5)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--device", default="cpu",
-                        help="torch device: 'cpu' or 'cuda' (bf16 autocast on CUDA; default cpu)")
+    parser.add_argument("--max-length", type=_positive,
+                        help="bible: drop training verses longer than this (default 16)")
+    parser.add_argument("--vocab-size", type=_positive,
+                        help="bible: source (English) word vocabulary (default 2000)")
+    parser.add_argument("--target-vocab-size", type=_positive,
+                        help="bible: target (Spanish) word vocabulary; the exact modes pay "
+                        "for it at every source position (default 400)")
+    parser.add_argument("--eval-size", type=_positive,
+                        help="test examples to evaluate (default: the whole test split)")
+    parser.add_argument("--dev-size", type=_positive,
+                        help="dev examples for model selection (default: g2p 1000, bible 200)")
+    parser.add_argument("--dev-every", type=_positive,
+                        help="steps between dev evaluations (default 250)")
+    parser.add_argument("--beam-size", type=_positive,
+                        help="beam width for decoding; 1 is greedy (default: g2p 5, bible 3; "
+                        "g2p --quick 3)")
+    parser.add_argument("--seed", type=int, help="random seed (default 0)")
+    parser.add_argument("--device", type=_device, default="cpu",
+                        help="'cpu' or 'cuda[:N]' (bf16 autocast on CUDA; default cpu)")
     parser.add_argument("--threads", type=_positive, default=1,
                         help="torch CPU threads (default 1; more thrash on small machines)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="hide progress bars and dev lines (result rows are always printed)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _modes_help() -> str:
+    from structattn.app.compare import mode_descriptions
+
+    described = mode_descriptions()
+    return ("comma-separated modes (default soft,marginal,variational-enum,hard-score); "
+            + "; ".join(f"'{name}': {text}" if text else f"'{name}'"
+                        for name, text in described.items())
+            + "; copy task: soft, marginal")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; with ``command`` only that sub-command gets its options.
+
+    Building a sub-command's options reads the task and mode registries (which import torch);
+    the top-level parser without ``command`` imports nothing heavy.
+    """
     parser = argparse.ArgumentParser(
         prog="structattn",
         description="Attention as a latent alignment: train, evaluate and compare soft and "
         "hard alignments on real data that ships inside packages.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = {name: commands.add_parser(name, help=text) for name, text in COMMANDS.items()}
+    if command in subparsers:
+        {"compare": _compare_options, "train": _train_options, "eval": _eval_options,
+         "plot": _plot_options}[command](subparsers[command])
+    return parser
 
-    compare = commands.add_parser(
-        "compare", help="train several attention modes with the same budget and compare them",
-        description="Train each mode with the same data, seed and budget; print one table "
-        "row per mode; with --out write results.json and heatmaps of the same held-out "
-        "examples (attention next to the exact hard-attention posterior).",
-    )
-    _add_run_options(compare)
-    compare.add_argument("--modes", type=_modes, default=None,
-                         help=f"comma-separated modes (default {','.join(DEFAULT_MODES)}; "
-                         f"all: {','.join(MODES)}; copy task: {','.join(COPY_MODES)})")
+
+def _compare_options(compare: argparse.ArgumentParser) -> None:
+    compare.description = (
+        "Train each mode with the same data, seeds and budget; keep each run's best-dev "
+        "parameters; score the whole test split; print every metric with a 95% bootstrap "
+        "interval, each mode's paired test against soft attention and the best mode per "
+        "metric; with --out write results.json (configuration, versions, per-example scores) "
+        "and figures.")
+    _add_run_options(compare, trainable_only=False)
+    compare.add_argument("--modes", type=_modes, default=None, help=_modes_help())
+    compare.add_argument("--seeds", type=_positive, default=1,
+                         help="training seeds per mode (default 1); the table adds the mean "
+                         "and standard deviation across seeds")
+    compare.add_argument("--resamples", type=_positive, default=1000,
+                         help="bootstrap and permutation resamples (default 1000)")
     compare.add_argument("--quick", action="store_true",
-                         help="a short run: 300 steps, 20k training words, 300 evaluation "
-                         "examples, beam 3 (copy task: 60 steps)")
+                         help="a short run for options you did not set: 300 steps, beam 3, "
+                         "1000 test words (g2p) / 200 verses (bible); copy task 60 steps")
     compare.add_argument("--out", type=Path, default=None,
-                         help="folder for results.json, heatmaps and checkpoints")
+                         help="folder for results.json, figures and checkpoints")
 
-    train = commands.add_parser(
-        "train", help="train one mode, with checkpoints and --resume",
-        description="Train one attention mode; checkpoints are written atomically to --out "
-        "every --checkpoint-every steps and at the end; --resume continues exactly.",
-    )
-    _add_run_options(train)
-    train.add_argument("--mode", choices=MODES, default="soft", help="attention mode")
+
+def _train_options(train: argparse.ArgumentParser) -> None:
+    from structattn.models.seq2seq import MODES
+
+    train.description = ("Train one attention mode; checkpoints are written atomically to "
+                         "--out every --checkpoint-every steps and at the end; --resume "
+                         "continues exactly.")
+    _add_run_options(train, trainable_only=True)
+    train.add_argument("--mode", choices=list(MODES), default="soft", help="attention mode")
     train.add_argument("--out", type=Path, required=True,
                        help="folder for checkpoint.pt and metrics.json")
     train.add_argument("--checkpoint-every", type=_positive, default=500,
@@ -121,128 +174,152 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --resume: continue even if settings (mode, lr, seed, batch "
                        "size, ...) differ from the checkpoint's (refused otherwise)")
 
-    evaluate = commands.add_parser(
-        "eval", help="evaluate a checkpoint written by 'train'",
-        description="Load a checkpoint and print its metrics on a split.")
+
+def _eval_options(evaluate: argparse.ArgumentParser) -> None:
+    evaluate.description = "Load a checkpoint and print its metrics on a split."
     evaluate.add_argument("checkpoint", type=Path, help="path to checkpoint.pt")
     evaluate.add_argument("--split", choices=["dev", "test"], default="test",
                           help="split to evaluate (default test)")
     evaluate.add_argument("--eval-size", type=_positive, default=None,
-                          help="number of examples (default: as trained)")
+                          help="number of examples (default: the whole split)")
     evaluate.add_argument("--beam-size", type=_positive, default=None,
                           help="beam width (default: as trained)")
-    evaluate.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    evaluate.add_argument("--device", type=_device, default="cpu",
+                          help="torch device (default cpu)")
+    evaluate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
-    plot = commands.add_parser(
-        "plot", help="draw alignment heatmaps of a checkpoint",
-        description="Load a checkpoint and draw attention and posterior heatmaps of the first "
-        "held-out examples.")
+
+def _plot_options(plot: argparse.ArgumentParser) -> None:
+    plot.description = ("Load a checkpoint and draw attention and posterior heatmaps of "
+                        "held-out examples.")
     plot.add_argument("checkpoint", type=Path, help="path to checkpoint.pt")
     plot.add_argument("--out", type=Path, required=True, help="folder for the PNG files")
     plot.add_argument("--count", type=_positive, default=2, help="examples to draw (default 2)")
-    plot.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    return parser
+    plot.add_argument("--device", type=_device, default="cpu",
+                      help="torch device (default cpu)")
 
 
-def _seq2seq_config(args, mode: str):
+def _given(args: argparse.Namespace) -> dict:
+    return {key: getattr(args, key, None) for key in _RUN_KEYS}
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from structattn.app.tasks import Seq2SeqTask, get_task
+
+    task = get_task(args.task)
+    options = task.options(_given(args), quick=args.quick)
+    modes = args.modes or list(task.default_modes())
+    if not isinstance(task, Seq2SeqTask):
+        from structattn.app.compare_copy import compare_copy
+
+        compare_copy(argparse.Namespace(modes=modes, out=args.out, **options),
+                     progress=not args.no_progress)
+        return 0
+    from structattn.app.compare import compare_modes
     from structattn.app.experiment import ExperimentConfig
 
-    return ExperimentConfig(
-        task=args.task, mode=mode, steps=args.steps or 3000, batch_size=args.batch_size or 64,
-        embed_dim=args.embed_dim, hidden=args.hidden or 128, dropout=args.dropout,
-        lr=args.lr or 2e-3, num_samples=args.num_samples, temperature=args.temperature,
-        max_train=args.max_train, max_length=args.max_length, eval_size=args.eval_size or 1000,
-        beam_size=args.beam_size, seed=args.seed, device=args.device,
-        vocab_size=args.vocab_size,
-        checkpoint_every=getattr(args, "checkpoint_every", None),
-    )
-
-
-def _compare(args) -> int:
-    if args.task == "copy":
-        modes = args.modes or list(COPY_MODES)
-        if set(modes) - set(COPY_MODES):
-            print(f"error: the copy task has modes {', '.join(COPY_MODES)}", file=sys.stderr)
-            return 2
-        steps, eval_size = args.steps or 400, args.eval_size or 256
-        if args.quick:
-            steps, eval_size = min(steps, 60), min(eval_size, 64)
-        copy_args = argparse.Namespace(
-            modes=modes, steps=steps, batch_size=args.batch_size or 32, length=20, vocab=50,
-            hidden=args.hidden or 64, noise=0.1, lr=args.lr or 3e-3, eval_size=eval_size,
-            seed=args.seed, device=args.device, out=args.out,
-        )
-        compare_copy(copy_args, progress=not args.no_progress)
-        return 0
-    from structattn.app.experiment import compare_modes
-
-    modes = args.modes or list(DEFAULT_MODES)
-    bad = sorted(set(modes) - set(MODES))
-    if bad:
-        print(f"error: {bad} are not seq2seq modes ({', '.join(MODES)})", file=sys.stderr)
-        return 2
-    if args.quick:
-        for key, value in QUICK.items():
-            if getattr(args, key) is None:
-                setattr(args, key, value)
-        args.beam_size = min(args.beam_size, QUICK["beam_size"])
-    compare_modes(_seq2seq_config(args, modes[0]), modes, args.out,
-                  progress=not args.no_progress)
+    config = ExperimentConfig.from_options({**options, "task": args.task, "mode": modes[0]})
+    compare_modes(config, modes, args.out, seeds=args.seeds, progress=not args.no_progress,
+                  resamples=args.resamples)
     return 0
 
 
-def _train(args) -> int:
-    from structattn.app.experiment import evaluate_mode, load_task, train_mode
+def _train(args: argparse.Namespace) -> int:
+    from structattn.app.evaluation import evaluate_mode
+    from structattn.app.experiment import ExperimentConfig, load_task, train_mode
+    from structattn.app.tasks import get_task
 
-    if args.task == "copy":
-        print("error: 'train' runs the seq2seq tasks (g2p, bible)", file=sys.stderr)
-        return 2
-    config = _seq2seq_config(args, args.mode)
+    options = get_task(args.task).options(_given(args))
+    config = ExperimentConfig.from_options({**options, "task": args.task, "mode": args.mode,
+                                            "checkpoint_every": args.checkpoint_every})
     data = load_task(config)
-    model, timing = train_mode(config, data, args.out, resume=args.resume,
-                               allow_config_change=args.allow_config_change,
-                               progress=not args.no_progress)
+    model, trained = train_mode(config, data, args.out, resume=args.resume,
+                                allow_config_change=args.allow_config_change,
+                                progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 evaluates
         return 0
-    metrics = {"mode": config.mode, **evaluate_mode(model, config, data, "dev"), **timing}
+    evaluation = evaluate_mode(model, config, data, "dev", progress=not args.no_progress)
+    metrics = {"mode": config.mode, "split": "dev", **evaluation.metrics,
+               "best_step": trained.best_step, "seconds": trained.seconds,
+               "ms_per_step": trained.ms_per_step, "dev_curve": trained.dev_curve}
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics, indent=2))
     return 0
 
 
-def _eval(args) -> int:
-    from structattn.app.experiment import evaluate_mode, load_model
+def _eval(args: argparse.Namespace) -> int:
+    from structattn.app.evaluation import evaluate_mode
+    from structattn.app.experiment import load_model
 
     model, config, data = load_model(args.checkpoint, args.device)
-    if args.eval_size:
-        config.eval_size = args.eval_size
+    config.eval_size = args.eval_size
     if args.beam_size:
         config.beam_size = args.beam_size
-    metrics = {"mode": config.mode, "split": args.split,
-               **evaluate_mode(model, config, data, args.split)}
-    print(json.dumps(metrics, indent=2))
+    evaluation = evaluate_mode(model, config, data, args.split, progress=not args.no_progress)
+    print(json.dumps({"mode": config.mode, "split": args.split, **evaluation.metrics},
+                     indent=2))
     return 0
 
 
-def _plot(args) -> int:
-    from structattn.app.experiment import load_model, plot_examples
+def _plot(args: argparse.Namespace) -> int:
+    from structattn.app.evaluation import evaluate_mode
+    from structattn.app.experiment import load_model
+    from structattn.app.plots import plot_alignments
+    from structattn.app.tasks import get_task
 
     model, config, data = load_model(args.checkpoint, args.device)
-    for path in plot_examples({config.mode: model}, config, data, args.out, count=args.count):
+    task = get_task(config.task)
+    examples = [ex for ex in data.test if len(ex.source) <= 24 and len(ex.target) <= 24]
+    examples = examples[:args.count]
+    evaluation = evaluate_mode(model, config, data, examples=examples)
+    for index, example in enumerate(examples):
+        gold = {(s, t) for s, t in example.sure} if getattr(task, "has_gold_links", False) \
+            else None
+        path = plot_alignments(
+            {f"{config.mode}: attention p(z|x,y<t)": evaluation.attention[index],
+             f"{config.mode}: posterior p(z|x,y)": evaluation.posterior[index]},
+            args.out / f"{config.task}_example{index}.png", source=list(example.source),
+            target=list(example.target) + ["</s>"],
+            title=f"{config.task} '{task.label(example)}': rows = reference target",
+            gold=gold, target_label="reference target",
+            captions=[f"reference  : {' '.join(example.target)}",
+                      f"beam output: {' '.join(evaluation.hypotheses[index])}"])
         print(f"wrote {path}")
     return 0
 
 
+def _command(argv: list[str]) -> str | None:
+    """The sub-command named in ``argv`` (the first word that is not an option)."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if hasattr(args, "threads"):
-        torch.set_num_threads(args.threads)
+    """Run the command line; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command(argv))
+    args = parser.parse_args(argv)
+    if args.command == "compare" and args.modes:
+        from structattn.app.tasks import get_task
+
+        available = get_task(args.task).modes()
+        unknown = [mode for mode in args.modes if mode not in available]
+        if unknown:
+            parser.error(f"--modes {','.join(unknown)}: not a mode of task {args.task!r} "
+                         f"(its modes: {', '.join(available)})")
+    import torch
+
+    torch.set_num_threads(getattr(args, "threads", 1))
     if getattr(args, "hidden", None) and args.hidden % 2:
         print("error: --hidden must be even", file=sys.stderr)
         return 2
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda requested but no CUDA device is available", file=sys.stderr)
         return 2
+    from structattn.app.training.errors import RunDirectoryError
+
     try:
         handler = {"compare": _compare, "train": _train, "eval": _eval, "plot": _plot}
         return handler[args.command](args)

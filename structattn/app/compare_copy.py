@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from structattn.data.copy import aligned_copy_batch
-from structattn.app.experiment import format_results
-from structattn.models.toy import AlignedCopyModel
+from structattn.app.compare import format_rows
 from structattn.app.plots import plot_alignments
+from structattn.data.copy import aligned_copy_batch
+from structattn.models.toy import AlignedCopyModel
 
 __all__ = ["COPY_MODES", "compare_copy"]
 
@@ -78,7 +78,7 @@ def compare_copy(args, progress: bool = True) -> list[dict]:
         rows.append({"mode": mode, **metrics, "ms_per_step": 1000 * seconds,
                      "seconds": seconds * args.steps})
         examples[mode] = example
-    print(format_results(rows, ["soft_nll", "marginal_nll", "align_acc_soft_argmax",
+    print(format_rows(rows, ["soft_nll", "marginal_nll", "align_acc_soft_argmax",
                                 "align_acc_posterior_map", "ms_per_step"]))
     print("\nalignment of one held-out example (true: target t reads source t)")
     for mode, example in examples.items():

@@ -1,56 +1,55 @@
-"""Seq2seq experiments on real data: train one attention mode, evaluate it, compare modes.
+"""One seq2seq run: its configuration, the model, training with dev-set model selection.
 
 A run is described by an :class:`ExperimentConfig`; :func:`train_mode` trains one mode with
-the shared :class:`~structattn.app.train.Trainer` (atomic checkpoints, exact resume, bf16 on CUDA,
-DDP under ``torchrun``), :func:`evaluate_mode` scores it (perplexity; WER/PER for G2P, BLEU and
-alignment error rate against the Strong's links for the Bible), and :func:`compare_modes`
-does both for several modes with the same data, seed and budget, then writes
-``results.json`` and heatmaps of the same held-out examples for every mode.
+the shared :class:`~structattn.app.train.Trainer`, evaluates the dev perplexity every
+``dev_every`` steps (the curve is kept) and returns the model with the parameters of the best
+dev evaluation; :func:`load_model` rebuilds a model from a checkpoint.  Scoring lives in
+:mod:`structattn.app.evaluation`, the comparison of several modes in :mod:`structattn.app.compare`.
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from structattn.app.tasks import TASKS, Seq2SeqTask, TaskData, get_task
+from structattn.app.train import Trainer, read_checkpoint
 from structattn.data.batching import Seq2SeqBatches, collate_seq2seq
 from structattn.data.vocab import Vocab
-from structattn.app.metrics import (
-    alignment_error_rate,
-    attention_to_links,
-    bleu,
-    perplexity,
-    phoneme_error_rate,
-    word_error_rate,
-)
 from structattn.models.seq2seq import MODES, Seq2Seq
-from structattn.app.train import Trainer, read_checkpoint
-from structattn.app.plots import plot_alignments
 
 __all__ = [
     "ExperimentConfig",
-    "TaskData",
-    "compare_modes",
-    "evaluate_mode",
-    "format_results",
+    "TrainResult",
+    "build_model",
+    "dev_log_likelihood",
+    "eval_batches",
     "load_model",
     "load_task",
-    "plot_examples",
     "train_mode",
 ]
 
-TASKS = ("g2p", "bible")
+
+#: settings a resumed run may change (run length, evaluation, device); any other difference
+#: is refused unless ``allow_config_change``
+_MAY_CHANGE = frozenset({"steps", "eval_size", "dev_size", "dev_every", "beam_size", "device",
+                         "checkpoint_every"})
 
 
 @dataclass
 class ExperimentConfig:
-    """Everything that defines a run (stored in checkpoints, so plain data only)."""
+    """Everything that defines a run (stored in checkpoints and results, so plain data only).
+
+    ``eval_size=None`` evaluates the whole test split; ``dev_size=None`` the whole dev split;
+    ``target_vocab_size=None`` uses ``vocab_size`` on both sides.
+    """
 
     task: str = "g2p"
     mode: str = "soft"
@@ -65,53 +64,74 @@ class ExperimentConfig:
     temperature: float = 1.0
     max_train: int | None = None
     max_length: int | None = 40
-    eval_size: int = 1000
+    eval_size: int | None = None
+    dev_size: int | None = 1000
+    dev_every: int = 250
     beam_size: int = 5
     seed: int = 0
     device: str = "cpu"
     checkpoint_every: int | None = None
     vocab_size: int = 8000
+    target_vocab_size: int | None = None
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.task not in TASKS or not issubclass(TASKS[self.task], Seq2SeqTask):
+            seq2seq = sorted(n for n, t in TASKS.items() if issubclass(t, Seq2SeqTask))
+            raise ValueError(f"task must be one of {seq2seq}, got {self.task!r}")
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        for name in ("steps", "batch_size", "eval_size", "beam_size", "hidden", "embed_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            raise ValueError(f"mode must be one of {tuple(MODES)}, got {self.mode!r}")
+        for name in ("steps", "batch_size", "beam_size", "hidden", "embed_dim", "dev_every",
+                     "vocab_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("eval_size", "dev_size", "max_train", "max_length", "checkpoint_every",
+                     "target_vocab_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if self.hidden % 2:
+            raise ValueError(f"hidden must be even (bidirectional encoder), got {self.hidden}")
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> ExperimentConfig:
+        """A config from resolved options, ignoring keys that are not config fields."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in options.items() if key in names})
+
+    def replace(self, **changes: Any) -> ExperimentConfig:
+        """A copy with ``changes`` applied (validated again)."""
+        return ExperimentConfig(**{**asdict(self), **changes})
 
 
 @dataclass
-class TaskData:
-    """A task's splits, vocabularies and references."""
+class TrainResult:
+    """What :func:`train_mode` returns besides the model.
 
-    name: str
-    train: Any
-    dev: Any
-    test: Any
-    source_vocab: Vocab
-    target_vocab: Vocab
-    sizes: dict[str, int] = field(default_factory=dict)
+    Attributes:
+        seconds: wall time of training, dev evaluations included.
+        ms_per_step: milliseconds per training step, dev evaluations excluded.
+        objective: what the mode minimised (its training loss per target token) at the end,
+            averaged over the last logging window; see ``objective_name`` in the results.
+        best_step: the step whose parameters are returned (best dev perplexity).
+        dev_curve: ``[{"step", "ppl"}, ...]`` every dev evaluation.
+        dev_seconds: wall time of the dev evaluations.
+    """
+
+    seconds: float
+    ms_per_step: float
+    objective: float
+    best_step: int
+    dev_curve: list[dict[str, float]] = field(default_factory=list)
+    dev_seconds: float = 0.0
 
 
 def load_task(config: ExperimentConfig) -> TaskData:
-    """Load the task's data from installed packages (nothing is downloaded)."""
-    if config.task == "g2p":
-        from structattn.data.g2p import load_g2p
-
-        splits = load_g2p(max_train=config.max_train)
-        vocab_kwargs: dict[str, Any] = {}
-    else:
-        from structattn.data.bible import load_bible
-
-        splits = load_bible(max_train=config.max_train, max_length=config.max_length,
-                            lowercase=True)
-        vocab_kwargs = {"max_size": config.vocab_size}
-    source_vocab = Vocab.build([ex.source for ex in splits.train], **vocab_kwargs)
-    target_vocab = Vocab.build([ex.target for ex in splits.train], **vocab_kwargs)
-    return TaskData(config.task, splits.train, splits.dev, splits.test, source_vocab,
-                    target_vocab, splits.sizes)
+    """Load the data of ``config.task`` (from installed packages; nothing is downloaded)."""
+    task = get_task(config.task)
+    assert isinstance(task, Seq2SeqTask)  # guaranteed by ExperimentConfig validation
+    return task.load(config)
 
 
 def build_model(config: ExperimentConfig, data: TaskData) -> Seq2Seq:
@@ -126,41 +146,125 @@ def build_model(config: ExperimentConfig, data: TaskData) -> Seq2Seq:
     )
 
 
+def eval_batches(examples: Sequence[Any], data: TaskData, batch_size: int, device: str):
+    """Batches of ``examples`` in order; ``batch.indices`` are positions in ``examples``."""
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        indices = list(range(start, start + len(chunk)))
+        yield collate_seq2seq(chunk, data.source_vocab, data.target_vocab, indices).to(device)
+
+
+@torch.no_grad()
+def dev_log_likelihood(model: Seq2Seq, examples: Sequence[Any], data: TaskData,
+                       batch_size: int, device: str) -> tuple[float, int]:
+    """Summed ``log p(y | x)`` of ``examples`` under the model, and the target token count."""
+    total, tokens = 0.0, 0
+    for batch in eval_batches(examples, data, batch_size, device):
+        total += float(model.log_likelihood(batch).sum())
+        tokens += int(batch.target_mask[:, 1:].sum())
+    return total, tokens
+
+
+def _sorted_by_length(examples: Sequence[Any]) -> list[Any]:
+    # similar lengths together: less padding, and the exact modes' cost tracks real sizes
+    return sorted(examples, key=lambda ex: (len(ex.source), len(ex.target)))
+
+
 def train_mode(
     config: ExperimentConfig,
     data: TaskData,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    report: Callable[[str], None] | None = None,
     allow_config_change: bool = False,
-) -> tuple[Seq2Seq, dict[str, float]]:
-    """Train one mode; returns the model and ``{"seconds", "ms_per_step", "final_loss"}``."""
+) -> tuple[Seq2Seq, TrainResult]:
+    """Train one mode, selecting the parameters with the best dev perplexity.
+
+    Args:
+        config: the run.
+        data: the task's data.
+        checkpoint_dir: where the trainer writes ``checkpoint.pt`` (the last step, for resume).
+        resume: continue from ``checkpoint_dir/checkpoint.pt``.
+        progress: show a bar over the step budget.
+        report: receives one line per dev evaluation (default: printed above the bar when
+            ``progress``, silent otherwise).
+        allow_config_change: with ``resume``, continue even if the checkpoint was written with
+            other settings (refused otherwise, listing the differences).
+    """
+    from tqdm.auto import tqdm
+
     model = build_model(config, data)
     batches = Seq2SeqBatches(data.train, data.source_vocab, data.target_vocab,
                              config.batch_size, seed=config.seed)
+    dev = _sorted_by_length(list(data.dev)[:config.dev_size])
     extra = {"config": asdict(config), "source_vocab": data.source_vocab.to_dict(),
              "target_vocab": data.target_vocab.to_dict()}
+    best: dict[str, Any] = {"ppl": math.inf, "step": 0, "state": None, "seconds": 0.0}
+    curve: list[dict[str, float]] = []
+    bar = tqdm(total=config.steps, desc=f"train {config.mode}", unit="step",
+               disable=not progress, dynamic_ncols=True, leave=False)
+    if report is None:
+        report = bar.write if progress else (lambda line: None)
+
+    def evaluate(trained: torch.nn.Module) -> dict[str, float]:
+        clock = time.perf_counter()
+        total, tokens = dev_log_likelihood(trained, dev, data, 2 * config.batch_size,
+                                           config.device)
+        ppl = math.exp(min(-total / max(tokens, 1), 709.0))
+        improved = ppl < best["ppl"]
+        if improved:  # the step is read from the log record that follows this call
+            best.update(ppl=ppl, state=copy.deepcopy(trained.state_dict()))
+        best["seconds"] += time.perf_counter() - clock
+        return {"ppl": ppl, "improved": float(improved)}
+
+    def log(record: dict[str, Any]) -> None:
+        if record["kind"] == "train":
+            bar.update(record["step"] - bar.n)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+        else:
+            curve.append({"step": record["step"], "ppl": record["ppl"]})
+            if record["improved"]:
+                best["step"] = record["step"]
+            report(f"  dev step {record['step']:>6}: ppl {record['ppl']:.3f}"
+                   + ("  (best so far)" if record["improved"] else ""))
+
     trainer = Trainer(
         model, lambda params: torch.optim.Adam(params, lr=config.lr), batches,
         max_steps=config.steps, checkpoint_dir=checkpoint_dir,
         checkpoint_every=config.checkpoint_every if checkpoint_dir else None,
         resume=resume, device=config.device, grad_clip=config.grad_clip, seed=config.seed,
-        progress=progress, extra=extra, find_unused_parameters=True,
+        progress=False, extra=extra, find_unused_parameters=True, log_fn=log, log_every=10,
+        eval_fn=evaluate, eval_every=config.dev_every,
         # Resuming with other settings is refused; run length, evaluation and device may change.
-        config={key: value for key, value in asdict(config).items() if key not in
-                ("steps", "eval_size", "beam_size", "device", "checkpoint_every")},
+        config={key: value for key, value in asdict(config).items() if key not in _MAY_CHANGE},
         allow_config_change=allow_config_change,
     )
     start = time.perf_counter()
-    summary = trainer.fit()
+    try:
+        summary = trainer.fit()
+    finally:
+        bar.close()
     seconds = time.perf_counter() - start
-    return trainer.model, {"seconds": seconds,
-                           "ms_per_step": 1000 * seconds / max(1, config.steps),
-                           "final_loss": summary.loss}
+    trained = trainer.model
+    if best["state"] is not None:
+        trained.load_state_dict(best["state"])
+    trained.eval()
+    steps = max(1, summary.step)
+    return trained, TrainResult(seconds, 1000 * (seconds - best["seconds"]) / steps,
+                                summary.loss, best["step"], curve, best["seconds"])
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[Seq2Seq, ExperimentConfig, TaskData]:
-    """Rebuild a trained model from a checkpoint written by :func:`train_mode`."""
+    """Rebuild a trained model from a checkpoint written by :func:`train_mode`.
+
+    Raises:
+        ValueError: ``path`` is not a checkpoint (for example a ``results.json``).
+    """
+    path = Path(path)
+    if path.is_file() and _starts_like_json(path):
+        raise ValueError(f"{path} is a JSON file (results of 'compare'?), not a checkpoint; "
+                         "pass OUT/checkpoints/MODE/checkpoint.pt")
     state = read_checkpoint(path, map_location=device)
     extra = state.get("extra") or {}
     if "config" not in extra or "source_vocab" not in extra:
@@ -178,137 +282,6 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[Seq2Seq, Experime
     return model.to(device), config, data
 
 
-def _eval_batches(examples, data: TaskData, batch_size: int, device: str):
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        indices = list(range(start, start + len(chunk)))
-        yield collate_seq2seq(chunk, data.source_vocab, data.target_vocab, indices).to(device)
-
-
-@torch.no_grad()
-def evaluate_mode(
-    model: Seq2Seq, config: ExperimentConfig, data: TaskData, split: str = "test"
-) -> dict[str, float | None]:
-    """Perplexity, task metrics and alignment metrics on the first ``eval_size`` examples."""
-    model.eval()
-    examples = list(getattr(data, split))[:config.eval_size]
-    total_nll, tokens = 0.0, 0
-    hypotheses: list[list[str]] = []
-    predicted: dict[str, list[set]] = {"prior_argmax": [], "posterior_map": [],
-                                       "posterior_marginals": []}
-    for batch in _eval_batches(examples, data, config.batch_size, config.device):
-        total_nll -= float(model.log_likelihood(batch).sum())
-        tokens += batch.num_target_tokens
-        max_length = int(batch.target_mask.sum(-1).max()) + 10
-        for ids in model.beam_search(batch.source, batch.source_mask, config.beam_size,
-                                     max_length):
-            hypotheses.append(data.target_vocab.decode(ids))
-        if config.task == "bible":
-            found = model.alignments(batch)
-            for row in range(len(batch)):
-                source_mask = batch.source_mask[row]
-                # The Strong's links cover tagged words only: score the target words that
-                # have a reference link (eos and untagged words are not judged).
-                target_mask = torch.zeros_like(batch.target_mask[row, 1:])
-                linked = sorted({t for _, t in examples[int(batch.indices[row])].possible})
-                target_mask[linked] = True
-                for key, matrix, threshold in (("prior_argmax", found["prior"], None),
-                                               ("posterior_map", found["posterior"], None),
-                                               ("posterior_marginals", found["posterior"], 0.5)):
-                    predicted[key].append(attention_to_links(
-                        matrix[row], threshold=threshold, source_mask=source_mask,
-                        target_mask=target_mask))
-    result: dict[str, float | None] = {
-        "ppl": perplexity(total_nll, tokens) if tokens else math.nan,
-        "eval_examples": float(len(examples)),
-    }
-    if config.task == "g2p":
-        references = [list(ex.references) for ex in examples]
-        result["wer"] = word_error_rate(hypotheses, references)
-        result["per"] = phoneme_error_rate(hypotheses, references)
-    else:
-        result["bleu"] = bleu(hypotheses, [list(ex.target) for ex in examples])
-        sure = [set(ex.sure) for ex in examples]
-        possible = [set(ex.possible) for ex in examples]
-        for key, links in predicted.items():
-            scores = alignment_error_rate(links, sure, possible)
-            result[f"aer_{key}"] = scores.aer
-            result[f"precision_{key}"] = scores.precision
-            result[f"recall_{key}"] = scores.recall
-    return result
-
-
-@torch.no_grad()
-def plot_examples(
-    models: dict[str, Seq2Seq], config: ExperimentConfig, data: TaskData, out: Path,
-    count: int = 2, split: str = "test",
-) -> list[Path]:
-    """Heatmaps of the same held-out examples for every mode: attention next to posterior."""
-    examples = list(getattr(data, split))[:count]
-    paths = []
-    batch = collate_seq2seq(examples, data.source_vocab, data.target_vocab).to(config.device)
-    found = {mode: model.eval().alignments(batch) for mode, model in models.items()}
-    for row, example in enumerate(examples):
-        source_len = int(batch.source_mask[row].sum())
-        target_len = int(batch.target_mask[row, 1:].sum())
-        panels = {}
-        for key, label in (("prior", "attention"), ("posterior", "posterior")):
-            for mode, alignments in found.items():
-                panels[f"{mode}: {label}"] = alignments[key][row, :target_len, :source_len]
-        target = list(example.target) + ["</s>"]
-        path = out / f"{config.task}_example{row}.png"
-        plot_alignments(panels, path, source=list(example.source), target=target,
-                        title=f"{config.task}: attention (top) vs exact hard-attention "
-                        "posterior (bottom)", columns=len(found))
-        paths.append(path)
-    return paths
-
-
-def format_results(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
-    """A plain-text table, one line per mode (``rows`` hold a ``"mode"`` key).
-
-    ``columns``: metric keys to show, in order; default the usual seq2seq metrics present.
-    """
-    preferred = ["ppl", "wer", "per", "bleu", "aer_prior_argmax", "aer_posterior_map",
-                 "aer_posterior_marginals", "ms_per_step", "seconds"]
-    chosen = columns or [c for c in preferred if any(c in row for row in rows)]
-    columns = ["mode"] + chosen
-    width = {c: max(len(c), 9) for c in columns}
-    width["mode"] = max(len("mode"), *(len(row["mode"]) for row in rows))
-
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:.1f}" if abs(value) >= 100 else f"{value:.3f}"
-        return "-" if value is None else str(value)
-
-    lines = ["  ".join(c.ljust(width[c]) for c in columns)]
-    for row in rows:
-        lines.append("  ".join(cell(row.get(c)).ljust(width[c]) for c in columns))
-    return "\n".join(lines)
-
-
-def compare_modes(
-    base: ExperimentConfig, modes: list[str], out: Path | None, progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Train and evaluate every mode with the same data, seed and budget."""
-    data = load_task(base)
-    print(f"{base.task}: train {len(data.train)}, dev {len(data.dev)}, test {len(data.test)}; "
-          f"vocab {len(data.source_vocab)} -> {len(data.target_vocab)}; "
-          f"{base.steps} steps per mode")
-    rows, models = [], {}
-    for mode in modes:
-        config = ExperimentConfig(**{**asdict(base), "mode": mode})
-        checkpoint_dir = None if out is None else out / "checkpoints" / mode
-        model, timing = train_mode(config, data, checkpoint_dir, progress=progress)
-        metrics = evaluate_mode(model, config, data)
-        rows.append({"mode": mode, **metrics, **timing})
-        models[mode] = model
-        if progress:
-            print(format_results(rows[-1:]))
-    print(format_results(rows))
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(rows, indent=2))
-        paths = plot_examples(models, base, data, out)
-        print(f"wrote {out / 'results.json'} and {', '.join(str(p) for p in paths)}")
-    return rows
+def _starts_like_json(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(1) in (b"{", b"[")
