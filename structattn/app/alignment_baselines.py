@@ -20,6 +20,8 @@ __all__ = [
     "ALIGNMENT_BASELINES",
     "AlignmentBaseline",
     "DiagonalBaseline",
+    "HMMBaseline",
+    "IBM1Baseline",
     "register_alignment_baseline",
 ]
 
@@ -35,6 +37,10 @@ class AlignmentBaseline(abc.ABC):
     @abc.abstractmethod
     def align(self, example: Any) -> set[Link]:
         """One link per target position (or any set of links) of ``example``."""
+
+    def align_many(self, examples: Sequence[Any]) -> list[set[Link]]:
+        """Links of every example (override to batch the work)."""
+        return [self.align(example) for example in examples]
 
 
 #: baseline name -> class; the comparison fits and scores every entry on the Bible task
@@ -74,6 +80,59 @@ class DiagonalBaseline(AlignmentBaseline):
                 for t in range(target)}
 
 
-# IBM Model 1 and the HMM aligner (structattn.models.word_alignment) register here, each as an
-# AlignmentBaseline subclass whose fit() trains the model on the training verses and whose
-# align() returns its Viterbi links: @register_alignment_baseline("ibm1"), ("hmm").
+def _pairs(examples: Sequence[Any]) -> list[tuple[list[str], list[str]]]:
+    """``(source, target)`` token lists, lowercased (the aligners' vocabulary is not the
+    attention models' capped one: every training word gets a translation-table row)."""
+    return [([w.lower() for w in ex.source], [w.lower() for w in ex.target]) for ex in examples]
+
+
+class _WordAlignerBaseline(AlignmentBaseline):
+    """A :mod:`structattn.models.word_alignment` aligner trained by EM on the training
+    verses; links are the posterior links (probability >= ``threshold``)."""
+
+    epochs = 5
+    threshold = 0.5
+
+    def __init__(self) -> None:
+        self.aligner = None
+
+    @abc.abstractmethod
+    def train(self, pairs: list[tuple[list[str], list[str]]]) -> Any:
+        """The fitted aligner."""
+
+    def fit(self, train: Sequence[Any]) -> None:
+        self.aligner = self.train(_pairs(train))
+
+    def align(self, example: Any) -> set[Link]:
+        return self.align_many([example])[0]
+
+    def align_many(self, examples: Sequence[Any]) -> list[set[Link]]:
+        if self.aligner is None:
+            raise ValueError(f"{type(self).__name__}: call fit() before align()")
+        return self.aligner.align(_pairs(examples), decoding="posterior",
+                                  threshold=self.threshold)
+
+
+@register_alignment_baseline("ibm1")
+class IBM1Baseline(_WordAlignerBaseline):
+    """IBM Model 1 (Brown et al. 1993) with a NULL word, 5 EM epochs."""
+
+    def train(self, pairs):
+        from structattn.models.word_alignment import IBM1Aligner
+
+        return IBM1Aligner().fit(pairs, self.epochs)
+
+
+@register_alignment_baseline("hmm")
+class HMMBaseline(_WordAlignerBaseline):
+    """The HMM aligner (Vogel et al. 1996; NULL states after Och & Ney 2003), started from
+    5 epochs of IBM Model 1, then 5 of its own."""
+
+    def train(self, pairs):
+        from structattn.models.word_alignment import HMMAligner, IBM1Aligner
+
+        ibm1 = IBM1Aligner().fit(pairs, self.epochs)
+        hmm = HMMAligner()
+        hmm.source_vocab, hmm.target_vocab, hmm.log_t = (
+            ibm1.source_vocab, ibm1.target_vocab, ibm1.log_t)
+        return hmm.fit(pairs, self.epochs)

@@ -216,9 +216,9 @@ def _baselines(task: Seq2SeqTask, data: TaskData, examples: Sequence[Any]
         baseline = cls()
         baseline.fit(data.train)
         rows = []
-        for example in examples:
+        for example, found in zip(examples, baseline.align_many(examples), strict=True):
             mask = gold_target_mask(example, task, len(example.target) + 1)
-            links = {(s, t) for s, t in baseline.align(example) if bool(mask[t])}
+            links = {(s, t) for s, t in found if bool(mask[t])}
             rows.append(alignment_counts(links, set(example.sure), set(example.possible)))
         counts[name] = np.asarray(rows, dtype=np.float64)
     return counts
