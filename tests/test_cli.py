@@ -132,3 +132,18 @@ def test_parser_with_a_command_builds_only_that_command():
     assert parser.parse_args(["eval", "x.pt"]).split == "test"
     assert cli._command(["compare", "--quick"]) == "compare"
     assert cli._command(["--help"]) is None
+
+
+def test_top_level_help_imports_neither_torch_nor_the_library():
+    """``structattn --help`` must answer at once: the package loads its parts lazily."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from structattn.app.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'pyro', 'matplotlib') if m in sys.modules]\n"
+            "assert not heavy, heavy")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage: structattn" in result.stdout
