@@ -214,9 +214,28 @@ def test_bible_comparison_scores_modes_and_baselines_on_the_same_verses(tmp_path
             for kind in ("aer", "precision", "recall"):
                 cell = results["table"][mode][f"{kind}_{reading}"]
                 assert 0.0 <= cell["low"] <= cell["value"] <= cell["high"] <= 1.0
-    diagonal = results["baselines"]["diagonal"]
-    assert 0.0 <= diagonal["aer"]["value"] <= 1.0
+    for name in ("diagonal", "ibm1", "hmm"):
+        assert 0.0 <= results["baselines"][name]["aer"]["value"] <= 1.0, name
     assert (tmp_path / "bible_example0.png").exists()
+
+
+def test_transformer_comparison_reports_sparsity_and_learned_alphas(tmp_path, capsys):
+    config = ExperimentConfig(task="g2p", arch="transformer", steps=2, batch_size=4, hidden=16,
+                              max_train=40, eval_size=6, dev_size=4, dev_every=2, beam_size=1)
+    results = compare_modes(config, ["soft", "entmax-learned"], None, progress=False,
+                            resamples=100, plots=False)
+    runs = {run["mode"]: run for run in results["runs"]}
+    assert set(runs) == {"soft", "entmax-learned"}
+    learned = runs["entmax-learned"]["diagnostics"]
+    assert learned["alphas"] and all(1.0 < a < 2.0 for alphas in learned["alphas"].values()
+                                     for a in alphas)
+    assert all(0.0 <= share <= 1.0 for share in learned["attention_sparsity"].values())
+    assert runs["soft"]["diagnostics"]["alphas"] == {}
+    assert "alphas" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="arch 'transformer'"):
+        ExperimentConfig(task="g2p", arch="transformer", mode="variational-st")
+    with pytest.raises(ValueError, match="arch must be one of"):
+        ExperimentConfig(task="g2p", arch="lstm")
 
 
 def test_disagreement_is_the_mean_total_variation_distance():

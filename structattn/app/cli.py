@@ -26,7 +26,7 @@ COMMANDS = {
 _RUN_KEYS = ("steps", "batch_size", "hidden", "embed_dim", "dropout", "lr", "num_samples",
              "temperature", "max_train", "max_length", "vocab_size", "target_vocab_size",
              "eval_size", "dev_size",
-             "dev_every", "beam_size", "seed", "device")
+             "dev_every", "beam_size", "seed", "device", "arch")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
@@ -67,6 +67,11 @@ def _add_run_options(parser: argparse.ArgumentParser, trainable_only: bool) -> N
     parser.add_argument("--task", choices=sorted(tasks), default="g2p",
                         help="; ".join(f"'{n}': {d}" for n, d in tasks.items())
                         + " (default g2p)")
+    parser.add_argument("--arch", choices=["rnn", "transformer"], default=None,
+                        help="model: 'rnn' (bi-LSTM encoder, LSTM decoder; default) or "
+                        "'transformer' (pre-norm Transformer, d_model = --hidden, whose last "
+                        "cross-attention is the latent alignment; its modes: soft, sparsemax, "
+                        "entmax15, entmax-learned, marginal, hard-score, variational-enum)")
     parser.add_argument("--steps", type=_positive, help="training steps per mode "
                         "(default: g2p 3000, bible 1500)")
     parser.add_argument("--batch-size", type=_positive,
@@ -157,13 +162,16 @@ def _compare_options(compare: argparse.ArgumentParser) -> None:
 
 
 def _train_options(train: argparse.ArgumentParser) -> None:
-    from structattn.models.seq2seq import MODES
+    from structattn.app.architectures import ARCHITECTURES
 
+    modes = sorted({mode for arch in ARCHITECTURES.values() for mode in arch.modes()})
     train.description = ("Train one attention mode; checkpoints are written atomically to "
                          "--out every --checkpoint-every steps and at the end; --resume "
                          "continues exactly.")
     _add_run_options(train, trainable_only=True)
-    train.add_argument("--mode", choices=list(MODES), default="soft", help="attention mode")
+    train.add_argument("--mode", choices=modes, default="soft",
+                       help="attention mode (see 'compare --help'; the transformer's own: "
+                       "entmax-learned)")
     train.add_argument("--out", type=Path, required=True,
                        help="folder for checkpoint.pt and metrics.json")
     train.add_argument("--checkpoint-every", type=_positive, default=500,
@@ -208,8 +216,8 @@ def _compare(args: argparse.Namespace) -> int:
 
     task = get_task(args.task)
     options = task.options(_given(args), quick=args.quick)
-    modes = args.modes or list(task.default_modes())
     if not isinstance(task, Seq2SeqTask):
+        modes = args.modes or list(task.default_modes())
         from structattn.app.compare_copy import compare_copy
 
         compare_copy(argparse.Namespace(modes=modes, out=args.out, **options),
@@ -217,6 +225,8 @@ def _compare(args: argparse.Namespace) -> int:
         return 0
     from structattn.app.compare import compare_modes
     from structattn.app.experiment import ExperimentConfig
+
+    modes = args.modes or list(task.default_modes(options.get("arch") or "rnn"))
 
     config = ExperimentConfig.from_options({**options, "task": args.task, "mode": modes[0]})
     compare_modes(config, modes, args.out, seeds=args.seeds, progress=not args.no_progress,
@@ -302,9 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     if args.command == "compare" and args.modes:
-        from structattn.app.tasks import get_task
+        from structattn.app.tasks import Seq2SeqTask, get_task
 
-        available = get_task(args.task).modes()
+        task = get_task(args.task)
+        available = (task.modes(args.arch or "rnn") if isinstance(task, Seq2SeqTask)
+                     else task.modes())
         unknown = [mode for mode in args.modes if mode not in available]
         if unknown:
             parser.error(f"--modes {','.join(unknown)}: not a mode of task {args.task!r} "

@@ -24,8 +24,15 @@ import numpy as np
 import torch
 
 from structattn.app.alignment_baselines import ALIGNMENT_BASELINES
+from structattn.app.architectures import get_architecture
 from structattn.app.evaluation import Evaluation, evaluate_mode, gold_target_mask
-from structattn.app.experiment import ExperimentConfig, TrainResult, load_task, train_mode
+from structattn.app.experiment import (
+    ExperimentConfig,
+    TrainResult,
+    eval_batches,
+    load_task,
+    train_mode,
+)
 from structattn.app.stats import (
     ALIGNMENT_READINGS,
     METRICS,
@@ -95,6 +102,8 @@ class Run:
     train: TrainResult
     evaluation: Evaluation
     eval_seconds: float
+    #: what the architecture reports about the trained model (attention sparsity, alphas)
+    diagnostics: dict[str, Any]
 
 
 def _environment(device: str) -> dict[str, Any]:
@@ -132,8 +141,16 @@ def _pooled(runs: Sequence[Run], name: str) -> np.ndarray:
 def _run_row(run: Run, metrics: Sequence[str]) -> str:
     values = ", ".join(f"{name} {_number(run.evaluation.metrics[name])}" for name in metrics
                        if name in run.evaluation.metrics)
-    return (f"  {run.mode} seed {run.seed}: {values}; best dev step {run.train.best_step}, "
-            f"{run.train.ms_per_step:.0f} ms/step")
+    row = (f"  {run.mode} seed {run.seed}: {values}; best dev step {run.train.best_step}, "
+           f"{run.train.ms_per_step:.0f} ms/step")
+    sparsity = run.diagnostics.get("attention_sparsity")
+    if sparsity:
+        row += "; exact zeros: " + ", ".join(
+            f"{name.removeprefix('decoder.layers.')} {share:.0%}"
+            for name, share in sparsity.items())
+    for name, alphas in run.diagnostics.get("alphas", {}).items():
+        row += f"; alphas {name}: " + " ".join(f"{alpha:.2f}" for alpha in alphas)
+    return row
 
 
 def compare_modes(
@@ -187,7 +204,10 @@ def compare_modes(
             model, trained = train_mode(config, data, checkpoints, progress=progress)
             clock = time.perf_counter()
             evaluation = evaluate_mode(model, config, data, examples=examples, progress=progress)
-            run = Run(mode, config.seed, trained, evaluation, time.perf_counter() - clock)
+            seconds = time.perf_counter() - clock
+            batch = next(eval_batches(examples[:64], data, 64, config.device))
+            diagnostics = get_architecture(config.arch).diagnostics(model.eval(), batch)
+            run = Run(mode, config.seed, trained, evaluation, seconds, diagnostics)
             runs.append(run)
             print(_run_row(run, task.metrics), flush=True)
     baselines = _baselines(task, data, examples) if task.has_gold_links else {}
@@ -301,6 +321,7 @@ def _results(base: ExperimentConfig, task: Seq2SeqTask, data: TaskData,
             "ms_per_step": run.train.ms_per_step,
             "eval_seconds": run.eval_seconds, "dev_curve": run.train.dev_curve,
             "metrics": run.evaluation.metrics,
+            "diagnostics": run.diagnostics,
             "per_example": {name: counts.tolist()
                             for name, counts in run.evaluation.counts.items()},
             "per_example_columns": {name: list(METRICS[name].columns)

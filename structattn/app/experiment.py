@@ -19,11 +19,12 @@ from typing import Any
 
 import torch
 
+from structattn.app.architectures import get_architecture
 from structattn.app.tasks import TASKS, Seq2SeqTask, TaskData, get_task
 from structattn.app.train import Trainer, read_checkpoint
 from structattn.data.batching import Seq2SeqBatches, collate_seq2seq
 from structattn.data.vocab import Vocab
-from structattn.models.seq2seq import MODES, Seq2Seq
+from structattn.models.seq2seq import Seq2Seq
 
 __all__ = [
     "ExperimentConfig",
@@ -53,6 +54,7 @@ class ExperimentConfig:
 
     task: str = "g2p"
     mode: str = "soft"
+    arch: str = "rnn"
     steps: int = 3000
     batch_size: int = 64
     embed_dim: int = 64
@@ -78,8 +80,10 @@ class ExperimentConfig:
         if self.task not in TASKS or not issubclass(TASKS[self.task], Seq2SeqTask):
             seq2seq = sorted(n for n, t in TASKS.items() if issubclass(t, Seq2SeqTask))
             raise ValueError(f"task must be one of {seq2seq}, got {self.task!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {tuple(MODES)}, got {self.mode!r}")
+        modes = get_architecture(self.arch).modes()
+        if self.mode not in modes:
+            raise ValueError(f"mode must be one of {modes} (arch {self.arch!r}), "
+                             f"got {self.mode!r}")
         for name in ("steps", "batch_size", "beam_size", "hidden", "embed_dim", "dev_every",
                      "vocab_size"):
             value = getattr(self, name)
@@ -135,15 +139,9 @@ def load_task(config: ExperimentConfig) -> TaskData:
 
 
 def build_model(config: ExperimentConfig, data: TaskData) -> Seq2Seq:
-    """A fresh model for ``config.mode`` (seeded by ``config.seed``)."""
+    """A fresh model of ``config.arch`` for ``config.mode`` (seeded by ``config.seed``)."""
     torch.manual_seed(config.seed)
-    vocab = data.target_vocab
-    return Seq2Seq(
-        len(data.source_vocab), len(vocab), mode=config.mode, embed_dim=config.embed_dim,
-        hidden=config.hidden, dropout=config.dropout, num_samples=config.num_samples,
-        temperature=config.temperature, pad_id=vocab.pad_id, bos_id=vocab.bos_id,
-        eos_id=vocab.eos_id,
-    )
+    return get_architecture(config.arch).build(config, data)
 
 
 def eval_batches(examples: Sequence[Any], data: TaskData, batch_size: int, device: str):

@@ -98,13 +98,15 @@ class Seq2SeqTask(Task):
     #: whether examples carry reference alignments (``sure``/``possible`` links)
     has_gold_links: ClassVar[bool] = False
 
-    def modes(self) -> tuple[str, ...]:
-        from structattn.models.seq2seq import MODES
+    def modes(self, arch: str = "rnn") -> tuple[str, ...]:
+        from structattn.app.architectures import get_architecture
 
-        return tuple(MODES)
+        return get_architecture(arch).modes()
 
-    def default_modes(self) -> tuple[str, ...]:
-        return ("soft", "marginal", "variational-enum", "hard-score")
+    def default_modes(self, arch: str = "rnn") -> tuple[str, ...]:
+        from structattn.app.architectures import get_architecture
+
+        return get_architecture(arch).default_modes()
 
     @abc.abstractmethod
     def load(self, config: ExperimentConfig) -> TaskData:

@@ -1,0 +1,130 @@
+"""Model architectures the seq2seq tasks can train, by name (``--arch``).
+
+An architecture builds a model for a run's settings, lists the attention modes it offers, and
+reports what is worth reading about a trained model beyond its metrics (attention sparsity,
+learned alphas). Register another one from any code with :func:`register_architecture`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from structattn.app.experiment import ExperimentConfig
+    from structattn.app.tasks import TaskData
+
+__all__ = ["ARCHITECTURES", "Architecture", "get_architecture", "register_architecture"]
+
+
+class Architecture(abc.ABC):
+    """How a run's settings become a model."""
+
+    #: one line for ``--help``
+    description: str = ""
+
+    @abc.abstractmethod
+    def modes(self) -> tuple[str, ...]:
+        """Attention modes the architecture offers."""
+
+    @abc.abstractmethod
+    def default_modes(self) -> tuple[str, ...]:
+        """The modes ``compare`` runs when ``--modes`` is not given."""
+
+    @abc.abstractmethod
+    def build(self, config: ExperimentConfig, data: TaskData) -> nn.Module:
+        """A fresh model for ``config.mode`` (the caller seeds torch)."""
+
+    def diagnostics(self, model: nn.Module, batch: Any) -> dict[str, Any]:
+        """Facts about a trained model on one batch, for the results (default: none)."""
+        return {}
+
+
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register_architecture(name: str) -> Callable[[type[Architecture]], type[Architecture]]:
+    """Class decorator: add an :class:`Architecture` under ``name``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+
+    def add(cls: type[Architecture]) -> type[Architecture]:
+        if not (isinstance(cls, type) and issubclass(cls, Architecture)):
+            raise ValueError(f"register_architecture({name!r}) needs an Architecture "
+                             f"subclass, got {cls!r}")
+        ARCHITECTURES[name] = cls()
+        return cls
+
+    return add
+
+
+def get_architecture(name: str) -> Architecture:
+    """The registered architecture ``name``; a ``ValueError`` lists the known ones."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {name!r}")
+    return ARCHITECTURES[name]
+
+
+@register_architecture("rnn")
+class RNNArchitecture(Architecture):
+    """Bi-LSTM encoder, LSTM decoder without input feeding (:class:`structattn.models.Seq2Seq`)."""
+
+    description = "bi-LSTM encoder, LSTM decoder without input feeding"
+
+    def modes(self) -> tuple[str, ...]:
+        from structattn.models.seq2seq import MODES
+
+        return tuple(MODES)
+
+    def default_modes(self) -> tuple[str, ...]:
+        return ("soft", "marginal", "variational-enum", "hard-score")
+
+    def build(self, config, data):
+        from structattn.models.seq2seq import Seq2Seq
+
+        vocab = data.target_vocab
+        return Seq2Seq(
+            len(data.source_vocab), len(vocab), mode=config.mode, embed_dim=config.embed_dim,
+            hidden=config.hidden, dropout=config.dropout, num_samples=config.num_samples,
+            temperature=config.temperature, pad_id=vocab.pad_id, bos_id=vocab.bos_id,
+            eos_id=vocab.eos_id,
+        )
+
+
+@register_architecture("transformer")
+class TransformerArchitecture(Architecture):
+    """Pre-norm Transformer whose last cross-attention is the latent alignment
+    (:class:`structattn.models.TransformerSeq2Seq`); ``--hidden`` is ``d_model``."""
+
+    description = ("pre-norm Transformer (d_model = --hidden, 4 heads, 2 encoder and 2 decoder "
+                   "layers) whose last cross-attention is the latent alignment")
+
+    def modes(self) -> tuple[str, ...]:
+        from structattn.models.transformer import TRANSFORMER_MODES
+
+        return tuple(TRANSFORMER_MODES)
+
+    def default_modes(self) -> tuple[str, ...]:
+        return ("soft", "sparsemax", "entmax-learned", "marginal")
+
+    def build(self, config, data):
+        from structattn.models.transformer import TransformerSeq2Seq
+
+        vocab = data.target_vocab
+        return TransformerSeq2Seq(
+            len(data.source_vocab), len(vocab), mode=config.mode, d_model=config.hidden,
+            num_heads=4, num_encoder_layers=2, num_decoder_layers=2,
+            dim_feedforward=2 * config.hidden, dropout=config.dropout,
+            num_samples=config.num_samples, pad_id=vocab.pad_id, bos_id=vocab.bos_id,
+            eos_id=vocab.eos_id,
+        )
+
+    def diagnostics(self, model, batch):
+        import torch
+
+        with torch.no_grad():
+            return {"attention_sparsity": model.attention_sparsity(batch),
+                    "alphas": model.alphas()}
