@@ -1,8 +1,17 @@
+import os
+
 import pyro
 import pytest
 import torch
+from hypothesis import settings
 
 torch.set_num_threads(1)
+
+# CI replays the same examples on every run (a red CI is then a real regression, never a new
+# draw); local runs keep exploring fresh examples, and a failure prints its reproduction.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("dev", print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
 @pytest.fixture(autouse=True)

@@ -300,9 +300,21 @@ def _eliminate_marginals(
 def _elimination_log_partition(
     arc_scores: torch.Tensor, lengths: torch.Tensor, multiroot: torch.Tensor
 ) -> torch.Tensor:
-    """Differentiable log Z ``(B,)`` by ``_eliminate`` (autograd keeps ``O(N^3)``)."""
+    """Differentiable log Z ``(B,)`` by ``_eliminate`` (autograd keeps ``O(N^3)``).
+
+    Beyond ~700 nats of spread per dependent, weights reach the float64 floor and a second
+    derivative (training through the marginals) can meet ``1 / x**2`` overflow; such entries
+    contribute nothing rather than NaN, consistent with the floor applied to the weights.
+    """
     weights, root, scale = _elimination_weights(arc_scores, lengths, multiroot)
+    for tensor in (weights, root):
+        if tensor.requires_grad:
+            tensor.register_hook(_finite_gradient)
     return _eliminate(weights, root, scale, lengths, multiroot)
+
+
+def _finite_gradient(grad: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 # ------------------------------------------------------------------ the dispatching layer
