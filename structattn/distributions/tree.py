@@ -313,7 +313,9 @@ def _elimination_log_partition(
     return _eliminate(weights, root, scale, lengths, multiroot)
 
 
-def _finite_gradient(grad: torch.Tensor) -> torch.Tensor:
+def _finite_gradient(grad: torch.Tensor | None) -> torch.Tensor | None:
+    if grad is None:  # no gradient flows here in this backward pass
+        return None
     return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
 
 
