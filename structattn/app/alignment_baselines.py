@@ -16,6 +16,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from structattn._registry import class_decorator
+
 __all__ = [
     "ALIGNMENT_BASELINES",
     "AlignmentBaseline",
@@ -51,17 +53,7 @@ def register_alignment_baseline(
     name: str,
 ) -> Callable[[type[AlignmentBaseline]], type[AlignmentBaseline]]:
     """Class decorator: add an :class:`AlignmentBaseline` subclass under ``name``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty string, got {name!r}")
-
-    def add(cls: type[AlignmentBaseline]) -> type[AlignmentBaseline]:
-        if not (isinstance(cls, type) and issubclass(cls, AlignmentBaseline)):
-            raise ValueError(f"register_alignment_baseline({name!r}) needs an "
-                             f"AlignmentBaseline subclass, got {cls!r}")
-        ALIGNMENT_BASELINES[name] = cls
-        return cls
-
-    return add
+    return class_decorator(ALIGNMENT_BASELINES, name, AlignmentBaseline)
 
 
 @register_alignment_baseline("diagonal")

@@ -11,6 +11,8 @@ import abc
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from structattn._registry import class_decorator
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -48,17 +50,7 @@ ARCHITECTURES: dict[str, Architecture] = {}
 
 def register_architecture(name: str) -> Callable[[type[Architecture]], type[Architecture]]:
     """Class decorator: add an :class:`Architecture` under ``name``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty string, got {name!r}")
-
-    def add(cls: type[Architecture]) -> type[Architecture]:
-        if not (isinstance(cls, type) and issubclass(cls, Architecture)):
-            raise ValueError(f"register_architecture({name!r}) needs an Architecture "
-                             f"subclass, got {cls!r}")
-        ARCHITECTURES[name] = cls()
-        return cls
-
-    return add
+    return class_decorator(ARCHITECTURES, name, Architecture, instantiate=True)
 
 
 def get_architecture(name: str) -> Architecture:

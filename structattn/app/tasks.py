@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from structattn._registry import class_decorator
+
 if TYPE_CHECKING:
     from structattn.app.experiment import ExperimentConfig
     from structattn.data.vocab import Vocab
@@ -131,17 +133,7 @@ TASKS: dict[str, type[Task]] = {}
 
 def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
     """Class decorator: add a :class:`Task` subclass to :data:`TASKS` under ``name``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty string, got {name!r}")
-
-    def add(cls: type[Task]) -> type[Task]:
-        if not (isinstance(cls, type) and issubclass(cls, Task)):
-            raise ValueError(f"register_task({name!r}) needs a Task subclass, got {cls!r}")
-        cls.name = name
-        TASKS[name] = cls
-        return cls
-
-    return add
+    return class_decorator(TASKS, name, Task, set_name=True)
 
 
 def get_task(name: str) -> Task:

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable
 from numbers import Integral, Real
 from typing import Any, TypeVar
 
+from structattn._registry import class_decorator
+
 __all__ = [
     "Registry",
     "check_choice",
@@ -101,16 +103,7 @@ class Registry(dict[str, type]):
 
     def register(self, name: str) -> Callable[[type[T]], type[T]]:
         """Class decorator: ``@REGISTRY.register("mine")`` makes ``"mine"`` buildable."""
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"name must be a non-empty string, got {name!r}")
-
-        def decorate(cls: type[T]) -> type[T]:
-            if not isinstance(cls, type):
-                raise ValueError(f"only classes can be registered as a {self.kind}, got {cls!r}")
-            self[name] = cls
-            return cls
-
-        return decorate
+        return class_decorator(self, name)
 
     def lookup(self, name: Any) -> type:
         """The class registered as ``name``."""

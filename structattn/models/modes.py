@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from structattn._registry import class_decorator
 from structattn.distributions.categorical import CategoricalAlignment
 from structattn.distributions.monotonic import MonotonicAlignment
 from structattn.infer.estimators import AlignmentTerms, make_estimator
@@ -50,16 +51,7 @@ SEQ2SEQ_MODES: dict[str, type[Seq2SeqMode]] = {}
 
 def register_mode(name: str) -> Callable[[type[Seq2SeqMode]], type[Seq2SeqMode]]:
     """Class decorator: make a :class:`Seq2SeqMode` subclass available as ``mode=name``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty string, got {name!r}")
-
-    def register(cls: type[Seq2SeqMode]) -> type[Seq2SeqMode]:
-        if not (isinstance(cls, type) and issubclass(cls, Seq2SeqMode)):
-            raise ValueError(f"{cls!r} is not a Seq2SeqMode subclass")
-        SEQ2SEQ_MODES[name] = cls
-        return cls
-
-    return register
+    return class_decorator(SEQ2SEQ_MODES, name, Seq2SeqMode)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from structattn._registry import class_decorator
 from structattn.infer.estimators import AlignmentTerms, ExactEstimator, make_estimator
 from structattn.infer.exact import marginal_log_likelihood, posterior
 from structattn.infer.readout import gather
@@ -52,17 +53,7 @@ TRANSFORMER_MODES: dict[str, type[TransformerMode]] = {}
 def register_transformer_mode(
         name: str) -> Callable[[type[TransformerMode]], type[TransformerMode]]:
     """Class decorator: make a :class:`TransformerMode` available as ``mode=name``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty string, got {name!r}")
-
-    def register(cls: type[TransformerMode]) -> type[TransformerMode]:
-        if not (isinstance(cls, type) and issubclass(cls, TransformerMode)):
-            raise ValueError(f"{cls!r} is not a TransformerMode subclass")
-        TRANSFORMER_MODES[name] = cls
-        cls.name = name
-        return cls
-
-    return register
+    return class_decorator(TRANSFORMER_MODES, name, TransformerMode, set_name=True)
 
 
 class TransformerMode(nn.Module, abc.ABC):

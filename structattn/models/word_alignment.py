@@ -31,6 +31,7 @@ import pyro.distributions as dist
 import torch
 from pyro.infer import TraceEnum_ELBO, infer_discrete
 
+from structattn._registry import class_decorator
 from structattn.distributions.categorical import CategoricalAlignment
 from structattn.distributions.hmm import HMMAlignment, hmm_log_transitions, state_emissions
 from structattn.infer.enumeration import gather_along, observe_alignment_emission
@@ -475,16 +476,9 @@ _ALIGNERS: dict[str, type[WordAligner]] = {}
 ALIGNERS = _ALIGNERS
 
 
-def register_aligner(name: str):
+def register_aligner(name: str) -> Callable[[type[WordAligner]], type[WordAligner]]:
     """Class decorator: make a :class:`WordAligner` subclass available to ``train_aligner``."""
-
-    def decorate(cls: type[WordAligner]) -> type[WordAligner]:
-        if not (isinstance(cls, type) and issubclass(cls, WordAligner)):
-            raise ValueError(f"only WordAligner subclasses can be registered, got {cls!r}")
-        _ALIGNERS[name] = cls
-        return cls
-
-    return decorate
+    return class_decorator(_ALIGNERS, name, WordAligner)
 
 
 @register_aligner("ibm1")

@@ -23,6 +23,7 @@ import torch.nn.functional as F  # noqa: N812 (PyTorch's convention)
 from torch import nn
 
 from structattn import functional
+from structattn._registry import class_decorator
 from structattn.distributions.categorical import SparsemaxAlignment, mask_value
 from structattn.nn.normalizers import (
     NORMALIZERS,
@@ -123,16 +124,7 @@ HEAD_READOUTS: dict[str, type[HeadReadout]] = {}
 
 def register_head_readout(name: str) -> Callable[[type[HeadReadout]], type[HeadReadout]]:
     """Class decorator: make a :class:`HeadReadout` available as ``readout=name``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty string, got {name!r}")
-
-    def register(cls: type[HeadReadout]) -> type[HeadReadout]:
-        if not (isinstance(cls, type) and issubclass(cls, HeadReadout)):
-            raise ValueError(f"{cls!r} is not a HeadReadout subclass")
-        HEAD_READOUTS[name] = cls
-        return cls
-
-    return register
+    return class_decorator(HEAD_READOUTS, name, HeadReadout)
 
 
 class HeadReadout(abc.ABC):

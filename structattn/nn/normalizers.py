@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from structattn import functional
+from structattn._registry import class_decorator
 from structattn._validation import broadcast_mask
 from structattn.distributions.categorical import (
     CategoricalAlignment,
@@ -58,17 +59,7 @@ NORMALIZERS: dict[str, type[Normalizer]] = {}
 
 def register_normalizer(name: str) -> Callable[[type[Normalizer]], type[Normalizer]]:
     """Class decorator: make a :class:`Normalizer` subclass available by ``name``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty string, got {name!r}")
-
-    def register(cls: type[Normalizer]) -> type[Normalizer]:
-        if not (isinstance(cls, type) and issubclass(cls, Normalizer)):
-            raise ValueError(f"{cls!r} is not a Normalizer subclass")
-        NORMALIZERS[name] = cls
-        cls.name = name
-        return cls
-
-    return register
+    return class_decorator(NORMALIZERS, name, Normalizer, set_name=True)
 
 
 def make_normalizer(normalizer: str | Normalizer, **kwargs: Any) -> Normalizer:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (PyTorch's convention)
 from torch import nn
 
+from structattn._registry import class_decorator
 from structattn.nn.multihead import MultiheadAttention
 
 __all__ = [
@@ -39,16 +40,7 @@ POSITIONAL_ENCODINGS: dict[str, type[PositionalEncoding]] = {}
 def register_positional_encoding(
         name: str) -> Callable[[type[PositionalEncoding]], type[PositionalEncoding]]:
     """Class decorator: make a :class:`PositionalEncoding` available by ``name``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty string, got {name!r}")
-
-    def register(cls: type[PositionalEncoding]) -> type[PositionalEncoding]:
-        if not (isinstance(cls, type) and issubclass(cls, PositionalEncoding)):
-            raise ValueError(f"{cls!r} is not a PositionalEncoding subclass")
-        POSITIONAL_ENCODINGS[name] = cls
-        return cls
-
-    return register
+    return class_decorator(POSITIONAL_ENCODINGS, name, PositionalEncoding)
 
 
 def make_positional_encoding(name: str | PositionalEncoding, d_model: int,
