@@ -29,6 +29,7 @@ from structattn.models.table_qa import (
     count_log_probs,
     encode_tables,
     program_log_likelihood,
+    question_symbols,
     register_table_qa_mode,
 )
 from structattn.distributions.categorical import CategoricalAlignment
@@ -167,6 +168,7 @@ def test_unknown_words_are_counted_not_dropped():
     batch = encode_tables([other], vocab)
     assert batch.unknown_words == 1
     assert batch.question_mask.sum() == 5
+    assert question_symbols(other) == ["what", "is", "the", "zorblax", "<col>"]
 
 
 @pytest.mark.parametrize(

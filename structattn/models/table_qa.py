@@ -68,6 +68,7 @@ __all__ = [
     "TablePrediction",
     "build_question_vocab",
     "encode_tables",
+    "question_symbols",
     "register_table_qa_mode",
 ]
 
@@ -82,9 +83,40 @@ _NONE, _COUNT, _SUM, _AVG, _MIN, _MAX = range(6)
 IMPOSSIBLE = -1e4
 
 
+def question_symbols(example: TableExample) -> list[str]:
+    """The question's tokens with table-specific words abstracted: tokens of a header mention
+    become ``<col>``, tokens of a cell's text ``<val>``, numbers ``<num>``.
+
+    The model reads which column and which cells a word refers to from the mention and match
+    features, so it needs the words around them (``greater than``, ``average``), not the table's
+    own vocabulary; abstracting them lets it read tables whose headers it never saw.
+    """
+    tokens = tokenize(example.question)
+    symbols = list(tokens)
+    table = example.table
+    for header in table.header:
+        phrase = tokenize(header)
+        for start in _find(tokens, phrase):
+            symbols[start : start + len(phrase)] = ["<col>"] * len(phrase)
+    ngrams = {tuple(tokens[i : i + n]) for n in range(1, _NGRAM + 1) for i in range(len(tokens))}
+    matched = {
+        cell
+        for row in table.rows
+        for cell in (tuple(tokenize(text)) for text in row)
+        if 0 < len(cell) <= _NGRAM and cell in ngrams
+    }
+    for cell in matched:
+        for start in _find(tokens, list(cell)):
+            for i in range(start, start + len(cell)):
+                if symbols[i] != "<col>":
+                    symbols[i] = "<val>"
+    return ["<num>" if parse_number(tok) is not None else sym for tok, sym in zip(tokens, symbols)]
+
+
 def build_question_vocab(examples: Sequence[TableExample], min_count: int = 1) -> Vocab:
-    """Vocabulary of question tokens (unknown words map to ``<unk>`` and are counted)."""
-    return Vocab.build((tokenize(e.question) for e in examples), min_count=min_count)
+    """Vocabulary of question symbols (:func:`question_symbols`); unknown words map to
+    ``<unk>`` and are counted by :func:`encode_tables`."""
+    return Vocab.build((question_symbols(e) for e in examples), min_count=min_count)
 
 
 @dataclass
@@ -95,7 +127,8 @@ class TableBatch:
     ``column_mask (B, C)``, ``numeric (B, C)``, ``row_mask (B, R)``,
     ``features (B, R, C, F)``, ``values (B, R, C)``, ``value_mask (B, R, C)``,
     ``answer_cells (B, R, C)`` (cells whose text is in a cell answer), ``scalar (B,)``,
-    ``is_scalar (B,)``, ``answer_column (B,)`` (column with most answer cells).
+    ``is_scalar (B,)``, ``answer_column (B,)`` (column with most answer cells),
+    ``answer_size (B,)`` (number of texts in a cell answer).
     ``unknown_words``: question tokens not in the vocabulary, in all.
     """
 
@@ -112,6 +145,7 @@ class TableBatch:
     scalar: torch.Tensor
     is_scalar: torch.Tensor
     answer_column: torch.Tensor
+    answer_size: torch.Tensor
     unknown_words: int
 
 
@@ -173,10 +207,11 @@ def encode_tables(
     scalar = torch.zeros(batch, dtype=torch.float64)
     is_scalar = torch.zeros(batch, dtype=torch.bool)
     answer_column = torch.zeros(batch, dtype=torch.long)
+    answer_size = torch.zeros(batch, dtype=torch.long)
     unknown = 0
     for b, (example, toks) in enumerate(zip(examples, tokens, strict=True)):
         table = example.table
-        ids = vocab.encode(toks)
+        ids = vocab.encode(question_symbols(example))
         unknown += sum(i == vocab.unk_id for i in ids)
         question[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         question_mask[b, : len(ids)] = True
@@ -219,6 +254,7 @@ def encode_tables(
                 for c in range(table.num_columns):
                     answer_cells[b, r, c] = table.rows[r][c] in wanted
             answer_column[b] = int(answer_cells[b].sum(0).argmax())
+            answer_size[b] = len(example.answer)
         else:
             scalar[b] = float(example.answer)
             is_scalar[b] = True
@@ -236,6 +272,7 @@ def encode_tables(
         scalar.float(),
         is_scalar,
         answer_column,
+        answer_size,
         unknown,
     )
 
@@ -338,7 +375,11 @@ def program_log_likelihood(
     # NONE: every valid row's cell is selected exactly when its text is in the answer
     y = batch.answer_cells.float()
     none = (y * log_on[:, :, None] + (1 - y) * log_off[:, :, None]) * rows[:, :, None]
-    out[:, :, _NONE] = torch.where(batch.is_scalar[:, None], IMPOSSIBLE, none.sum(1))
+    # a column lacking one of the answer's texts cannot produce it; when a text repeats in the
+    # column every copy counts as wanted (a lower bound on the exact multiset probability)
+    covers = batch.answer_cells.sum(1) >= batch.answer_size[:, None]
+    possible = covers & ~batch.is_scalar[:, None]
+    out[:, :, _NONE] = torch.where(possible, none.sum(1), IMPOSSIBLE)
     # COUNT: Poisson-binomial probability of the answer
     counts = count_log_probs(log_on, log_off, rows)
     target = batch.scalar.round().long().clamp(0, counts.shape[1] - 1)
@@ -460,7 +501,7 @@ class SparseMode(TableQAMode):
 
     choice = SparsemaxAlignment
 
-    def __init__(self, loss_cap: float = 30.0) -> None:
+    def __init__(self, loss_cap: float = 100.0) -> None:
         self.loss_cap = loss_cap
 
     def loss(self, heads, batch):
@@ -578,6 +619,8 @@ class TableQA(nn.Module):
         self.column_scorer = nn.Sequential(
             nn.Linear(column_in, hidden), nn.Tanh(), nn.Linear(hidden, 1)
         )
+        # a bag-of-words path too: operator words survive the held-out sentence frames
+        self.operator_words = nn.Linear(embed_dim, len(OPERATORS))
         self.operator_scorer = nn.Sequential(
             nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, len(OPERATORS))
         )
@@ -588,7 +631,10 @@ class TableQA(nn.Module):
 
     def forward(self, batch: TableBatch) -> Heads:
         """The latent choices' distributions for ``batch``."""
-        states, _ = self.encoder(self.dropout(self.embed(batch.question)))
+        words = self.dropout(self.embed(batch.question))
+        states, _ = self.encoder(words)
+        mask = batch.question_mask[:, :, None]
+        bag = (words * mask).sum(1) / mask.sum(1).clamp_min(1)
         states = states * batch.question_mask[:, :, None]
         pooled = states.masked_fill(~batch.question_mask[:, :, None], -1e4).amax(1)  # (B, H)
         counts = batch.mentions.sum(-1, keepdim=True)
@@ -607,7 +653,9 @@ class TableQA(nn.Module):
         cell_scores = torch.stack([torch.zeros_like(row_scores), row_scores], -1)
         return Heads(
             column=self.mode.make_choice(column_scores, batch.column_mask),
-            operator=self.mode.make_choice(self.operator_scorer(pooled), None),
+            operator=self.mode.make_choice(
+                self.operator_scorer(pooled) + self.operator_words(bag), None
+            ),
             cells=CategoricalAlignment(logits=cell_scores),
             cell_log_on=F.logsigmoid(row_scores),
             cell_log_off=F.logsigmoid(-row_scores),
