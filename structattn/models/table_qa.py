@@ -110,7 +110,10 @@ def question_symbols(example: TableExample) -> list[str]:
             for i in range(start, start + len(cell)):
                 if symbols[i] != "<col>":
                     symbols[i] = "<val>"
-    return ["<num>" if parse_number(tok) is not None else sym for tok, sym in zip(tokens, symbols)]
+    return [
+        "<num>" if parse_number(tok) is not None else sym
+        for tok, sym in zip(tokens, symbols, strict=True)
+    ]
 
 
 def build_question_vocab(examples: Sequence[TableExample], min_count: int = 1) -> Vocab:
