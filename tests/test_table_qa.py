@@ -319,3 +319,13 @@ def test_command_line_help_exits_cleanly(capsys):
         main(["--help"])
     assert info.value.code == 0
     assert "--modes" in capsys.readouterr().out
+
+
+def test_picture_of_soft_weights_and_hard_selections_is_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    from structattn.app.tableqa import BUDGETS, plot_tables
+
+    examples, vocab, _ = generated_batch(4)
+    models = {mode: TableQA(len(vocab), mode=mode).eval() for mode in ("soft", "enum")}
+    plot_tables(tmp_path / "tables.png", examples[:2], models, vocab, BUDGETS["quick"])
+    assert (tmp_path / "tables.png").stat().st_size > 10_000
