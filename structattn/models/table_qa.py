@@ -22,8 +22,9 @@ observed; how the latent choice is trained is the *mode*, a class found by name 
 - ``hard-score``: sampled programs (column, operator, cells), executed; the reward is the
   answer match plus partial credit (cell F1, or relative closeness of a number, times 0.5),
   with the leave-one-out baseline over ``num_samples`` draws.
-- ``sparse``: sparsemax over columns and operators; the loss is the expected per-program
-  negative log-likelihood, summed exactly over the (small) support (Correia et al. 2020,
+- ``sparse``: entmax15 (or sparsemax, ``alpha=2``) over columns and operators; the loss is
+  the expected per-program negative log-likelihood, summed exactly over the (small) support
+  (Correia et al. 2020,
   "Efficient marginalization of discrete and structured latent variables via sparsity").
 
 The answer's kind (a list of cells or a number) is observed, as in WikiSQL's answers: cell
@@ -434,18 +435,16 @@ def register_table_qa_mode(name: str) -> Callable[[type[TableQAMode]], type[Tabl
 
 
 class TableQAMode(abc.ABC):
-    """How the latent program is trained.  ``choice`` builds the column and operator
-    distributions (``CategoricalAlignment`` or ``SparsemaxAlignment``)."""
+    """How the latent program is trained.  :meth:`make_choice` builds the column and operator
+    distributions (a softmax :class:`~structattn.CategoricalAlignment` unless overridden)."""
 
     name: str = ""
-    choice: type[CategoricalAlignment] = CategoricalAlignment
 
     def make_choice(self, scores: torch.Tensor, mask: torch.Tensor | None) -> CategoricalAlignment:
         """A distribution over the last axis of ``scores (B, K)``, batch shape ``(B, 1)``."""
-        mask = None if mask is None else mask[:, None, :]
-        if self.choice is SparsemaxAlignment:
-            return SparsemaxAlignment(scores=scores[:, None, :], mask=mask)
-        return self.choice(logits=scores[:, None, :], mask=mask)
+        return CategoricalAlignment(
+            logits=scores[:, None, :], mask=None if mask is None else mask[:, None, :]
+        )
 
     @abc.abstractmethod
     def loss(self, heads: Heads, batch: TableBatch) -> torch.Tensor:
@@ -500,12 +499,25 @@ class EnumMode(TableQAMode):
 
 @register_table_qa_mode("sparse")
 class SparseMode(TableQAMode):
-    """Sparsemax column and operator; expected negative log-likelihood over their support."""
+    """Sparse (entmax) column and operator; expected negative log-likelihood over their support.
 
-    choice = SparsemaxAlignment
+    ``alpha=1.5`` (entmax15) by default: with sparsemax (``alpha=2``) the operator's support
+    shrank to one operator early in training, where its gradient is zero, and stayed there
+    (quick budget: 0.21 denotation accuracy with sparsemax, 0.65 with entmax15).
+    """
 
-    def __init__(self, loss_cap: float = 100.0) -> None:
+    def __init__(self, loss_cap: float = 100.0, alpha: float = 1.5) -> None:
+        if not alpha > 1:
+            raise ValueError(f"alpha must be > 1 (2 = sparsemax, 1.5 = entmax15), got {alpha!r}")
         self.loss_cap = loss_cap
+        self.alpha = alpha
+
+    def make_choice(self, scores, mask):
+        return SparsemaxAlignment(
+            scores=scores[:, None, :],
+            mask=None if mask is None else mask[:, None, :],
+            alpha=self.alpha,
+        )
 
     def loss(self, heads, batch):
         nll = (-program_log_likelihood(heads, batch)).clamp_max(self.loss_cap)
