@@ -329,3 +329,13 @@ def test_picture_of_soft_weights_and_hard_selections_is_written(tmp_path):
     models = {mode: TableQA(len(vocab), mode=mode).eval() for mode in ("soft", "enum")}
     plot_tables(tmp_path / "tables.png", examples[:2], models, vocab, BUDGETS["quick"])
     assert (tmp_path / "tables.png").stat().st_size > 10_000
+
+
+def test_sparse_mode_choices_have_exact_zeros_and_alpha_is_checked():
+    from structattn.models.table_qa import SparseMode
+
+    mode = SparseMode(alpha=2.0)
+    choice = mode.make_choice(torch.tensor([[5.0, 0.0, -5.0]]), None)
+    assert choice.attention[0, 0].tolist() == [1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="alpha"):
+        SparseMode(alpha=1.0)
