@@ -79,6 +79,7 @@ BUDGETS = {
         max_columns=8,
         steps=3000,
         batch_size=32,
+        learning_rate=1e-3,
     ),
 }
 
