@@ -36,11 +36,11 @@ from structattn.app.experiment import (
 from structattn.app.stats import (
     ALIGNMENT_READINGS,
     METRICS,
-    CorpusMetric,
     Interval,
     alignment_counts,
     alignment_metrics,
     bootstrap_interval,
+    metric_label,
     paired_test,
     seed_spread,
 )
@@ -387,12 +387,6 @@ def format_report(results: dict[str, Any]) -> str:
                      f"p = {row['p_value']:.3f}: {verdict}")
         lines.append(text)
     return "\n".join(lines)
-
-
-def metric_label(name: str) -> str:
-    """A human-readable label of a metric name."""
-    metric: CorpusMetric | None = METRICS.get(name)
-    return metric.label if metric is not None and metric.label else name
 
 
 def format_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:

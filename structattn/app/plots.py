@@ -118,7 +118,7 @@ def plot_alignments(
 
 def plot_summary(results: Mapping[str, Any], path: str | Path) -> Path:
     """Every metric of a ``results.json`` as one panel: value and interval per mode."""
-    from structattn.app.compare import metric_label
+    from structattn.app.stats import metric_label
 
     plt = _pyplot()
     table, modes = results["table"], results["modes"]

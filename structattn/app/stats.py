@@ -37,6 +37,7 @@ __all__ = [
     "SeedSpread",
     "alignment_counts",
     "alignment_metrics",
+    "metric_label",
     "bleu_counts",
     "bootstrap_interval",
     "paired_test",
@@ -347,3 +348,8 @@ def _check_settings(confidence: float, resamples: int) -> None:
     if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 100:
         raise ValueError(f"resamples must be an int >= 100, got {resamples!r}")
 
+
+def metric_label(name: str) -> str:
+    """A human-readable label of a metric name."""
+    metric: CorpusMetric | None = METRICS.get(name)
+    return metric.label if metric is not None and metric.label else name
