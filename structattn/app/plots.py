@@ -118,6 +118,8 @@ def plot_alignments(
 
 def plot_summary(results: Mapping[str, Any], path: str | Path) -> Path:
     """Every metric of a ``results.json`` as one panel: value and interval per mode."""
+    from matplotlib.ticker import MaxNLocator
+
     from structattn.app.stats import metric_label
 
     plt = _pyplot()
@@ -150,6 +152,7 @@ def plot_summary(results: Mapping[str, Any], path: str | Path) -> Path:
         ax.set_ylim(len(modes) - 0.5, -0.9)  # first mode on top, room for baseline labels
         ax.set_title(metric_label(name), fontsize=9)
         ax.tick_params(axis="x", labelsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(5))  # few, short tick labels that never overlap
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(f"{results['task']}: test metrics with {level}% bootstrap intervals "
                  f"({results['data']['test_evaluated']} examples)", fontsize=10)
