@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from structattn.app.train import CHECKPOINT_NAME, Trainer, read_checkpoint
+from structattn.app.training import CHECKPOINT_NAME, Trainer, read_checkpoint
 
 torch.set_num_threads(1)
 
@@ -202,7 +202,7 @@ DDP_SCRIPT = textwrap.dedent(
     import sys
     import torch
     from torch import nn
-    from structattn.app.train import Trainer
+    from structattn.app.training import Trainer
 
     torch.set_num_threads(1)
     out = sys.argv[1]

@@ -1,7 +1,7 @@
 """One seq2seq run: its configuration, the model, training with dev-set model selection.
 
 A run is described by an :class:`ExperimentConfig`; :func:`train_mode` trains one mode with
-the shared :class:`~structattn.app.train.Trainer`, evaluates the dev perplexity every
+the shared :class:`~structattn.app.training.Trainer`, evaluates the dev perplexity every
 ``dev_every`` steps (the curve is kept) and returns the model with the parameters of the best
 dev evaluation; :func:`load_model` rebuilds a model from a checkpoint.  Scoring lives in
 :mod:`structattn.app.evaluation`, the comparison of several modes in :mod:`structattn.app.compare`.
@@ -21,7 +21,7 @@ import torch
 
 from structattn.app.architectures import get_architecture
 from structattn.app.tasks import TASKS, Seq2SeqTask, TaskData, get_task
-from structattn.app.train import Trainer, read_checkpoint
+from structattn.app.training import Trainer, read_checkpoint
 from structattn.data.batching import Seq2SeqBatches, collate_seq2seq
 from structattn.data.vocab import Vocab
 from structattn.models.seq2seq import Seq2Seq

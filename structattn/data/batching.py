@@ -3,7 +3,7 @@
 Every batch is a pair of ``(batch, length)`` ``LongTensor`` ids with a boolean mask of the same
 shape (True = real token).  Batch order depends only on ``(seed, epoch)``, never on global
 random state, so a training run that resumes mid-epoch sees exactly the batches it would have
-seen (see :class:`structattn.app.train.Trainer`).
+seen (see :class:`structattn.app.training.Trainer`).
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ def _check_nonempty_examples(examples: Sequence[Seq2SeqExample]) -> None:
 class Seq2SeqBatches:
     """A re-creatable, seeded batch stream: ``batches(epoch)`` gives that epoch's batches.
 
-    This is the ``train_batches`` argument :class:`structattn.app.train.Trainer` expects: the
+    This is the ``train_batches`` argument :class:`structattn.app.training.Trainer` expects: the
     order depends only on ``(seed, epoch)``.  A batch is padded only when it is indexed or
     iterated, so skipping to the middle of an epoch on resume costs nothing.
 

