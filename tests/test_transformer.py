@@ -181,3 +181,42 @@ def test_soft_likelihood_and_guide_follow_the_seq2seq_surface():
     guide = variational.guide(batch)
     assert guide.batch_shape == (3, 7)
     assert torch.all(guide.attention[~batch.source_mask[:, None, :].expand(-1, 7, -1)] == 0)
+
+
+@pytest.mark.slow
+def test_learns_grapheme_to_phoneme_in_a_smoke_run():
+    """A smoke run on real data: 250 steps on 3,000 cmudict words take the Transformer's
+    phone error rate on held-out words from chance to well under half."""
+    from structattn.app.metrics import edit_distance
+    from structattn.data.batching import collate_seq2seq
+    from structattn.data.g2p import load_g2p
+    from structattn.data.vocab import Vocab
+
+    splits = load_g2p(max_train=3000)
+    source_vocab = Vocab.build([e.source for e in splits.train])
+    target_vocab = Vocab.build([e.target for e in splits.train])
+    torch.manual_seed(0)
+    model = TransformerSeq2Seq(len(source_vocab), len(target_vocab), mode="soft", d_model=64,
+                               num_heads=4, num_encoder_layers=2, num_decoder_layers=1,
+                               dim_feedforward=128, dropout=0.0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(250):
+        picks = torch.randint(0, len(splits.train), (32,), generator=generator).tolist()
+        batch = collate_seq2seq([splits.train[i] for i in picks], source_vocab, target_vocab)
+        loss = model.loss(batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    held_out = splits.test[:100]
+    batch = collate_seq2seq(held_out, source_vocab, target_vocab)
+    with torch.no_grad():
+        outputs = model.beam_search(batch.source, batch.source_mask, beam_size=1, max_length=20)
+    edits = length = 0
+    for example, output in zip(held_out, outputs, strict=True):
+        phones = target_vocab.decode(output)
+        best = min(example.references, key=lambda ref: edit_distance(phones, list(ref)))
+        edits += edit_distance(phones, list(best))
+        length += len(best)
+    assert edits / length < 0.45, edits / length
