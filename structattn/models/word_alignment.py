@@ -8,12 +8,15 @@ source word ``x_{z_t}`` (or by NULL) through a translation table ``t(y | x)``,
   whose moves depend on the jump width, :class:`~structattn.distributions.hmm.HMMAlignment`.
 
 Each model is written twice over one shared emission table ``(batch, T, S + 1)`` (the last
-column NULL): a Pyro model whose alignment is enumerated (``TraceEnum_ELBO`` gives the exact
-``log p(y | x)``, ``infer_discrete`` the Viterbi alignment) and a hand-written exact
-computation. Training is EM, written once for both: the gradient of ``log p(y | x)`` with
-respect to the emission table is the posterior of every link (Eisner 2016, "Inside-outside and
-forward-backward algorithms are just backprop"), so one backward pass yields the expected
-counts, and the M-step renormalizes them. The jump scores take an Adam step per batch.
+column NULL): a Pyro model under ``TraceEnum_ELBO``, which gives the exact ``log p(y | x)``,
+and a hand-written exact computation. IBM Model 1's alignment is an enumerated site; the HMM's
+chain is summed out inside the model by :class:`HMMAlignment`'s forward algorithm (the fast
+path), and written out with one enumerated site per word (:func:`hmm_markov_model`) for
+``infer_discrete``'s Viterbi alignment. Training is EM, written once for both: the gradient
+of ``log p(y | x)`` with respect to the emission table is the posterior of every link (Eisner
+2016, "Inside-outside and forward-backward algorithms are just backprop"), so one backward
+pass yields the expected counts, and the M-step renormalizes them. The jump scores take an
+Adam step per batch.
 
 ``train_aligner(name, pairs) -> aligner``; ``aligner.align(pairs) -> list of link sets``;
 :data:`SYMMETRIZERS` combines the two directions.
@@ -22,6 +25,7 @@ counts, and the M-step renormalizes them. The jump scores take an Adam step per 
 from __future__ import annotations
 
 import abc
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.infer import TraceEnum_ELBO, infer_discrete
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO, infer_discrete
 
 from structattn._registry import class_decorator
 from structattn.distributions.categorical import CategoricalAlignment
@@ -48,6 +52,7 @@ __all__ = [
     "emission_table",
     "grow_diag_final_and",
     "hmm_log_likelihood",
+    "hmm_markov_model",
     "hmm_model",
     "ibm1_log_likelihood",
     "ibm1_model",
@@ -223,7 +228,25 @@ def _hmm_alignment(batch, table, jump_scores, null_probability) -> HMMAlignment:
 def hmm_model(
     batch: AlignmentBatch, table: torch.Tensor, jump_scores: torch.Tensor, null_probability: float
 ) -> None:
-    """The HMM aligner in Pyro: one enumerated site per target word under ``pyro.markov``.
+    """The HMM aligner in Pyro, its alignment chain summed out by :class:`HMMAlignment`.
+
+    As Pyro's own ``DiscreteHMM`` does for its hidden chain, the model collapses the alignment:
+    the chain's forward algorithm (probability space, one ``(S, S)`` move matrix per sentence;
+    see :func:`~structattn.distributions.hmm.scaled_forward`) gives ``log p(y | x)``, observed
+    as one factor per sentence pair, and ``TraceEnum_ELBO`` has nothing left to enumerate.
+    Its gradient with respect to ``table`` is the posterior of every link. The same chain
+    written with one enumerated site per target word, :func:`hmm_markov_model`, gives the same
+    numbers and decodes with ``infer_discrete``, at several times the cost per step.
+    """
+    alignment = _hmm_alignment(batch, table, jump_scores, null_probability)
+    with pyro.plate("pairs", table.shape[0], dim=-1):
+        pyro.factor("y", alignment.log_marginal_likelihood)
+
+
+def hmm_markov_model(
+    batch: AlignmentBatch, table: torch.Tensor, jump_scores: torch.Tensor, null_probability: float
+) -> None:
+    """The HMM aligner in Pyro with one enumerated site per target word under ``pyro.markov``.
 
     Each ``z_t`` is enumerated under a flat prior and its move is a factor: the (already
     normalized) transition matrix read at the enumerated previous and current states with
@@ -267,10 +290,12 @@ def _no_guide(*args, **kwargs) -> None:
     """The models enumerate their alignments: no guide, the ELBO is ``log p(y | x)``."""
 
 
-def pyro_log_likelihood(model: Callable, max_plate_nesting: int, *args) -> torch.Tensor:
-    """Exact ``log p(y | x)`` (summed over the batch) of a model with every alignment
-    enumerated, from ``TraceEnum_ELBO``."""
-    elbo = TraceEnum_ELBO(max_plate_nesting=max_plate_nesting)
+def pyro_log_likelihood(
+    model: Callable, max_plate_nesting: int, *args, elbo_class: type = TraceEnum_ELBO
+) -> torch.Tensor:
+    """Exact ``log p(y | x)`` (summed over the batch) of a model whose alignments are
+    enumerated (``TraceEnum_ELBO``) or summed out inside it (``Trace_ELBO`` suffices)."""
+    elbo = elbo_class(max_plate_nesting=max_plate_nesting)
     if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         # differentiable_loss refuses a loss without a graph
         return torch.tensor(-elbo.loss(model, _no_guide, *args))
@@ -288,8 +313,11 @@ class WordAligner(abc.ABC):
         smoothing: added to every expected count in the M-step.
     """
 
-    #: Pyro plates the model declares (``TraceEnum_ELBO``'s ``max_plate_nesting``)
+    #: Pyro plates the model declares (the ELBO's ``max_plate_nesting``)
     max_plate_nesting: int = 1
+    #: the Pyro ELBO giving the exact ``log p(y | x)``: ``TraceEnum_ELBO`` when the model
+    #: enumerates its alignments, ``Trace_ELBO`` when it sums them out itself
+    elbo_class: type = TraceEnum_ELBO
 
     def __init__(self, backend: str = "torch", max_cells: int = 2_000_000,
                  smoothing: float = 1e-3) -> None:
@@ -351,7 +379,8 @@ class WordAligner(abc.ABC):
     def log_likelihood(self, batch: AlignmentBatch, table: torch.Tensor) -> torch.Tensor:
         """``log p(y | x)`` summed over the batch, by the chosen backend."""
         if self.backend == "pyro":
-            return pyro_log_likelihood(self.model, self.max_plate_nesting, batch, table)
+            return pyro_log_likelihood(self.model, self.max_plate_nesting, batch, table,
+                                       elbo_class=self.elbo_class)
         return self.exact_log_likelihood(batch, table).sum()
 
     def fit(self, pairs: Sequence[Pair], epochs: int = 5, learning_rate: float = 0.1,
@@ -520,6 +549,8 @@ class HMMAligner(WordAligner):
         **kwargs: see :class:`WordAligner`.
     """
 
+    elbo_class = Trace_ELBO  # the model sums its alignment chain out: nothing to enumerate
+
     def __init__(self, max_jump: int = 7, null_probability: float = 0.2, **kwargs) -> None:
         super().__init__(**kwargs)
         if isinstance(max_jump, bool) or not isinstance(max_jump, int) or max_jump < 1:
@@ -545,7 +576,12 @@ class HMMAligner(WordAligner):
         return alignment.positions(alignment.argmax)
 
     def pyro_viterbi(self, batch, table):
-        decoded = infer_discrete(self.model, first_available_dim=-2, temperature=0)
+        # the collapsed training model has no alignment site: decode the written-out chain
+        decoded = infer_discrete(
+            functools.partial(hmm_markov_model, jump_scores=self.jump_scores.detach(),
+                              null_probability=self.null_probability),
+            first_available_dim=-2, temperature=0,
+        )
         trace = pyro.poutine.trace(decoded).get_trace(batch, table)
         num_sources = batch.source.shape[1]
         states = torch.stack(
