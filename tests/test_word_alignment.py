@@ -13,6 +13,9 @@ from structattn.models.word_alignment import (
     IBM1Aligner,
     WordAligner,
     grow_diag_final_and,
+    hmm_markov_model,
+    hmm_model,
+    pyro_log_likelihood,
     register_aligner,
     train_aligner,
 )
@@ -128,6 +131,27 @@ def test_pyro_model_and_hand_written_baseline_train_to_the_same_table(name):
     torch.testing.assert_close(pyro_aligner.log_t, torch_aligner.log_t, atol=1e-4, rtol=1e-4)
     pairs = _pairs(8, seed=2)
     assert pyro_aligner.align(pairs) == torch_aligner.align(pairs)
+
+
+def test_collapsed_pyro_hmm_equals_the_enumerated_markov_chain_in_value_and_gradient():
+    """The training model (chain summed by HMMAlignment, Trace_ELBO) against the chain written
+    out with one enumerated site per word (TraceEnum_ELBO's own contraction)."""
+    import pyro
+
+    aligner = _trained("hmm", "torch")
+    batch = aligner.batches(_pairs(10, seed=3))[0]
+    values, grads = [], []
+    for model, elbo in ((hmm_model, pyro.infer.Trace_ELBO),
+                        (hmm_markov_model, pyro.infer.TraceEnum_ELBO)):
+        table = aligner.table(batch).double().requires_grad_(True)
+        jumps = aligner.jump_scores.detach().double().requires_grad_(True)
+        value = pyro_log_likelihood(model, 1, batch, table, jumps, aligner.null_probability,
+                                    elbo_class=elbo)
+        values.append(value)
+        grads.append(torch.autograd.grad(value, [table, jumps]))
+    torch.testing.assert_close(values[0], values[1], rtol=1e-9, atol=1e-9)
+    for ours, theirs in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-8, atol=1e-9)
 
 
 def test_em_raises_the_likelihood_and_learns_the_reversal():

@@ -262,7 +262,7 @@ def hmm_markov_model(
     )
     emissions = state_emissions(table, num_sources)
     num_states = emissions.shape[-1]
-    flat = dist.Categorical(logits=torch.zeros(num_states))
+    flat = dist.Categorical(logits=table.new_zeros(num_states))
     # the flat prior's -log(states) per step is given back in the move's factor
     log_states = math.log(num_states)
     start = start + log_states
