@@ -12,6 +12,7 @@ from structattn.models.word_alignment import (
     HMMAligner,
     IBM1Aligner,
     WordAligner,
+    fit_by_agreement,
     grow_diag_final_and,
     hmm_markov_model,
     hmm_model,
@@ -166,6 +167,31 @@ def test_em_raises_the_likelihood_and_learns_the_reversal():
     total = sum(len(pair[0]) for pair in pairs)
     assert correct / total > 0.9
     assert aligner.align(pairs, "posterior", threshold=0.5)
+
+
+def test_training_by_agreement_learns_the_reversal_in_both_directions():
+    pairs = _pairs(60)
+    forward, backward = fit_by_agreement(IBM1Aligner(), IBM1Aligner(), pairs, epochs=3)
+    hmm = (HMMAligner(max_jump=3), HMMAligner(max_jump=3))
+    for aligner, start in zip(hmm, (forward, backward), strict=True):
+        aligner.source_vocab, aligner.target_vocab, aligner.log_t = (
+            start.source_vocab, start.target_vocab, start.log_t)
+    fit_by_agreement(*hmm, pairs, epochs=3)
+    forward_links = hmm[0].align(pairs, "viterbi")
+    backward_links = [{(s, t) for t, s in found}
+                      for found in hmm[1].align([(t, s) for s, t in pairs], "viterbi")]
+    for found in (forward_links, backward_links):
+        correct = sum(len(source) - 1 - t == s for (source, _), links in zip(pairs, found,
+                                                                            strict=True)
+                      for s, t in links)
+        assert correct / sum(len(source) for source, _ in pairs) > 0.9
+
+
+def test_agreement_needs_pairs_and_non_negative_epochs():
+    with pytest.raises(ValueError, match="epochs"):
+        fit_by_agreement(IBM1Aligner(), IBM1Aligner(), _pairs(), epochs=-1)
+    with pytest.raises(ValueError, match="pairs"):
+        fit_by_agreement(IBM1Aligner(), IBM1Aligner(), [], epochs=1)
 
 
 def test_unknown_words_align_without_error():

@@ -50,6 +50,7 @@ __all__ = [
     "TokenVocab",
     "WordAligner",
     "emission_table",
+    "fit_by_agreement",
     "grow_diag_final_and",
     "hmm_log_likelihood",
     "hmm_markov_model",
@@ -414,17 +415,38 @@ class WordAligner(abc.ABC):
                 log_every(epoch, total)
         return self
 
-    def posteriors(self, pairs: Sequence[Pair]) -> list[torch.Tensor]:
-        """Per pair, ``(T, S + 1)`` posterior link probabilities (last column NULL)."""
+    def posteriors(
+        self, pairs: Sequence[Pair], optimizer: torch.optim.Optimizer | None = None
+    ) -> list[torch.Tensor]:
+        """Per pair, ``(T, S + 1)`` posterior link probabilities (last column NULL).
+
+        With ``optimizer`` (over :meth:`parameters`) it also takes one ascent step of
+        ``log p(y | x)`` per batch, as :meth:`fit` does.
+        """
         result: list[torch.Tensor | None] = [None] * len(pairs)
+        parameters = self.parameters() if optimizer is not None else []
         for batch in self.batches(pairs):
             table = self.table(batch).requires_grad_(True)
-            (posterior,) = torch.autograd.grad(self.log_likelihood(batch, table), [table])
+            posterior, *grads = torch.autograd.grad(
+                self.log_likelihood(batch, table), [table] + parameters)
+            if optimizer is not None:
+                for parameter, grad in zip(parameters, grads, strict=True):
+                    parameter.grad = -grad
+                optimizer.step()
             for row, index in enumerate(batch.indices):
                 s, t = int(batch.source_lengths[row]), int(batch.target_lengths[row])
                 keep = list(range(s)) + [posterior.shape[-1] - 1]
                 result[index] = posterior[row, :t, keep].detach()
         return result
+
+    def add_counts(self, counts: torch.Tensor, pair: Pair, posterior: torch.Tensor) -> None:
+        """Add one pair's ``(T, S + 1)`` expected link counts to ``counts[source, target]``."""
+        source = self.source_vocab.encode(pair[0]) + [self.source_vocab.null_id]
+        target = self.target_vocab.encode(pair[1])
+        rows = torch.tensor(source).unsqueeze(0).expand(posterior.shape)
+        columns = torch.tensor(target).unsqueeze(1).expand(posterior.shape)
+        counts.index_put_((rows.reshape(-1), columns.reshape(-1)), posterior.reshape(-1),
+                          accumulate=True)
 
     def viterbi(self, pairs: Sequence[Pair]) -> list[torch.Tensor]:
         """Per pair, ``(T,)`` best source position per target word (``S`` = NULL)."""
@@ -622,6 +644,54 @@ def train_aligner(
         aligner.source_vocab, aligner.target_vocab = start.source_vocab, start.target_vocab
         aligner.log_t = start.log_t
     return aligner.fit(pairs, epochs)
+
+
+def fit_by_agreement(
+    forward: WordAligner,
+    backward: WordAligner,
+    pairs: Sequence[Pair],
+    epochs: int = 5,
+    learning_rate: float = 0.1,
+    log_every: Callable[[int, float], None] | None = None,
+) -> tuple[WordAligner, WordAligner]:
+    """Alignment by agreement (Liang, Taskar & Klein 2006): EM for both directions at once.
+
+    Each E-step computes both directions' link posteriors for every pair; the expected count
+    of a link is their product (the two models must agree on it), NULL keeps each direction's
+    own posterior. Each aligner keeps its translation table (``forward`` on ``pairs``,
+    ``backward`` on the reversed pairs) and its own gradient steps on :meth:`parameters`.
+
+    Args:
+        forward, backward: aligners, trained or not (an untrained one starts uniform).
+        pairs: ``(source, target)`` token lists; ``backward`` sees them reversed.
+        log_every: called with ``(epoch, expected number of links the two agree on)``.
+    """
+    if epochs < 0:
+        raise ValueError(f"epochs must be non-negative, got {epochs}")
+    if not pairs:
+        raise ValueError("pairs must hold at least one sentence pair")
+    reversed_pairs = [(target, source) for source, target in pairs]
+    for aligner, data in ((forward, pairs), (backward, reversed_pairs)):
+        if aligner.log_t is None:
+            aligner.initialize(data)
+    optimizers = [torch.optim.Adam(a.parameters(), lr=learning_rate) if a.parameters() else None
+                  for a in (forward, backward)]
+    for epoch in range(epochs):
+        ahead = forward.posteriors(pairs, optimizers[0])
+        behind = backward.posteriors(reversed_pairs, optimizers[1])
+        counts = [torch.zeros_like(forward.log_t), torch.zeros_like(backward.log_t)]
+        agreed_links = 0.0
+        for pair, reverse, mine, theirs in zip(pairs, reversed_pairs, ahead, behind,
+                                               strict=True):
+            agreed = mine[:, :-1] * theirs[:, :-1].T  # (T, S)
+            agreed_links += float(agreed.sum())
+            forward.add_counts(counts[0], pair, torch.cat([agreed, mine[:, -1:]], 1))
+            backward.add_counts(counts[1], reverse, torch.cat([agreed.T, theirs[:, -1:]], 1))
+        forward.log_t = _normalize(counts[0], forward.log_t, forward.smoothing)
+        backward.log_t = _normalize(counts[1], backward.log_t, backward.smoothing)
+        if log_every is not None:
+            log_every(epoch, agreed_links)
+    return forward, backward
 
 
 # -------------------------------------------------------------------------- symmetrisation
