@@ -384,3 +384,13 @@ def test_expand_broadcasts_the_fast_path():
     torch.testing.assert_close(expanded.log_partition, dist.log_partition.expand(3, 2))
     torch.testing.assert_close(expanded.attention, dist.attention.expand(3, 2, -1, -1))
     assert expanded.potentials.shape[:2] == (3, 2)
+
+
+@pytest.mark.parametrize("scale", [1.0, 3000.0])
+def test_attention_works_under_inference_mode_on_every_route(scale):
+    generator = torch.Generator().manual_seed(3)
+    emissions = scale * torch.randn(2, 4, 6, generator=generator)
+    expected = HMMAlignment(torch.zeros(5), emissions, null_probability=0.2).attention
+    with torch.inference_mode():
+        found = HMMAlignment(torch.zeros(5), emissions, null_probability=0.2).attention
+    torch.testing.assert_close(found, expected)

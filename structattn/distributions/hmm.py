@@ -532,7 +532,8 @@ class HMMAlignment(LinearChainCRF):
             isinstance(a, torch.Tensor) and a.requires_grad for a in arguments
         )
         shape = (self.batch_shape.numel(), emissions.shape[-2], self.num_states)
-        with torch.enable_grad():
+        # under inference mode too: the marginals are a gradient
+        with torch.inference_mode(False), torch.enable_grad():
             probe = torch.zeros(shape, dtype=computation_dtype(emissions.dtype),
                                 device=emissions.device, requires_grad=True)
             (nodes,) = torch.autograd.grad(
