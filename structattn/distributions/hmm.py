@@ -278,6 +278,15 @@ def _forbidden_score(jump_scores: torch.Tensor, emissions: torch.Tensor, num_sou
     return -(2 * steps + 2) * (2 * spread + num_sources + 10) - 1e4
 
 
+def _lengths(lengths, batch_shape, max_length, validate, name, device) -> torch.Tensor:
+    """:func:`check_lengths`, skipped for int64 lengths of the batch shape when not
+    validating (the aligner's training loop builds one distribution per batch)."""
+    if (not validate and isinstance(lengths, torch.Tensor) and lengths.dtype == torch.long
+            and lengths.shape == batch_shape and lengths.device == device):
+        return lengths
+    return check_lengths(lengths, batch_shape, max_length, validate, name=name, device=device)
+
+
 def _take(tensor: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
     """``tensor[rows]``; ``rows=None`` means every row (no copy), and ``None`` stays ``None``."""
     return tensor if rows is None or tensor is None else tensor[rows]
@@ -364,9 +373,8 @@ class HMMAlignment(LinearChainCRF):
                 f"T, S >= 1, got {tuple(emission_log_likelihoods.shape)}"
             )
         try:
-            batch_shape = torch.broadcast_shapes(
-                jump_scores.shape[:-1], torch.Size(emission_batch)
-            )
+            batch_shape = torch.Size(emission_batch) if jump_scores.dim() == 1 else (
+                torch.broadcast_shapes(jump_scores.shape[:-1], torch.Size(emission_batch)))
         except RuntimeError as err:
             raise ValueError(
                 f"the batch dims of jump_scores {tuple(jump_scores.shape[:-1])} and "
@@ -376,19 +384,18 @@ class HMMAlignment(LinearChainCRF):
         self.emission_log_likelihoods = emission_log_likelihoods.expand(
             batch_shape + (num_targets, num_columns)
         )
-        self.source_lengths = check_lengths(
-            source_lengths, batch_shape, num_sources, validate, name="source_lengths",
-            device=jump_scores.device,
+        self.source_lengths = _lengths(
+            source_lengths, batch_shape, num_sources, validate, "source_lengths",
+            jump_scores.device,
         )
         self.max_jump = num_buckets // 2
         self.num_sources = num_sources
         self.has_null = has_null
         self.null_probability = null_probability
-        lengths = check_lengths(
-            target_lengths, batch_shape, num_targets, validate, name="target_lengths",
-            device=jump_scores.device,
+        self.lengths = _lengths(
+            target_lengths, batch_shape, num_targets, validate, "target_lengths",
+            jump_scores.device,
         )
-        self.lengths = lengths
         self.num_states = num_sources * (2 if has_null else 1)
         self._chain: tuple[torch.Tensor, torch.Tensor] | None = None
         # LinearChainCRF's constructor would build the (T-1, C, C) potentials now; they are
@@ -445,9 +452,9 @@ class HMMAlignment(LinearChainCRF):
         else:
             jumps = jumps.reshape(batch, -1)
         null = None
-        if self.has_null:
-            log_null, _ = _log_probability(self.null_probability, jumps, "null_probability")
-            null = log_null.exp().expand(self.batch_shape).reshape(batch)
+        if self.has_null:  # checked in (0, 1) by the constructor
+            null = torch.as_tensor(self.null_probability, dtype=dtype, device=jumps.device)
+            null = null.expand(self.batch_shape).reshape(batch)
         return (jumps, emissions, self.source_lengths.reshape(batch),
                 self.lengths.reshape(batch), null)
 
