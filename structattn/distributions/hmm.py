@@ -7,18 +7,19 @@ translation"), forward or backward. Och & Ney (2003, "A systematic comparison of
 statistical alignment models") add one NULL state per source position: entering NULL keeps the
 position it left, so the jump after an unaligned word is measured from the last real one.
 
-Summing the alignment out is the linear-chain dynamic program of
-:mod:`structattn.distributions.chain`, so ``log_partition``, marginals, Viterbi, exact samples,
-``log_prob`` and entropy all come from it.
+The alignment is a linear chain (:mod:`structattn.distributions.chain`): Viterbi, exact
+samples, ``log_prob`` and entropy run the chain's dynamic program on its ``(T-1, C, C)``
+potentials, built on first use.
 
-The likelihood and the marginals, the training path, take a faster route
-(:func:`scaled_forward`): the transitions depend only on the jump width and the source length,
-so one ``(S, S)`` matrix per sentence serves every step; the forward recursion runs in
-probability space (a matrix-vector product per step, renormalized, the log of the scales
-summed), NULL states cost one product with the previous distribution instead of doubling the
-matrix, and the marginals are the gradient of ``log Z`` (autograd runs the backward
-recursion). A check on the accumulated scales says when underflow could have cost accuracy;
-those sequences are summed again in log space by the chain's program.
+``log_partition`` and the marginals, the training path, never build them
+(:func:`scaled_forward`): the moves depend only on the jump width and the source length, so
+one ``(S, S)`` matrix per sentence serves every step; the forward recursion runs in
+probability space (a vector-matrix product per step, renormalized, the logs of the scales
+summed); NULL states cost one product with the previous distribution instead of doubling the
+matrix; the marginals are the gradient of ``log Z`` (autograd runs the backward recursion).
+:func:`scaled_forward_is_exact` proves from the inputs that nothing can underflow; a sequence
+it rejects in the emissions' dtype is run in float64, and one it rejects there goes through
+the chain's log-space program, so no route is silently inexact.
 """
 
 from __future__ import annotations
