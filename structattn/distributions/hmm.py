@@ -451,7 +451,7 @@ class HMMAlignment(LinearChainCRF):
         if batch > 0 and all(s == 0 for s in jumps.stride()[:-1]):
             jumps = jumps[(0,) * (jumps.dim() - 1)].unsqueeze(0)
         else:
-            jumps = jumps.reshape(batch, -1)
+            jumps = jumps.reshape(batch, jumps.shape[-1])
         null = None
         if self.has_null:  # checked in (0, 1) by the constructor
             null = torch.as_tensor(self.null_probability, dtype=dtype, device=jumps.device)
