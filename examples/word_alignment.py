@@ -36,7 +36,6 @@ import torch
 from structattn.app.metrics import alignment_error_rate
 from structattn.data.bible import load_bible
 from structattn.models.word_alignment import (
-    M_STEPS,
     SYMMETRIZERS,
     HMMAligner,
     IBM1Aligner,
@@ -71,8 +70,7 @@ def score(name, links, pairs, results=None):
 
 def train_by_agreement(args, pairs):
     """Both directions at once, IBM Model 1 then the HMM, each stage by agreement."""
-    options = dict(backend=args.backend, max_cells=args.max_cells, smoothing=args.smoothing,
-                   m_step=args.m_step)
+    options = dict(backend=args.backend, max_cells=args.max_cells, smoothing=args.smoothing)
 
     def progress(model):
         return lambda epoch, links: logging.info(
@@ -98,8 +96,7 @@ def train_direction(args, pairs, direction):
         return lambda epoch, value: logging.info(
             "%s %s epoch %d  log p(y|x) = %.1f", direction, model, epoch, value)
 
-    options = dict(backend=args.backend, max_cells=args.max_cells, smoothing=args.smoothing,
-                   m_step=args.m_step)
+    options = dict(backend=args.backend, max_cells=args.max_cells, smoothing=args.smoothing)
     ibm1 = IBM1Aligner(**options).fit(pairs, args.ibm1_epochs, log_every=progress("ibm1"))
     hmm = HMMAligner(max_jump=args.max_jump, null_probability=args.null_probability, **options)
     hmm.source_vocab, hmm.target_vocab, hmm.log_t = ibm1.source_vocab, ibm1.target_vocab, ibm1.log_t
@@ -182,9 +179,6 @@ def parse_args(argv=None):
                         help="HMM probability of moving to a NULL state")
     parser.add_argument("--smoothing", type=float, default=1e-3,
                         help="added to every expected count in the M-step")
-    parser.add_argument("--m-step", choices=sorted(M_STEPS), default="additive",
-                        help="M-step of the translation table (--smoothing is the Dirichlet "
-                             "concentration for variational-bayes)")
     parser.add_argument("--learning-rate", type=float, default=0.1,
                         help="Adam step size of the jump scores")
     parser.add_argument("--threshold", type=float, default=0.5,

@@ -8,7 +8,6 @@ import torch
 
 from structattn.models.word_alignment import (
     ALIGNERS,
-    M_STEPS,
     SYMMETRIZERS,
     HMMAligner,
     IBM1Aligner,
@@ -195,27 +194,6 @@ def test_agreement_needs_pairs_and_non_negative_epochs():
         fit_by_agreement(IBM1Aligner(), IBM1Aligner(), [], epochs=1)
 
 
-def test_variational_bayes_m_step_discounts_counts_by_the_digamma_of_the_dirichlet_posterior():
-    counts = torch.tensor([[0.0, 3.0, 1.0, 0.0]])
-    log_t = M_STEPS["variational-bayes"](counts, 0.5)
-    expected = [math.exp(torch.special.digamma(torch.tensor(c + 0.5)).item()
-                         - torch.special.digamma(torch.tensor(6.0)).item())
-                for c in counts[0].tolist()]
-    torch.testing.assert_close(log_t.exp()[0], torch.tensor(expected))
-    # a count of 3 keeps more of its mass than a count of 1: the rare link is discounted more
-    additive = M_STEPS["additive"](counts, 0.5).exp()[0]
-    assert log_t.exp()[0, 1] / additive[1] > log_t.exp()[0, 2] / additive[2]
-
-
-def test_variational_bayes_aligner_learns_the_reversal():
-    pairs = _pairs(60)
-    aligner = train_aligner("hmm", pairs, epochs=3, initial_epochs=3,
-                            m_step="variational-bayes", smoothing=0.01)
-    correct = sum(len(pair[0]) - 1 - t == s for pair, found in zip(
-        pairs, aligner.align(pairs), strict=True) for s, t in found)
-    assert correct / sum(len(pair[0]) for pair in pairs) > 0.9
-
-
 def test_unknown_words_align_without_error():
     aligner = train_aligner("hmm", _pairs(), epochs=1, initial_epochs=1)
     links = aligner.align([(["never", "seen"], ["nunca", "visto", "y0"])])
@@ -249,7 +227,6 @@ def test_registry_accepts_user_aligners_and_rejects_unknown_names():
     (dict(backend="jax"), "backend"),
     (dict(null_probability=1.0), "null_probability"),
     (dict(max_jump=0), "max_jump"),
-    (dict(m_step="mode"), "m_step"),
 ])
 def test_bad_arguments_raise_value_errors_naming_them(kwargs, match):
     with pytest.raises(ValueError, match=match):

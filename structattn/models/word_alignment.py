@@ -47,7 +47,6 @@ __all__ = [
     "AlignmentBatch",
     "HMMAligner",
     "IBM1Aligner",
-    "M_STEPS",
     "TokenVocab",
     "WordAligner",
     "emission_table",
@@ -313,8 +312,6 @@ class WordAligner(abc.ABC):
             under ``TraceEnum_ELBO``, Viterbi by ``infer_discrete``); both give the same numbers.
         max_cells: batch size budget (see :func:`make_batches`).
         smoothing: added to every expected count in the M-step.
-        m_step: a key of :data:`M_STEPS`: ``"additive"`` (maximum likelihood of smoothed
-            counts) or ``"variational-bayes"`` (``smoothing`` is the Dirichlet concentration).
     """
 
     #: Pyro plates the model declares (the ELBO's ``max_plate_nesting``)
@@ -324,7 +321,7 @@ class WordAligner(abc.ABC):
     elbo_class: type = TraceEnum_ELBO
 
     def __init__(self, backend: str = "torch", max_cells: int = 2_000_000,
-                 smoothing: float = 1e-3, m_step: str = "additive") -> None:
+                 smoothing: float = 1e-3) -> None:
         if backend not in ("torch", "pyro"):
             raise ValueError(f"backend must be 'torch' or 'pyro', got {backend!r}")
         if max_cells < 1:
@@ -333,10 +330,7 @@ class WordAligner(abc.ABC):
             raise ValueError(f"smoothing must be non-negative, got {smoothing}")
         self.backend = backend
         self.max_cells = max_cells
-        if m_step not in M_STEPS:
-            raise ValueError(f"m_step must be one of {sorted(M_STEPS)}, got {m_step!r}")
         self.smoothing = smoothing
-        self.m_step = m_step
         self.source_vocab: TokenVocab | None = None
         self.target_vocab: TokenVocab | None = None
         self.log_t: torch.Tensor | None = None
@@ -416,7 +410,7 @@ class WordAligner(abc.ABC):
                         parameter.grad = -grad
                     optimizer.step()
                 total += value.item()
-            self.log_t = _normalize(counts, self.log_t, self.smoothing, self.m_step)
+            self.log_t = _normalize(counts, self.log_t, self.smoothing)
             if log_every is not None:
                 log_every(epoch, total)
         return self
@@ -518,34 +512,14 @@ def _add_counts(counts: torch.Tensor, batch: AlignmentBatch, posterior: torch.Te
                       posterior.detach().reshape(-1), accumulate=True)
 
 
-def additive_m_step(counts: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """Maximum likelihood with ``smoothing`` added to every count: ``log t(y | x)``."""
-    smoothed = counts + smoothing
-    return smoothed.log() - smoothed.sum(-1, keepdim=True).log()
-
-
-def variational_bayes_m_step(counts: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """Variational Bayes under a symmetric Dirichlet prior of concentration ``smoothing``
-    (Riley & Gildea 2012): ``psi(c + a) - psi(sum c + V a)``. ``exp(psi(c)) ~ c - 1/2``
-    discounts every count, so a rare source word no longer explains many target words."""
-    smoothed = counts + smoothing
-    return torch.digamma(smoothed) - torch.digamma(smoothed.sum(-1, keepdim=True))
-
-
-#: name -> M-step ``(counts (source, target), smoothing) -> log t(y | x)``; add your own
-M_STEPS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
-    "additive": additive_m_step,
-    "variational-bayes": variational_bayes_m_step,
-}
-
-
-def _normalize(counts: torch.Tensor, previous: torch.Tensor, smoothing: float,
-               m_step: str = "additive") -> torch.Tensor:
+def _normalize(counts: torch.Tensor, previous: torch.Tensor, smoothing: float) -> torch.Tensor:
     """M-step: ``log t(y | x)`` from expected counts; rows never counted keep ``previous``."""
     counts = counts.clone()
     counts[:, 0] = 0.0  # the unknown target word is never generated
     seen = counts.sum(-1, keepdim=True) > 0
-    return torch.where(seen, M_STEPS[m_step](counts, smoothing), previous)
+    smoothed = counts + smoothing
+    log_t = smoothed.log() - smoothed.sum(-1, keepdim=True).log()
+    return torch.where(seen, log_t, previous)
 
 
 _ALIGNERS: dict[str, type[WordAligner]] = {}
@@ -666,8 +640,7 @@ def train_aligner(
         raise ValueError("pairs must hold at least one sentence pair")
     if not isinstance(aligner, IBM1Aligner) and initial_epochs > 0:
         start = IBM1Aligner(backend=aligner.backend, max_cells=aligner.max_cells,
-                            smoothing=aligner.smoothing, m_step=aligner.m_step).fit(
-            pairs, initial_epochs)
+                            smoothing=aligner.smoothing).fit(pairs, initial_epochs)
         aligner.source_vocab, aligner.target_vocab = start.source_vocab, start.target_vocab
         aligner.log_t = start.log_t
     return aligner.fit(pairs, epochs)
@@ -714,9 +687,8 @@ def fit_by_agreement(
             agreed_links += float(agreed.sum())
             forward.add_counts(counts[0], pair, torch.cat([agreed, mine[:, -1:]], 1))
             backward.add_counts(counts[1], reverse, torch.cat([agreed.T, theirs[:, -1:]], 1))
-        forward.log_t = _normalize(counts[0], forward.log_t, forward.smoothing, forward.m_step)
-        backward.log_t = _normalize(counts[1], backward.log_t, backward.smoothing,
-                                    backward.m_step)
+        forward.log_t = _normalize(counts[0], forward.log_t, forward.smoothing)
+        backward.log_t = _normalize(counts[1], backward.log_t, backward.smoothing)
         if log_every is not None:
             log_every(epoch, agreed_links)
     return forward, backward
