@@ -14,12 +14,14 @@ test books; :mod:`structattn.data.bible`). Both models live in
 Training is EM with ``TraceEnum_ELBO``'s exact ``log p(y | x)``: its gradient with respect to
 the emission table is the posterior of every link, the expected counts. Viterbi alignments come
 from ``infer_discrete``; posterior alignments keep links whose posterior is >= ``--threshold``.
-Both directions are trained and symmetrised (intersection, grow-diag-final-and, and the average
-of the two directions' posteriors with a threshold chosen on the dev books). Following the
+Both directions are trained (apart, or together by agreement: Liang, Taskar & Klein 2006) and
+symmetrised (intersection, grow-diag-final-and, and the average of the two directions'
+posteriors with a threshold chosen on the dev books). Following the
 project's convention, a link is judged when its Spanish word carries a reference link
 (untagged words have no reference); the AER over all words is reported too (``aer_all``).
 
     python examples/word_alignment.py                 # 5,000 verses, both models, both directions
+    python examples/word_alignment.py --agreement     # the directions trained by agreement
     python examples/word_alignment.py --backend torch # the hand-written baseline, same numbers
     python examples/word_alignment.py --smoke-test
 """
