@@ -8,11 +8,13 @@ test books; :mod:`structattn.data.bible`). Both models live in
 * IBM Model 1: ``z_t ~ CategoricalAlignment`` (uniform over the source words and NULL),
   enumerated by ``TraceEnum_ELBO``; the target word is observed through
   ``sa.infer.observe_alignment_emission`` from a precomputed ``(pairs, T, S + 1)`` table;
-* the HMM aligner: one enumerated site per target word under ``pyro.markov``, the transition
-  row read at the previous state with ``sa.infer.gather_along`` (Vogel jumps, Och & Ney NULL).
+* the HMM aligner (Vogel jumps, Och & Ney NULL): the alignment chain summed out inside the
+  model by ``sa.HMMAlignment`` (one factor per pair, ``Trace_ELBO``), and for Viterbi the same
+  chain written out with one enumerated site per word under ``pyro.markov`` (the transition row
+  read at the previous state with ``sa.infer.gather_along``).
 
-Training is EM with ``TraceEnum_ELBO``'s exact ``log p(y | x)``: its gradient with respect to
-the emission table is the posterior of every link, the expected counts. Viterbi alignments come
+Training is EM with the ELBO's exact ``log p(y | x)``: its gradient with respect to the
+emission table is the posterior of every link, the expected counts. Viterbi alignments come
 from ``infer_discrete``; posterior alignments keep links whose posterior is >= ``--threshold``.
 Both directions are trained (apart, or together by agreement: Liang, Taskar & Klein 2006) and
 symmetrised (intersection, grow-diag-final-and, and the average of the two directions'
