@@ -188,7 +188,7 @@ def parse_args(argv=None):
     parser.add_argument("--threshold", type=float, default=0.5,
                         help="posterior decoding keeps links with posterior >= this")
     parser.add_argument("--thresholds", type=float, nargs="+",
-                        default=[0.2, 0.3, 0.4, 0.5, 0.6],
+                        default=[0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6],
                         help="posterior-average thresholds tried on dev (best one scored on test)")
     parser.add_argument("--symmetrize", nargs="+", default=["intersection", "grow-diag-final-and"],
                         choices=sorted(SYMMETRIZERS), help="ways to combine the two directions")
