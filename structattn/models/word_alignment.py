@@ -310,7 +310,8 @@ class WordAligner(abc.ABC):
 
     Args:
         backend: ``"torch"`` (hand-written exact computations) or ``"pyro"`` (the Pyro model
-            under ``TraceEnum_ELBO``, Viterbi by ``infer_discrete``); both give the same numbers.
+            under :attr:`elbo_class`, Viterbi by ``infer_discrete``); both give the same
+            numbers.
         max_cells: batch size budget (see :func:`make_batches`).
         smoothing: added to every expected count in the M-step.
     """
