@@ -8,15 +8,17 @@ source word ``x_{z_t}`` (or by NULL) through a translation table ``t(y | x)``,
   whose moves depend on the jump width, :class:`~structattn.distributions.hmm.HMMAlignment`.
 
 Each model is written twice over one shared emission table ``(batch, T, S + 1)`` (the last
-column NULL): a Pyro model under ``TraceEnum_ELBO``, which gives the exact ``log p(y | x)``,
-and a hand-written exact computation. IBM Model 1's alignment is an enumerated site; the HMM's
+column NULL): a Pyro model whose ELBO is the exact ``log p(y | x)`` and a hand-written exact
+computation. IBM Model 1's alignment is an enumerated site (``TraceEnum_ELBO``); the HMM's
 chain is summed out inside the model by :class:`HMMAlignment`'s forward algorithm (the fast
-path), and written out with one enumerated site per word (:func:`hmm_markov_model`) for
-``infer_discrete``'s Viterbi alignment. Training is EM, written once for both: the gradient
-of ``log p(y | x)`` with respect to the emission table is the posterior of every link (Eisner
-2016, "Inside-outside and forward-backward algorithms are just backprop"), so one backward
-pass yields the expected counts, and the M-step renormalizes them. The jump scores take an
-Adam step per batch.
+path; ``Trace_ELBO``), and written out with one enumerated site per word
+(:func:`hmm_markov_model`) for ``infer_discrete``'s Viterbi alignment.
+
+Training is EM, written once for both: the gradient of ``log p(y | x)`` with respect to the
+emission table is the posterior of every link (Eisner 2016, "Inside-outside and
+forward-backward algorithms are just backprop"), so one backward pass yields the expected
+counts, and the M-step renormalizes them. The jump scores take an Adam step per batch.
+:func:`fit_by_agreement` trains the two directions together (Liang et al. 2006).
 
 ``train_aligner(name, pairs) -> aligner``; ``aligner.align(pairs) -> list of link sets``;
 :data:`SYMMETRIZERS` combines the two directions.
