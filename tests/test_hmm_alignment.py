@@ -6,7 +6,14 @@ import math
 import pytest
 import torch
 
-from structattn.distributions.hmm import HMMAlignment, jump_buckets
+from structattn.distributions.chain import LinearChainCRF
+from structattn.distributions.hmm import (
+    HMMAlignment,
+    jump_buckets,
+    move_log_probabilities,
+    scaled_forward,
+    scaled_forward_is_exact,
+)
 from structattn.nn.hmm import HMMNormalizer
 
 SCALES = (1.0, 30.0, 100.0)
@@ -221,3 +228,169 @@ def test_normalizer_returns_an_hmm_alignment_over_the_scores():
 def test_normalizer_rejects_a_mask_that_is_not_a_prefix():
     with pytest.raises(ValueError, match="mask"):
         HMMNormalizer()(torch.randn(1, 2, 3), torch.tensor([True, False, True]))
+
+
+# ------------------------------------------------ the fast path and its exactness check
+def _random_chain(scale, dtype, null, seed=0, batch=4, num_targets=9, num_sources=6):
+    """A larger random batch with ragged source and target lengths."""
+    generator = torch.Generator().manual_seed(seed)
+    jumps = scale * torch.randn(5, generator=generator, dtype=torch.float64)
+    columns = num_sources + int(null)
+    emissions = scale * torch.randn(batch, num_targets, columns, generator=generator,
+                                    dtype=torch.float64)
+    source_lengths = torch.randint(1, num_sources + 1, (batch,), generator=generator)
+    target_lengths = torch.randint(1, num_targets + 1, (batch,), generator=generator)
+    source_lengths[0], target_lengths[0] = num_sources, num_targets
+    return HMMAlignment(jumps.to(dtype), emissions.to(dtype), target_lengths, source_lengths,
+                        null_probability=0.2 if null else None)
+
+
+def _log_space(dist):
+    """The same distribution summed by the log-space linear chain on its potentials."""
+    return LinearChainCRF(dist.potentials, lengths=dist.lengths,
+                          initial_potentials=dist.initial_potentials)
+
+
+@pytest.mark.parametrize("null", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", SCALES)
+def test_fast_path_equals_the_log_space_chain(scale, dtype, null):
+    dist = _random_chain(scale, dtype, null)
+    chain = _log_space(dist)
+    tolerance = _tolerance(dtype, scale)
+    torch.testing.assert_close(dist.log_partition.double(), chain.log_partition.double(),
+                               **tolerance)
+    atol = 1e-4 if dtype == torch.float32 else 1e-9
+    torch.testing.assert_close(dist.node_marginals.double(), chain.node_marginals.double(),
+                               rtol=0, atol=atol)
+
+
+def test_log_partition_and_attention_never_build_the_chain_potentials():
+    dist = _random_chain(1.0, torch.float32, True)
+    assert torch.isfinite(dist.log_partition).all()
+    assert torch.isfinite(dist.attention).all()
+    assert dist._chain is None
+    assert dist.argmax.shape == (4, 9)  # Viterbi still runs on the chain
+    assert dist._chain is not None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scaled_kernel_is_exact_where_its_check_passes(dtype):
+    dist = _random_chain(1.0, dtype, True, seed=4)
+    jumps, emissions, sources, targets, null = dist._flat_inputs()
+    log_moves = move_log_probabilities(jumps, sources, dist.num_sources)
+    inside = torch.arange(dist.num_sources) < sources.unsqueeze(-1)
+    inside = torch.cat([inside, torch.ones_like(inside[:, :1])], -1)
+    masked = emissions.masked_fill(~inside.unsqueeze(-2), -math.inf)
+    assert scaled_forward_is_exact(log_moves, masked, targets, null, dtype).all()
+    moves = log_moves.exp()
+    value = scaled_forward(moves[:, -1], moves[:, :-1], masked, targets, null)
+    torch.testing.assert_close(value.double(), _log_space(dist).log_partition.double(),
+                               **_tolerance(dtype, 1.0))
+
+
+def test_check_rejects_emissions_that_would_underflow_float32_and_the_result_stays_exact():
+    """Two source words whose emissions differ by 200 nats at every step: float32's scaled
+    forward would drop the weaker word (``exp(-200)`` is zero), the check sends the sequence
+    to float64, and a spread of 2000 nats sends it to the log-space chain."""
+    for spread, routes_float64 in ((200.0, True), (2000.0, False)):
+        emissions = torch.zeros(1, 3, 2)
+        emissions[..., 1] = -spread
+        jumps = torch.tensor([0.0, 0.0, 5.0])  # the forward jump (to the weak word) is likely
+        dist = HMMAlignment(jumps, emissions)
+        jumps64, table, sources, targets, _ = dist._flat_inputs()
+        log_moves = move_log_probabilities(jumps64, sources, 2)
+        assert not scaled_forward_is_exact(log_moves, table, targets, None, torch.float32)
+        assert bool(scaled_forward_is_exact(log_moves, table.double(), targets, None,
+                                            torch.float64)) == routes_float64
+        truth = _log_z(_brute_force_log_joint(jumps.double(), emissions[0].double(), None, 2, 3))
+        torch.testing.assert_close(dist.log_partition.double(), truth.view(1), rtol=1e-6,
+                                   atol=0)
+        posterior = dist.attention
+        assert torch.isfinite(posterior).all()
+        torch.testing.assert_close(posterior.sum(-1), torch.ones(1, 3))
+
+
+def _routes(dist):
+    """Per sequence, the first dtype whose scaled forward the check accepts (None: log space)."""
+    jumps, emissions, sources, targets, null = dist._flat_inputs()
+    log_moves = move_log_probabilities(jumps, sources, dist.num_sources)
+    inside = torch.arange(dist.num_sources) < sources.unsqueeze(-1)
+    inside = torch.cat([inside, inside[:, : emissions.shape[-1] - dist.num_sources]], -1)
+    masked = emissions.masked_fill(~inside.unsqueeze(-2), -math.inf)
+    routes = [None] * emissions.shape[0]
+    for dtype in (torch.float64, emissions.dtype):  # the cheaper one last: it wins
+        exact = scaled_forward_is_exact(log_moves, masked, targets, null, dtype)
+        routes = [dtype if ok else route for ok, route in zip(exact.tolist(), routes, strict=True)]
+    return routes
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_batch_mixing_every_route_matches_brute_force(dtype):
+    """Rows at scales 1, 60 and 3000 take the scaled forward in the input dtype, in float64
+    (for float32 inputs) and the log-space chain; each matches brute force."""
+    generator = torch.Generator().manual_seed(7)
+    scales = torch.tensor([1.0, 60.0, 3000.0], dtype=torch.float64).view(3, 1, 1)
+    emissions = scales * torch.randn(3, 3, 4, generator=generator, dtype=torch.float64)
+    jumps = torch.randn(3, generator=generator, dtype=torch.float64)
+    dist = HMMAlignment(jumps.to(dtype), emissions.to(dtype), null_probability=0.3,
+                        source_lengths=torch.tensor([3, 2, 3]))
+    assert _routes(dist) == [dtype, torch.float64, None]
+    for b in range(3):
+        truth = _brute_force_log_joint(jumps, emissions[b], 0.3, int(dist.source_lengths[b]), 3)
+        log_z = _log_z(truth)
+        scale = float(scales[b])
+        torch.testing.assert_close(dist.log_partition[b].double(), log_z,
+                                   **_tolerance(dtype, scale))
+        expected = torch.zeros(3, 4, dtype=torch.float64)
+        for z, score in truth.items():
+            for t, state in enumerate(z):
+                expected[t, min(state, 3)] += math.exp(score - log_z)
+        atol = 1e-4 if dtype == torch.float32 else 1e-9
+        torch.testing.assert_close(dist.attention[b].double(), expected, rtol=0, atol=atol)
+
+
+def test_gradients_pass_gradcheck_through_every_route():
+    generator = torch.Generator().manual_seed(2)
+    scales = torch.tensor([1.0, 60.0, 3000.0], dtype=torch.float64).view(3, 1, 1)
+    emissions = (scales * torch.randn(3, 3, 4, generator=generator, dtype=torch.float64))
+    emissions.requires_grad_(True)
+    jumps = torch.randn(3, generator=generator, dtype=torch.float64, requires_grad=True)
+
+    def log_z(jumps, emissions):
+        return HMMAlignment(jumps, emissions, null_probability=0.3).log_partition
+
+    assert _routes(HMMAlignment(jumps, emissions, null_probability=0.3)) == [
+        torch.float64, torch.float64, None]
+    assert torch.autograd.gradcheck(log_z, (jumps, emissions))
+
+
+def test_attention_is_differentiable_and_passes_gradcheck():
+    generator = torch.Generator().manual_seed(5)
+    jumps = torch.randn(5, dtype=torch.float64, generator=generator, requires_grad=True)
+    emissions = torch.randn(2, 3, 4, dtype=torch.float64, generator=generator,
+                            requires_grad=True)
+
+    def attention(jumps, emissions):
+        return HMMAlignment(jumps, emissions, source_lengths=torch.tensor([3, 2]),
+                            null_probability=0.2).attention
+
+    assert torch.autograd.gradcheck(attention, (jumps, emissions))
+
+
+def test_expand_broadcasts_the_fast_path():
+    dist = _random_chain(1.0, torch.float64, True, batch=2)
+    expanded = dist.expand((3, 2))
+    torch.testing.assert_close(expanded.log_partition, dist.log_partition.expand(3, 2))
+    torch.testing.assert_close(expanded.attention, dist.attention.expand(3, 2, -1, -1))
+    assert expanded.potentials.shape[:2] == (3, 2)
+
+
+@pytest.mark.parametrize("scale", [1.0, 3000.0])
+def test_attention_works_under_inference_mode_on_every_route(scale):
+    generator = torch.Generator().manual_seed(3)
+    emissions = scale * torch.randn(2, 4, 6, generator=generator)
+    expected = HMMAlignment(torch.zeros(5), emissions, null_probability=0.2).attention
+    with torch.inference_mode():
+        found = HMMAlignment(torch.zeros(5), emissions, null_probability=0.2).attention
+    torch.testing.assert_close(found, expected)

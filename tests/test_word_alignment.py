@@ -12,7 +12,11 @@ from structattn.models.word_alignment import (
     HMMAligner,
     IBM1Aligner,
     WordAligner,
+    fit_by_agreement,
     grow_diag_final_and,
+    hmm_markov_model,
+    hmm_model,
+    pyro_log_likelihood,
     register_aligner,
     train_aligner,
 )
@@ -130,6 +134,27 @@ def test_pyro_model_and_hand_written_baseline_train_to_the_same_table(name):
     assert pyro_aligner.align(pairs) == torch_aligner.align(pairs)
 
 
+def test_collapsed_pyro_hmm_equals_the_enumerated_markov_chain_in_value_and_gradient():
+    """The training model (chain summed by HMMAlignment, Trace_ELBO) against the chain written
+    out with one enumerated site per word (TraceEnum_ELBO's own contraction)."""
+    import pyro
+
+    aligner = _trained("hmm", "torch")
+    batch = aligner.batches(_pairs(10, seed=3))[0]
+    values, grads = [], []
+    for model, elbo in ((hmm_model, pyro.infer.Trace_ELBO),
+                        (hmm_markov_model, pyro.infer.TraceEnum_ELBO)):
+        table = aligner.table(batch).double().requires_grad_(True)
+        jumps = aligner.jump_scores.detach().double().requires_grad_(True)
+        value = pyro_log_likelihood(model, 1, batch, table, jumps, aligner.null_probability,
+                                    elbo_class=elbo)
+        values.append(value)
+        grads.append(torch.autograd.grad(value, [table, jumps]))
+    torch.testing.assert_close(values[0], values[1], rtol=1e-9, atol=1e-9)
+    for ours, theirs in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-8, atol=1e-9)
+
+
 def test_em_raises_the_likelihood_and_learns_the_reversal():
     pairs = _pairs(60)
     history = []
@@ -142,6 +167,31 @@ def test_em_raises_the_likelihood_and_learns_the_reversal():
     total = sum(len(pair[0]) for pair in pairs)
     assert correct / total > 0.9
     assert aligner.align(pairs, "posterior", threshold=0.5)
+
+
+def test_training_by_agreement_learns_the_reversal_in_both_directions():
+    pairs = _pairs(60)
+    forward, backward = fit_by_agreement(IBM1Aligner(), IBM1Aligner(), pairs, epochs=3)
+    hmm = (HMMAligner(max_jump=3), HMMAligner(max_jump=3))
+    for aligner, start in zip(hmm, (forward, backward), strict=True):
+        aligner.source_vocab, aligner.target_vocab, aligner.log_t = (
+            start.source_vocab, start.target_vocab, start.log_t)
+    fit_by_agreement(*hmm, pairs, epochs=3)
+    forward_links = hmm[0].align(pairs, "viterbi")
+    backward_links = [{(s, t) for t, s in found}
+                      for found in hmm[1].align([(t, s) for s, t in pairs], "viterbi")]
+    for found in (forward_links, backward_links):
+        correct = sum(len(source) - 1 - t == s for (source, _), links in zip(pairs, found,
+                                                                            strict=True)
+                      for s, t in links)
+        assert correct / sum(len(source) for source, _ in pairs) > 0.9
+
+
+def test_agreement_needs_pairs_and_non_negative_epochs():
+    with pytest.raises(ValueError, match="epochs"):
+        fit_by_agreement(IBM1Aligner(), IBM1Aligner(), _pairs(), epochs=-1)
+    with pytest.raises(ValueError, match="pairs"):
+        fit_by_agreement(IBM1Aligner(), IBM1Aligner(), [], epochs=1)
 
 
 def test_unknown_words_align_without_error():

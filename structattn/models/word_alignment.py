@@ -8,12 +8,17 @@ source word ``x_{z_t}`` (or by NULL) through a translation table ``t(y | x)``,
   whose moves depend on the jump width, :class:`~structattn.distributions.hmm.HMMAlignment`.
 
 Each model is written twice over one shared emission table ``(batch, T, S + 1)`` (the last
-column NULL): a Pyro model whose alignment is enumerated (``TraceEnum_ELBO`` gives the exact
-``log p(y | x)``, ``infer_discrete`` the Viterbi alignment) and a hand-written exact
-computation. Training is EM, written once for both: the gradient of ``log p(y | x)`` with
-respect to the emission table is the posterior of every link (Eisner 2016, "Inside-outside and
+column NULL): a Pyro model whose ELBO is the exact ``log p(y | x)`` and a hand-written exact
+computation. IBM Model 1's alignment is an enumerated site (``TraceEnum_ELBO``); the HMM's
+chain is summed out inside the model by :class:`HMMAlignment`'s forward algorithm (the fast
+path; ``Trace_ELBO``), and written out with one enumerated site per word
+(:func:`hmm_markov_model`) for ``infer_discrete``'s Viterbi alignment.
+
+Training is EM, written once for both: the gradient of ``log p(y | x)`` with respect to the
+emission table is the posterior of every link (Eisner 2016, "Inside-outside and
 forward-backward algorithms are just backprop"), so one backward pass yields the expected
 counts, and the M-step renormalizes them. The jump scores take an Adam step per batch.
+:func:`fit_by_agreement` trains the two directions together (Liang et al. 2006).
 
 ``train_aligner(name, pairs) -> aligner``; ``aligner.align(pairs) -> list of link sets``;
 :data:`SYMMETRIZERS` combines the two directions.
@@ -22,6 +27,7 @@ counts, and the M-step renormalizes them. The jump scores take an Adam step per 
 from __future__ import annotations
 
 import abc
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,7 +35,7 @@ from dataclasses import dataclass
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.infer import TraceEnum_ELBO, infer_discrete
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO, infer_discrete
 
 from structattn._registry import class_decorator
 from structattn.distributions.categorical import CategoricalAlignment
@@ -46,8 +52,10 @@ __all__ = [
     "TokenVocab",
     "WordAligner",
     "emission_table",
+    "fit_by_agreement",
     "grow_diag_final_and",
     "hmm_log_likelihood",
+    "hmm_markov_model",
     "hmm_model",
     "ibm1_log_likelihood",
     "ibm1_model",
@@ -223,7 +231,26 @@ def _hmm_alignment(batch, table, jump_scores, null_probability) -> HMMAlignment:
 def hmm_model(
     batch: AlignmentBatch, table: torch.Tensor, jump_scores: torch.Tensor, null_probability: float
 ) -> None:
-    """The HMM aligner in Pyro: one enumerated site per target word under ``pyro.markov``.
+    """The HMM aligner in Pyro, its alignment chain summed out by :class:`HMMAlignment`.
+
+    As Pyro's own ``DiscreteHMM`` does for its hidden chain, the model collapses the alignment:
+    the chain's forward algorithm (probability space, one ``(S, S)`` move matrix per sentence;
+    see :func:`~structattn.distributions.hmm.scaled_forward`) gives ``log p(y | x)``, observed
+    as one factor, and the ELBO has nothing left to enumerate (``Trace_ELBO`` suffices).
+    Its gradient with respect to ``table`` is the posterior of every link. The same chain
+    written with one enumerated site per target word, :func:`hmm_markov_model`, gives the same
+    numbers and decodes with ``infer_discrete``, at several times the cost per step.
+    """
+    alignment = _hmm_alignment(batch, table, jump_scores, null_probability)
+    # one factor for the batch: nothing is enumerated or subsampled, so a plate over the pairs
+    # would only add bookkeeping (a quarter of a millisecond a step)
+    pyro.factor("y", alignment.log_marginal_likelihood.sum())
+
+
+def hmm_markov_model(
+    batch: AlignmentBatch, table: torch.Tensor, jump_scores: torch.Tensor, null_probability: float
+) -> None:
+    """The HMM aligner in Pyro with one enumerated site per target word under ``pyro.markov``.
 
     Each ``z_t`` is enumerated under a flat prior and its move is a factor: the (already
     normalized) transition matrix read at the enumerated previous and current states with
@@ -239,7 +266,7 @@ def hmm_model(
     )
     emissions = state_emissions(table, num_sources)
     num_states = emissions.shape[-1]
-    flat = dist.Categorical(logits=torch.zeros(num_states))
+    flat = dist.Categorical(logits=table.new_zeros(num_states))
     # the flat prior's -log(states) per step is given back in the move's factor
     log_states = math.log(num_states)
     start = start + log_states
@@ -267,10 +294,12 @@ def _no_guide(*args, **kwargs) -> None:
     """The models enumerate their alignments: no guide, the ELBO is ``log p(y | x)``."""
 
 
-def pyro_log_likelihood(model: Callable, max_plate_nesting: int, *args) -> torch.Tensor:
-    """Exact ``log p(y | x)`` (summed over the batch) of a model with every alignment
-    enumerated, from ``TraceEnum_ELBO``."""
-    elbo = TraceEnum_ELBO(max_plate_nesting=max_plate_nesting)
+def pyro_log_likelihood(
+    model: Callable, max_plate_nesting: int, *args, elbo_class: type = TraceEnum_ELBO
+) -> torch.Tensor:
+    """Exact ``log p(y | x)`` (summed over the batch) of a model whose alignments are
+    enumerated (``TraceEnum_ELBO``) or summed out inside it (``Trace_ELBO`` suffices)."""
+    elbo = elbo_class(max_plate_nesting=max_plate_nesting)
     if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         # differentiable_loss refuses a loss without a graph
         return torch.tensor(-elbo.loss(model, _no_guide, *args))
@@ -283,13 +312,17 @@ class WordAligner(abc.ABC):
 
     Args:
         backend: ``"torch"`` (hand-written exact computations) or ``"pyro"`` (the Pyro model
-            under ``TraceEnum_ELBO``, Viterbi by ``infer_discrete``); both give the same numbers.
+            under :attr:`elbo_class`, Viterbi by ``infer_discrete``); both give the same
+            numbers.
         max_cells: batch size budget (see :func:`make_batches`).
         smoothing: added to every expected count in the M-step.
     """
 
-    #: Pyro plates the model declares (``TraceEnum_ELBO``'s ``max_plate_nesting``)
+    #: Pyro plates the model declares (the ELBO's ``max_plate_nesting``)
     max_plate_nesting: int = 1
+    #: the Pyro ELBO giving the exact ``log p(y | x)``: ``TraceEnum_ELBO`` when the model
+    #: enumerates its alignments, ``Trace_ELBO`` when it sums them out itself
+    elbo_class: type = TraceEnum_ELBO
 
     def __init__(self, backend: str = "torch", max_cells: int = 2_000_000,
                  smoothing: float = 1e-3) -> None:
@@ -351,7 +384,8 @@ class WordAligner(abc.ABC):
     def log_likelihood(self, batch: AlignmentBatch, table: torch.Tensor) -> torch.Tensor:
         """``log p(y | x)`` summed over the batch, by the chosen backend."""
         if self.backend == "pyro":
-            return pyro_log_likelihood(self.model, self.max_plate_nesting, batch, table)
+            return pyro_log_likelihood(self.model, self.max_plate_nesting, batch, table,
+                                       elbo_class=self.elbo_class)
         return self.exact_log_likelihood(batch, table).sum()
 
     def fit(self, pairs: Sequence[Pair], epochs: int = 5, learning_rate: float = 0.1,
@@ -385,17 +419,38 @@ class WordAligner(abc.ABC):
                 log_every(epoch, total)
         return self
 
-    def posteriors(self, pairs: Sequence[Pair]) -> list[torch.Tensor]:
-        """Per pair, ``(T, S + 1)`` posterior link probabilities (last column NULL)."""
+    def posteriors(
+        self, pairs: Sequence[Pair], optimizer: torch.optim.Optimizer | None = None
+    ) -> list[torch.Tensor]:
+        """Per pair, ``(T, S + 1)`` posterior link probabilities (last column NULL).
+
+        With ``optimizer`` (over :meth:`parameters`) it also takes one ascent step of
+        ``log p(y | x)`` per batch, as :meth:`fit` does.
+        """
         result: list[torch.Tensor | None] = [None] * len(pairs)
+        parameters = self.parameters() if optimizer is not None else []
         for batch in self.batches(pairs):
             table = self.table(batch).requires_grad_(True)
-            (posterior,) = torch.autograd.grad(self.log_likelihood(batch, table), [table])
+            posterior, *grads = torch.autograd.grad(
+                self.log_likelihood(batch, table), [table] + parameters)
+            if optimizer is not None:
+                for parameter, grad in zip(parameters, grads, strict=True):
+                    parameter.grad = -grad
+                optimizer.step()
             for row, index in enumerate(batch.indices):
                 s, t = int(batch.source_lengths[row]), int(batch.target_lengths[row])
                 keep = list(range(s)) + [posterior.shape[-1] - 1]
                 result[index] = posterior[row, :t, keep].detach()
         return result
+
+    def add_counts(self, counts: torch.Tensor, pair: Pair, posterior: torch.Tensor) -> None:
+        """Add one pair's ``(T, S + 1)`` expected link counts to ``counts[source, target]``."""
+        source = self.source_vocab.encode(pair[0]) + [self.source_vocab.null_id]
+        target = self.target_vocab.encode(pair[1])
+        rows = torch.tensor(source).unsqueeze(0).expand(posterior.shape)
+        columns = torch.tensor(target).unsqueeze(1).expand(posterior.shape)
+        counts.index_put_((rows.reshape(-1), columns.reshape(-1)), posterior.reshape(-1),
+                          accumulate=True)
 
     def viterbi(self, pairs: Sequence[Pair]) -> list[torch.Tensor]:
         """Per pair, ``(T,)`` best source position per target word (``S`` = NULL)."""
@@ -520,6 +575,8 @@ class HMMAligner(WordAligner):
         **kwargs: see :class:`WordAligner`.
     """
 
+    elbo_class = Trace_ELBO  # the model sums its alignment chain out: nothing to enumerate
+
     def __init__(self, max_jump: int = 7, null_probability: float = 0.2, **kwargs) -> None:
         super().__init__(**kwargs)
         if isinstance(max_jump, bool) or not isinstance(max_jump, int) or max_jump < 1:
@@ -545,7 +602,12 @@ class HMMAligner(WordAligner):
         return alignment.positions(alignment.argmax)
 
     def pyro_viterbi(self, batch, table):
-        decoded = infer_discrete(self.model, first_available_dim=-2, temperature=0)
+        # the collapsed training model has no alignment site: decode the written-out chain
+        decoded = infer_discrete(
+            functools.partial(hmm_markov_model, jump_scores=self.jump_scores.detach(),
+                              null_probability=self.null_probability),
+            first_available_dim=-2, temperature=0,
+        )
         trace = pyro.poutine.trace(decoded).get_trace(batch, table)
         num_sources = batch.source.shape[1]
         states = torch.stack(
@@ -586,6 +648,54 @@ def train_aligner(
         aligner.source_vocab, aligner.target_vocab = start.source_vocab, start.target_vocab
         aligner.log_t = start.log_t
     return aligner.fit(pairs, epochs)
+
+
+def fit_by_agreement(
+    forward: WordAligner,
+    backward: WordAligner,
+    pairs: Sequence[Pair],
+    epochs: int = 5,
+    learning_rate: float = 0.1,
+    log_every: Callable[[int, float], None] | None = None,
+) -> tuple[WordAligner, WordAligner]:
+    """Alignment by agreement (Liang, Taskar & Klein 2006): EM for both directions at once.
+
+    Each E-step computes both directions' link posteriors for every pair; the expected count
+    of a link is their product (the two models must agree on it), NULL keeps each direction's
+    own posterior. Each aligner keeps its translation table (``forward`` on ``pairs``,
+    ``backward`` on the reversed pairs) and its own gradient steps on :meth:`parameters`.
+
+    Args:
+        forward, backward: aligners, trained or not (an untrained one starts uniform).
+        pairs: ``(source, target)`` token lists; ``backward`` sees them reversed.
+        log_every: called with ``(epoch, expected number of links the two agree on)``.
+    """
+    if epochs < 0:
+        raise ValueError(f"epochs must be non-negative, got {epochs}")
+    if not pairs:
+        raise ValueError("pairs must hold at least one sentence pair")
+    reversed_pairs = [(target, source) for source, target in pairs]
+    for aligner, data in ((forward, pairs), (backward, reversed_pairs)):
+        if aligner.log_t is None:
+            aligner.initialize(data)
+    optimizers = [torch.optim.Adam(a.parameters(), lr=learning_rate) if a.parameters() else None
+                  for a in (forward, backward)]
+    for epoch in range(epochs):
+        ahead = forward.posteriors(pairs, optimizers[0])
+        behind = backward.posteriors(reversed_pairs, optimizers[1])
+        counts = [torch.zeros_like(forward.log_t), torch.zeros_like(backward.log_t)]
+        agreed_links = 0.0
+        for pair, reverse, mine, theirs in zip(pairs, reversed_pairs, ahead, behind,
+                                               strict=True):
+            agreed = mine[:, :-1] * theirs[:, :-1].T  # (T, S)
+            agreed_links += float(agreed.sum())
+            forward.add_counts(counts[0], pair, torch.cat([agreed, mine[:, -1:]], 1))
+            backward.add_counts(counts[1], reverse, torch.cat([agreed.T, theirs[:, -1:]], 1))
+        forward.log_t = _normalize(counts[0], forward.log_t, forward.smoothing)
+        backward.log_t = _normalize(counts[1], backward.log_t, backward.smoothing)
+        if log_every is not None:
+            log_every(epoch, agreed_links)
+    return forward, backward
 
 
 # -------------------------------------------------------------------------- symmetrisation
