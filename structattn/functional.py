@@ -20,6 +20,7 @@ run the plain eager kernels everywhere.  Compilation falls back to them by itsel
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -64,10 +65,13 @@ _QUADRATIC_STEPS_SHORT_ROWS = 4
 _SHORT_ROW_KEYS = 128
 # Further kernel calls, on the unproven rows only, before sorting them.
 _CONTINUATION_ROUNDS = 3
-# Root-finding steps per compiled call of entmax_bisect: Halley's steps on P^(alpha-1) settle
-# dense rows (alpha <= 1.5) in 3; the probability pass after them checks convergence, and the
-# rows not settled yet (a third of them at alpha 1.7) continue alone.
-_BISECT_STEPS = 3
+# entmax_bisect: the offsets (in units of (alpha - 1)(z - max)) at which the start counts keys
+# for its lower bound on the threshold; then root-finding passes until at most
+# _FAR_ROWS_FRACTION of the rows are further than _NEAR_ROOT from sum p = 1, then the
+# probability pass, which checks convergence (the rows it cannot prove continue alone).
+_START_OFFSETS = (-0.5, -0.25)
+_NEAR_ROOT = 1e-1
+_FAR_ROWS_FRACTION = 0.1
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -266,6 +270,39 @@ def _log_gap(x: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return gap, torch.log(base) - correction, positive
 
 
+def _power_of_gap(x: Tensor, slack: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(gap, [gap]_+^(1/slack), gap > 0)`` for ``gap = x - tau`` (see :func:`_log_gap`).
+
+    Powers below the dtype's smallest normal number are set to 0: computing them (even in
+    the lanes a ``where`` discards) produces subnormals, which made whole passes 2.5x slower
+    on CPU; they are below any probability that can be represented next to 1 anyway.
+    """
+    gap, log_gap, positive = _log_gap(x, tau)
+    argument = (1.0 / slack).to(x.dtype) * log_gap
+    floor = math.log(torch.finfo(x.dtype).tiny)
+    powered = torch.exp(argument.clamp(min=floor))
+    return gap, torch.where(positive & (argument > floor), powered, 0.0), positive
+
+
+@_MaybeCompiled
+def _bisect_start(z: Tensor, slack: Tensor) -> tuple[Tensor, Tensor]:
+    """``x = (alpha - 1)(z - max)`` per row (all -inf rows stay -inf) and a lower bound on
+    the threshold, ``(rows, 1)`` float64, from key counts alone (no powers).
+
+    If ``n`` keys have ``x >= c``, then at ``t = c - n^-(alpha - 1)`` each of them has
+    ``[x - t]_+^(1/(alpha - 1)) >= 1/n``, so ``P(t) >= 1`` and ``t`` is at most the threshold.
+    The best such bound over a few offsets ``c`` starts Halley's method 2-3 times closer to
+    the root than the generic ``-1`` (which is the bound for ``c = 0``, ``n = 1``).
+    """
+    x = _shift_by_row_max(z) * slack.to(z.dtype)
+    lower = torch.full_like(slack, -1.0)
+    for offset in _START_OFFSETS:
+        count = (x >= offset).to(x.dtype).sum(-1, keepdim=True).to(slack.dtype)
+        bound = offset - torch.exp(-slack * torch.log(count.clamp(min=1.0)))
+        lower = torch.maximum(lower, bound)
+    return x, lower
+
+
 @_MaybeCompiled
 def _bisect_kernel(
     x: Tensor,
@@ -275,74 +312,64 @@ def _bisect_kernel(
     tau: Tensor,
     done: Tensor,
     tolerance: Tensor,
-    steps_left: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Up to ``_BISECT_STEPS`` safeguarded root-finding steps for the threshold ``tau``.
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One safeguarded root-finding step for the threshold ``tau``: one pass over the keys.
 
     ``x: (rows, keys)`` are the shifted, scaled scores ``(alpha - 1)(z - max)``, ``slack =
     alpha - 1`` and the float64 ``(rows, 1)`` state ``[lower, upper]`` brackets the root of
     ``F(tau) = P(tau)^(alpha - 1) - 1`` with ``P = sum [x - tau]_+^(1/(alpha - 1))``
     (Blondel, Martins & Niculae 2020 bisect ``P - 1``).  ``P^(alpha-1)`` is a norm of the
     gaps, convex in ``tau`` for alpha <= 2 and close to linear, so Halley's step on it,
-    started from the left end, takes 2-3 steps on dense rows where Newton's on ``P - 1``
+    started from a lower bound, takes 2-3 steps on dense rows where Newton's on ``P - 1``
     takes 6-9; for alpha > 2 Newton's step is used.  A step leaving the bracket is replaced
     by the midpoint.  A row is done once ``|P - 1| <= tolerance`` (after one last step from
-    there, which only polishes) or its step stalls at float64 resolution; only the first
-    ``steps_left`` steps count.  Returns ``(lower, upper, tau, done)``.
+    there, which only polishes) or its step stalls at float64 resolution; done rows do not
+    move.  Returns ``(lower, upper, tau, done, residual)`` with ``residual = |P - 1|`` at the
+    threshold this step started from (0 for rows that were done).
     """
     exponent64 = 1.0 / slack
-    exponent = exponent64.to(x.dtype)
-    for step in range(_BISECT_STEPS):
-        gap, log_gap, positive = _log_gap(x, tau)
-        powered = torch.where(positive, torch.exp(exponent * log_gap), 0.0)
-        inverse_gap = torch.where(positive, 1.0 / torch.where(positive, gap, 1.0), 0.0)
-        over_gap = powered * inverse_gap
-        total = powered.sum(-1, keepdim=True).to(tau.dtype)
-        first = over_gap.sum(-1, keepdim=True).to(tau.dtype)
-        second = (over_gap * inverse_gap).sum(-1, keepdim=True).to(tau.dtype)
-        frozen = done | (steps_left <= step)
-        log_total = torch.log(total)
-        value = torch.expm1(slack * log_total)
-        lower = torch.where(frozen | (value < 0), lower, tau)
-        upper = torch.where(frozen | (value >= 0), upper, tau)
-        # F' = -P^(s-1) Q and F'' = P^(s-1) ((s-1) e Q^2 / P + (e-1) R), s = alpha - 1,
-        # e = 1/s, Q = sum gap^(e-1), R = sum gap^(e-2).
-        scale = torch.exp((slack - 1.0) * log_total)
-        slope = -scale * first
-        curvature = scale * (
-            (slack - 1.0) * exponent64 * first * first / total + (exponent64 - 1.0) * second
-        )
-        newton = -value / slope
-        halley_denominator = 2.0 * slope * slope - value * curvature
-        halley = -2.0 * value * slope / halley_denominator
-        use_halley = (value >= 0) & (halley_denominator > 0) & (slack <= 1.0)
-        trial = tau + torch.where(use_halley, halley, newton)
-        # Unconverged rows must land strictly inside the bracket, or it would not shrink
-        # (a step that does not move, or that returns to an end, cycles); a converged row's
-        # last polishing step may be zero.
-        unconverged = (total - 1.0).abs() > tolerance
-        inside = ((trial > lower) & (trial < upper)) | (
-            ~unconverged & (trial >= lower) & (trial <= upper)
-        )
-        new_tau = torch.where(inside, trial, 0.5 * (lower + upper))
-        # A stalled step proves convergence only where F is convex (alpha <= 2): for
-        # alpha > 2 the slope is unbounded next to each breakpoint, so tiny Newton steps
-        # happen far from the root; there only the bracket's collapse does.
-        resolution = 1e-15 * tau.abs()
-        converged = (
-            ~unconverged
-            | (((new_tau - tau).abs() <= resolution) & (slack <= 1.0))
-            | (upper - lower <= resolution)
-        )
-        tau = torch.where(frozen, tau, new_tau)
-        done = frozen | converged
-    return lower, upper, tau, done
-
-
-@_MaybeCompiled
-def _scaled_rows(z: Tensor, slack: Tensor) -> Tensor:
-    """``x = (alpha - 1)(z - max)`` per row (all -inf rows stay -inf)."""
-    return _shift_by_row_max(z) * slack.to(z.dtype)
+    gap, powered, positive = _power_of_gap(x, slack, tau)
+    inverse_gap = torch.where(positive, 1.0 / torch.where(positive, gap, 1.0), 0.0)
+    over_gap = powered * inverse_gap
+    total = powered.sum(-1, keepdim=True).to(tau.dtype)
+    first = over_gap.sum(-1, keepdim=True).to(tau.dtype)
+    second = (over_gap * inverse_gap).sum(-1, keepdim=True).to(tau.dtype)
+    log_total = torch.log(total)
+    value = torch.expm1(slack * log_total)
+    lower = torch.where(done | (value < 0), lower, tau)
+    upper = torch.where(done | (value >= 0), upper, tau)
+    # F' = -P^(s-1) Q and F'' = P^(s-1) ((s-1) e Q^2 / P + (e-1) R), s = alpha - 1,
+    # e = 1/s, Q = sum gap^(e-1), R = sum gap^(e-2).
+    scale = torch.exp((slack - 1.0) * log_total)
+    slope = -scale * first
+    curvature = scale * (
+        (slack - 1.0) * exponent64 * first * first / total + (exponent64 - 1.0) * second
+    )
+    newton = -value / slope
+    halley_denominator = 2.0 * slope * slope - value * curvature
+    halley = -2.0 * value * slope / halley_denominator
+    use_halley = (value >= 0) & (halley_denominator > 0) & (slack <= 1.0)
+    trial = tau + torch.where(use_halley, halley, newton)
+    # Unconverged rows must land strictly inside the bracket, or it would not shrink (a step
+    # that does not move, or that returns to an end, cycles); a converged row's last
+    # polishing step may be zero.
+    residual = (total - 1.0).abs()
+    unconverged = residual > tolerance
+    inside = ((trial > lower) & (trial < upper)) | (
+        ~unconverged & (trial >= lower) & (trial <= upper)
+    )
+    new_tau = torch.where(inside, trial, 0.5 * (lower + upper))
+    # A stalled step proves convergence only where F is convex (alpha <= 2): for alpha > 2
+    # the slope is unbounded next to each breakpoint, so tiny Newton steps happen far from
+    # the root; there only the bracket's collapse does.
+    resolution = 1e-15 * tau.abs()
+    converged = (
+        ~unconverged
+        | (((new_tau - tau).abs() <= resolution) & (slack <= 1.0))
+        | (upper - lower <= resolution)
+    )
+    residual = torch.where(done, 0.0, residual)
+    return lower, upper, torch.where(done, tau, new_tau), done | converged, residual
 
 
 @_MaybeCompiled
@@ -357,13 +384,42 @@ def _bisect_probs(
     (cubic, alpha <= 2); for alpha > 2 the kernel's own test, which adds one polishing step,
     must say so (without it float32 errors reach 1e-6).
     """
-    gap, log_gap, positive = _log_gap(x, tau)
-    powered = torch.where(positive, torch.exp((1.0 / slack).to(x.dtype) * log_gap), 0.0)
+    gap, powered, positive = _power_of_gap(x, slack, tau)
     total = powered.sum(-1, keepdim=True)
     probs = powered / torch.where(total > 0, total, 1.0)
     weight = torch.where(positive, probs / torch.where(positive, gap, 1.0), 0.0)
     settled = ((total.to(tolerance.dtype) - 1.0).abs() <= tolerance) & (slack <= 1.0)
     return probs, weight, done | settled
+
+
+def _solve_threshold(
+    x: Tensor,
+    slack: Tensor,
+    state: tuple[Tensor, Tensor, Tensor, Tensor],
+    tolerance: Tensor,
+    steps: int,
+) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], Tensor, Tensor, int]:
+    """Root-finding passes, then the probability pass, on rows ``x`` from ``state =
+    (lower, upper, tau, done)``, with at most ``steps`` root-finding passes.
+
+    Each pass costs about as much as the probability pass, so the probability pass (which
+    doubles as the convergence check) comes as soon as it is likely to succeed: when at most
+    ``_FAR_ROWS_FRACTION`` of the rows had ``|P - 1| > _NEAR_ROOT`` before the last step
+    (Halley's cubic convergence takes them below the tolerance); the others continue alone.
+    Returns ``(state, probs, weight, steps used)``.
+    """
+    lower, upper, tau, done = state
+    used = 0
+    while used < steps:
+        lower, upper, tau, done, residual = _bisect_kernel(
+            x, slack, lower, upper, tau, done, tolerance
+        )
+        used += 1
+        far = (residual > _NEAR_ROOT).to(residual.dtype).mean()
+        if float(far) <= _FAR_ROWS_FRACTION:
+            break
+    probs, weight, done = _bisect_probs(x, slack, tau, done, tolerance)
+    return (lower, upper, tau, done), probs, weight, used
 
 
 def _entmax_bisect_rows(
@@ -379,42 +435,27 @@ def _entmax_bisect_rows(
     slack = (alpha - 1.0).to(torch.float64)
     softmax_rows = slack == 0
     slack = torch.where(softmax_rows, 1.0, slack)
-    x = _scaled_rows(z, slack)
-    # F(-1) >= 0 because the row maximum alone contributes 1; F(0) = -1.
-    lower = torch.full_like(slack, -1.0)
-    upper = torch.zeros_like(slack)
-    tau = lower.clone()
-    done = torch.zeros_like(tau, dtype=torch.bool)
+    x, lower = _bisect_start(z, slack)
+    # F(lower) >= 0 by construction; F(0) = -1.
+    state = (lower, torch.zeros_like(slack), lower, torch.zeros_like(slack, dtype=torch.bool))
     tolerance = torch.tensor(
         16 * torch.finfo(z.dtype).eps if tol is None else tol, dtype=torch.float64,
         device=z.device,
     )
-    steps_left = torch.tensor(min(n_iter, _BISECT_STEPS), device=z.device)
-    lower, upper, tau, done = _bisect_kernel(
-        x, slack, lower, upper, tau, done, tolerance, steps_left
-    )
-    probs, weight, done = _bisect_probs(x, slack, tau, done, tolerance)
-    for first_step in range(_BISECT_STEPS, n_iter, _BISECT_STEPS):
-        if bool(done.all()):
-            break
-        rows = _unproven_rows(done)
-        steps_left = torch.tensor(min(n_iter - first_step, _BISECT_STEPS), device=z.device)
+    state, probs, weight, used = _solve_threshold(x, slack, state, tolerance, n_iter)
+    while used < n_iter and not bool(state[3].all()):
+        rows = _unproven_rows(state[3])
         part_x, part_slack = x.index_select(0, rows), slack.index_select(0, rows)
-        part_lower, part_upper, part_tau, part_done = _bisect_kernel(
-            part_x, part_slack, lower.index_select(0, rows), upper.index_select(0, rows),
-            tau.index_select(0, rows), done.index_select(0, rows), tolerance, steps_left,
+        part_state = tuple(whole.index_select(0, rows) for whole in state)
+        part_state, part_probs, part_weight, part_used = _solve_threshold(
+            part_x, part_slack, part_state, tolerance, n_iter - used
         )
-        part_probs, part_weight, part_done = _bisect_probs(
-            part_x, part_slack, part_tau, part_done, tolerance
+        used += part_used
+        state = tuple(
+            whole.index_copy(0, rows, part) for whole, part in zip(state, part_state, strict=True)
         )
-        lower, upper, tau, done, probs, weight = (
-            whole.index_copy(0, rows, part)
-            for whole, part in zip(
-                (lower, upper, tau, done, probs, weight),
-                (part_lower, part_upper, part_tau, part_done, part_probs, part_weight),
-                strict=True,
-            )
-        )
+        probs = probs.index_copy(0, rows, part_probs)
+        weight = weight.index_copy(0, rows, part_weight)
     if bool(softmax_rows.any()):
         dense = torch.softmax(z.masked_fill(z.isinf().all(-1, keepdim=True), 0.0), -1)
         dense = torch.where(z > float("-inf"), dense, 0.0)
