@@ -72,6 +72,8 @@ _CONTINUATION_ROUNDS = 3
 _START_OFFSETS = (-0.5, -0.25)
 _NEAR_ROOT = 1e-1
 _FAR_ROWS_FRACTION = 0.1
+# Rows with alpha - 1 in [_PLAIN_MIN_SLACK, 1] start with the cheaper plain passes.
+_PLAIN_MIN_SLACK = 0.1
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -270,53 +272,82 @@ def _log_gap(x: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return gap, torch.log(base) - correction, positive
 
 
-def _power_of_gap(x: Tensor, slack: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(gap, [gap]_+^(1/slack), gap > 0)`` for ``gap = x - tau`` (see :func:`_log_gap`).
+def _power_of_gap(
+    x: Tensor, slack: Tensor, tau: Tensor, precise: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(gap, [gap]_+^(1/slack), gap > 0)`` for ``gap = x - tau``.
 
+    ``precise`` takes the gap and its log as :func:`_log_gap` does; otherwise ``tau`` is
+    rounded to ``x``'s dtype and the log taken plainly, which is a quarter cheaper and good to
+    about ``eps / (alpha - 1)`` relative: enough for the root-finding passes far from the
+    root, which only choose the next threshold (the probability pass checks the last one).
     Powers below the dtype's smallest normal number are set to 0: computing them (even in
     the lanes a ``where`` discards) produces subnormals, which made whole passes 2.5x slower
     on CPU; they are below any probability that can be represented next to 1 anyway.
     """
-    gap, log_gap, positive = _log_gap(x, tau)
+    if precise:
+        gap, log_gap, positive = _log_gap(x, tau)
+    else:
+        gap = x - tau.to(x.dtype)
+        positive = gap > 0
+        log_gap = torch.log(torch.where(positive, gap, 1.0))
     argument = (1.0 / slack).to(x.dtype) * log_gap
     floor = math.log(torch.finfo(x.dtype).tiny)
     powered = torch.exp(argument.clamp(min=floor))
     return gap, torch.where(positive & (argument > floor), powered, 0.0), positive
 
 
+def _row_shift(z: Tensor) -> Tensor:
+    """The row maximum ``(rows, 1)``, 0 for all -inf rows (which then stay -inf, not NaN)."""
+    row_max = z.amax(-1, keepdim=True)
+    return torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
+
+
+def _scaled(z: Tensor, shift: Tensor, slack: Tensor) -> Tensor:
+    """``x = (alpha - 1)(z - max)``, recomputed by every pass from ``z`` and the row shift:
+    two operations per key are cheaper than writing and reading back a tensor of ``x``
+    (a fresh large allocation also page-faults on first touch)."""
+    return (z - shift) * slack.to(z.dtype)
+
+
 @_MaybeCompiled
 def _bisect_start(z: Tensor, slack: Tensor) -> tuple[Tensor, Tensor]:
-    """``x = (alpha - 1)(z - max)`` per row (all -inf rows stay -inf) and a lower bound on
-    the threshold, ``(rows, 1)`` float64, from key counts alone (no powers).
+    """The row shift (see :func:`_scaled`) and a lower bound on the threshold, ``(rows, 1)``
+    float64, from key counts alone (no powers).
 
     If ``n`` keys have ``x >= c``, then at ``t = c - n^-(alpha - 1)`` each of them has
     ``[x - t]_+^(1/(alpha - 1)) >= 1/n``, so ``P(t) >= 1`` and ``t`` is at most the threshold.
-    The best such bound over a few offsets ``c`` starts Halley's method 2-3 times closer to
-    the root than the generic ``-1`` (which is the bound for ``c = 0``, ``n = 1``).
+    The best such bound over a few offsets ``c`` starts Halley's method where its first step
+    lands about ten times closer to the root than from the generic ``-1`` (the bound for
+    ``c = 0``, ``n = 1``), which saves a pass.
     """
-    x = _shift_by_row_max(z) * slack.to(z.dtype)
+    shift = _row_shift(z)
+    x = _scaled(z, shift, slack)
     lower = torch.full_like(slack, -1.0)
     for offset in _START_OFFSETS:
         count = (x >= offset).to(x.dtype).sum(-1, keepdim=True).to(slack.dtype)
         bound = offset - torch.exp(-slack * torch.log(count.clamp(min=1.0)))
         lower = torch.maximum(lower, bound)
-    return x, lower
+    return shift, lower
 
 
 @_MaybeCompiled
 def _bisect_kernel(
-    x: Tensor,
+    z: Tensor,
+    shift: Tensor,
     slack: Tensor,
     lower: Tensor,
     upper: Tensor,
     tau: Tensor,
     done: Tensor,
     tolerance: Tensor,
+    precise: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One safeguarded root-finding step for the threshold ``tau``: one pass over the keys.
 
-    ``x: (rows, keys)`` are the shifted, scaled scores ``(alpha - 1)(z - max)``, ``slack =
-    alpha - 1`` and the float64 ``(rows, 1)`` state ``[lower, upper]`` brackets the root of
+    ``x = (alpha - 1)(z - max)`` are the scaled rows ``z: (rows, keys)`` (see
+    :func:`_scaled`), ``slack = alpha - 1`` and the float64 ``(rows, 1)`` state
+    ``[lower, upper]`` brackets the root of
     ``F(tau) = P(tau)^(alpha - 1) - 1`` with ``P = sum [x - tau]_+^(1/(alpha - 1))``
     (Blondel, Martins & Niculae 2020 bisect ``P - 1``).  ``P^(alpha-1)`` is a norm of the
     gaps, convex in ``tau`` for alpha <= 2 and close to linear, so Halley's step on it,
@@ -325,10 +356,12 @@ def _bisect_kernel(
     by the midpoint.  A row is done once ``|P - 1| <= tolerance`` (after one last step from
     there, which only polishes) or its step stalls at float64 resolution; done rows do not
     move.  Returns ``(lower, upper, tau, done, residual)`` with ``residual = |P - 1|`` at the
-    threshold this step started from (0 for rows that were done).
+    threshold this step started from (0 for rows that were done).  Without ``precise`` (see
+    :func:`_power_of_gap`) the pass declares no row done: its sums are not accurate to the
+    tolerance.
     """
     exponent64 = 1.0 / slack
-    gap, powered, positive = _power_of_gap(x, slack, tau)
+    gap, powered, positive = _power_of_gap(_scaled(z, shift, slack), slack, tau, precise)
     inverse_gap = torch.where(positive, 1.0 / torch.where(positive, gap, 1.0), 0.0)
     over_gap = powered * inverse_gap
     total = powered.sum(-1, keepdim=True).to(tau.dtype)
@@ -369,12 +402,13 @@ def _bisect_kernel(
         | (upper - lower <= resolution)
     )
     residual = torch.where(done, 0.0, residual)
-    return lower, upper, torch.where(done, tau, new_tau), done | converged, residual
+    new_done = done | converged if precise else done
+    return lower, upper, torch.where(done, tau, new_tau), new_done, residual
 
 
 @_MaybeCompiled
 def _bisect_probs(
-    x: Tensor, slack: Tensor, tau: Tensor, done: Tensor, tolerance: Tensor
+    z: Tensor, shift: Tensor, slack: Tensor, tau: Tensor, done: Tensor, tolerance: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``p = [x - tau]_+^(1/(alpha-1))`` renormalised, the backward weight ``p / gap``
     (proportional to ``p^(2 - alpha)``, without a second power), and ``done`` updated with
@@ -384,7 +418,7 @@ def _bisect_probs(
     (cubic, alpha <= 2); for alpha > 2 the kernel's own test, which adds one polishing step,
     must say so (without it float32 errors reach 1e-6).
     """
-    gap, powered, positive = _power_of_gap(x, slack, tau)
+    gap, powered, positive = _power_of_gap(_scaled(z, shift, slack), slack, tau)
     total = powered.sum(-1, keepdim=True)
     probs = powered / torch.where(total > 0, total, 1.0)
     weight = torch.where(positive, probs / torch.where(positive, gap, 1.0), 0.0)
@@ -393,32 +427,34 @@ def _bisect_probs(
 
 
 def _solve_threshold(
-    x: Tensor,
+    z: Tensor,
+    shift: Tensor,
     slack: Tensor,
     state: tuple[Tensor, Tensor, Tensor, Tensor],
     tolerance: Tensor,
     steps: int,
+    precise: bool,
 ) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], Tensor, Tensor, int]:
-    """Root-finding passes, then the probability pass, on rows ``x`` from ``state =
+    """Root-finding passes, then the probability pass, on rows ``z`` from ``state =
     (lower, upper, tau, done)``, with at most ``steps`` root-finding passes.
 
     Each pass costs about as much as the probability pass, so the probability pass (which
     doubles as the convergence check) comes as soon as it is likely to succeed: when at most
     ``_FAR_ROWS_FRACTION`` of the rows had ``|P - 1| > _NEAR_ROOT`` before the last step
-    (Halley's cubic convergence takes them below the tolerance); the others continue alone.
-    Returns ``(state, probs, weight, steps used)``.
+    (Halley's cubic convergence takes the others below the tolerance); the rows it does not
+    prove continue alone.  Returns ``(state, probs, weight, steps used)``.
     """
     lower, upper, tau, done = state
     used = 0
     while used < steps:
         lower, upper, tau, done, residual = _bisect_kernel(
-            x, slack, lower, upper, tau, done, tolerance
+            z, shift, slack, lower, upper, tau, done, tolerance, precise
         )
         used += 1
         far = (residual > _NEAR_ROOT).to(residual.dtype).mean()
         if float(far) <= _FAR_ROWS_FRACTION:
             break
-    probs, weight, done = _bisect_probs(x, slack, tau, done, tolerance)
+    probs, weight, done = _bisect_probs(z, shift, slack, tau, done, tolerance)
     return (lower, upper, tau, done), probs, weight, used
 
 
@@ -430,32 +466,39 @@ def _entmax_bisect_rows(
     Returns ``(probs, weight)`` with the backward weight proportional to ``p^(2 - alpha)``.
     Rows at alpha = 1 are the softmax (the limit, where the power form degenerates).  The
     probability pass doubles as the convergence check: rows whose sum is not yet 1 within
-    the tolerance continue, alone, from where they stopped.
+    the tolerance continue, alone, from where they stopped, with precise passes.
     """
     slack = (alpha - 1.0).to(torch.float64)
     softmax_rows = slack == 0
     slack = torch.where(softmax_rows, 1.0, slack)
-    x, lower = _bisect_start(z, slack)
+    shift, lower = _bisect_start(z, slack)
     # F(lower) >= 0 by construction; F(0) = -1.
     state = (lower, torch.zeros_like(slack), lower, torch.zeros_like(slack, dtype=torch.bool))
     tolerance = torch.tensor(
         16 * torch.finfo(z.dtype).eps if tol is None else tol, dtype=torch.float64,
         device=z.device,
     )
-    state, probs, weight, used = _solve_threshold(x, slack, state, tolerance, n_iter)
+    # The plain passes lose about eps / (alpha - 1) (relative) next to alpha = 1 and are too
+    # coarse next to the threshold above alpha = 2, where the kernel itself must prove rows.
+    plain = bool(((slack >= _PLAIN_MIN_SLACK) & (slack <= 1.0)).all()) and tol is None
+    state, probs, weight, used = _solve_threshold(
+        z, shift, slack, state, tolerance, n_iter, not plain
+    )
     while used < n_iter and not bool(state[3].all()):
         rows = _unproven_rows(state[3])
-        part_x, part_slack = x.index_select(0, rows), slack.index_select(0, rows)
-        part_state = tuple(whole.index_select(0, rows) for whole in state)
         part_state, part_probs, part_weight, part_used = _solve_threshold(
-            part_x, part_slack, part_state, tolerance, n_iter - used
+            z.index_select(0, rows), shift.index_select(0, rows), slack.index_select(0, rows),
+            tuple(whole.index_select(0, rows) for whole in state), tolerance, n_iter - used,
+            True,
         )
         used += part_used
         state = tuple(
             whole.index_copy(0, rows, part) for whole, part in zip(state, part_state, strict=True)
         )
-        probs = probs.index_copy(0, rows, part_probs)
-        weight = weight.index_copy(0, rows, part_weight)
+        # In place: probs and weight are this function's own, and copies of them would cost
+        # as much as a pass (fresh large tensors page-fault on first touch).
+        probs.index_copy_(0, rows, part_probs)
+        weight.index_copy_(0, rows, part_weight)
     if bool(softmax_rows.any()):
         dense = torch.softmax(z.masked_fill(z.isinf().all(-1, keepdim=True), 0.0), -1)
         dense = torch.where(z > float("-inf"), dense, 0.0)
