@@ -473,7 +473,10 @@ def _entmax_bisect_rows(
     slack = torch.where(softmax_rows, 1.0, slack)
     shift, lower = _bisect_start(z, slack)
     # F(lower) >= 0 by construction; F(0) = -1.
-    state = (lower, torch.zeros_like(slack), lower, torch.zeros_like(slack, dtype=torch.bool))
+    # tau starts as a copy: an argument aliasing another makes torch.compile recompile.
+    state = (
+        lower, torch.zeros_like(slack), lower.clone(), torch.zeros_like(slack, dtype=torch.bool)
+    )
     tolerance = torch.tensor(
         16 * torch.finfo(z.dtype).eps if tol is None else tol, dtype=torch.float64,
         device=z.device,
@@ -534,8 +537,7 @@ def _weighted_backward(weight: Tensor, grad: Tensor) -> Tensor:
     return _weighted_centering(weight, grad)
 
 
-@_MaybeCompiled
-def _alpha_gradient(probs: Tensor, slack: Tensor, grad: Tensor) -> Tensor:
+def _alpha_gradient_terms(probs: Tensor, slack: Tensor, grad: Tensor) -> Tensor:
     """``sum_i grad_i dp_i/dalpha`` per row, ``(rows, 1)``, for ``slack = alpha - 1 >= 0``.
 
     Differentiating ``sum p = 1`` implicitly gives ``dp/dalpha`` as a difference of two
@@ -563,6 +565,21 @@ def _alpha_gradient(probs: Tensor, slack: Tensor, grad: Tensor) -> Tensor:
     cross = probs * log_p * mean_gamma - p_gamma * mean_log
     denominator = 1.0 - slack * mean_log + slack * slack * mean_gamma
     return (grad * (centred - slack * cross)).sum(-1, keepdim=True) / denominator
+
+
+@_MaybeCompiled
+def _alpha_gradient(probs: Tensor, slack: Tensor, grad: Tensor) -> Tensor:
+    """See :func:`_alpha_gradient_terms`."""
+    return _alpha_gradient_terms(probs, slack, grad)
+
+
+@_MaybeCompiled
+def _bisect_backward(
+    probs: Tensor, weight: Tensor, slack: Tensor, grad: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Both gradients of alpha-entmax, ``(dz, dalpha)``, in one compiled call: they read the
+    same ``probs`` and ``grad``, so one kernel reads them once."""
+    return _weighted_centering(weight, grad), _alpha_gradient_terms(probs, slack, grad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -601,13 +618,18 @@ class _Entmax15Function(torch.autograd.Function):
 class _EntmaxBisectFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, z: Tensor, alpha: Tensor, n_iter: int, tol: float | None) -> Tensor:
-        probs, weight = _entmax_bisect_rows(z, alpha, n_iter, tol)
+        # Detached, so that the compiled kernels see the same requires_grad with and without
+        # autograd (a mismatch recompiles them).
+        probs, weight = _entmax_bisect_rows(z.detach(), alpha.detach(), n_iter, tol)
         ctx.save_for_backward(probs, weight, alpha)
         return probs
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         probs, weight, alpha = ctx.saved_tensors
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+            grad_z, grad_alpha = _bisect_backward(probs, weight, alpha - 1.0, grad)
+            return grad_z, grad_alpha, None, None
         grad_z = _weighted_backward(weight, grad) if ctx.needs_input_grad[0] else None
         grad_alpha = None
         if ctx.needs_input_grad[1]:
