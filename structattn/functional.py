@@ -249,6 +249,12 @@ def _split_threshold(threshold: Tensor, dtype: torch.dtype) -> tuple[Tensor, Ten
     return high, (threshold - high.to(threshold.dtype)).to(dtype)
 
 
+def _gap(x: Tensor, tau: Tensor) -> Tensor:
+    """``x - tau`` for a float64 ``tau: (rows, 1)`` subtracted as a high + low pair."""
+    tau_high, tau_low = _split_threshold(tau, x.dtype)
+    return (x - tau_high) - tau_low
+
+
 def _log_gap(x: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(gap, log gap, gap > 0)`` for ``gap = x - tau``, accurate where it matters.
 
@@ -258,9 +264,8 @@ def _log_gap(x: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     taken as ``log1p(gap - 1)`` with ``gap - 1`` formed from ``tau + 1`` the same way, so that
     ``(alpha - 1) z`` is not rounded against 1.
     """
-    tau_high, tau_low = _split_threshold(tau, x.dtype)
+    gap = _gap(x, tau)
     shift_high, shift_low = _split_threshold(tau + 1.0, x.dtype)
-    gap = (x - tau_high) - tau_low
     gap_minus_one = (x - shift_high) - shift_low
     positive = gap > 0
     near_one = gap > 0.5
@@ -409,21 +414,20 @@ def _bisect_kernel(
 @_MaybeCompiled
 def _bisect_probs(
     z: Tensor, shift: Tensor, slack: Tensor, tau: Tensor, done: Tensor, tolerance: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``p = [x - tau]_+^(1/(alpha-1))`` renormalised, the backward weight ``p / gap``
-    (proportional to ``p^(2 - alpha)``, without a second power), and ``done`` updated with
-    the rows this pass proves converged.
+) -> tuple[Tensor, Tensor]:
+    """``p = [x - tau]_+^(1/(alpha-1))`` renormalised, and ``done`` updated with the rows
+    this pass proves converged.  (The backward weight ``p / gap`` is formed in the backward
+    pass from ``z``, ``tau`` and ``p``: writing it here cost more than recomputing the gap.)
 
     The pass proves a row where ``|sum - 1| <= tolerance`` and the last step was Halley's
     (cubic, alpha <= 2); for alpha > 2 the kernel's own test, which adds one polishing step,
     must say so (without it float32 errors reach 1e-6).
     """
-    gap, powered, positive = _power_of_gap(_scaled(z, shift, slack), slack, tau)
+    _, powered, _ = _power_of_gap(_scaled(z, shift, slack), slack, tau)
     total = powered.sum(-1, keepdim=True)
     probs = powered / torch.where(total > 0, total, 1.0)
-    weight = torch.where(positive, probs / torch.where(positive, gap, 1.0), 0.0)
     settled = ((total.to(tolerance.dtype) - 1.0).abs() <= tolerance) & (slack <= 1.0)
-    return probs, weight, done | settled
+    return probs, done | settled
 
 
 def _solve_threshold(
@@ -434,7 +438,7 @@ def _solve_threshold(
     tolerance: Tensor,
     steps: int,
     precise: bool,
-) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], Tensor, Tensor, int]:
+) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], Tensor, int]:
     """Root-finding passes, then the probability pass, on rows ``z`` from ``state =
     (lower, upper, tau, done)``, with at most ``steps`` root-finding passes.
 
@@ -442,7 +446,7 @@ def _solve_threshold(
     doubles as the convergence check) comes as soon as it is likely to succeed: when at most
     ``_FAR_ROWS_FRACTION`` of the rows had ``|P - 1| > _NEAR_ROOT`` before the last step
     (Halley's cubic convergence takes the others below the tolerance); the rows it does not
-    prove continue alone.  Returns ``(state, probs, weight, steps used)``.
+    prove continue alone.  Returns ``(state, probs, steps used)``.
     """
     lower, upper, tau, done = state
     used = 0
@@ -454,26 +458,24 @@ def _solve_threshold(
         far = (residual > _NEAR_ROOT).to(residual.dtype).mean()
         if float(far) <= _FAR_ROWS_FRACTION:
             break
-    probs, weight, done = _bisect_probs(z, shift, slack, tau, done, tolerance)
-    return (lower, upper, tau, done), probs, weight, used
+    probs, done = _bisect_probs(z, shift, slack, tau, done, tolerance)
+    return (lower, upper, tau, done), probs, used
 
 
 def _entmax_bisect_rows(
-    z: Tensor, alpha: Tensor, n_iter: int, tol: float | None
-) -> tuple[Tensor, Tensor]:
-    """alpha-entmax of rows ``z: (rows, keys)`` with ``alpha: (rows, 1)`` >= 1.
+    z: Tensor, slack: Tensor, n_iter: int, tol: float | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """alpha-entmax of rows ``z: (rows, keys)`` with ``slack = alpha - 1: (rows, 1)``, float64
+    and positive (rows at alpha = 1 are solved at alpha = 2 here and replaced by the caller).
 
-    Returns ``(probs, weight)`` with the backward weight proportional to ``p^(2 - alpha)``.
-    Rows at alpha = 1 are the softmax (the limit, where the power form degenerates).  The
-    probability pass doubles as the convergence check: rows whose sum is not yet 1 within
-    the tolerance continue, alone, from where they stopped, with precise passes.
+    Returns ``(probs, shift, tau)``: the threshold ``tau`` and row shift (see :func:`_scaled`)
+    let the backward pass form its weight ``p / gap``.  The probability pass doubles as the
+    convergence check: rows whose sum is not yet 1 within the tolerance continue, alone, from
+    where they stopped, with precise passes.
     """
-    slack = (alpha - 1.0).to(torch.float64)
-    softmax_rows = slack == 0
-    slack = torch.where(softmax_rows, 1.0, slack)
     shift, lower = _bisect_start(z, slack)
-    # F(lower) >= 0 by construction; F(0) = -1.
-    # tau starts as a copy: an argument aliasing another makes torch.compile recompile.
+    # F(lower) >= 0 by construction, F(0) = -1; tau starts as a copy of lower (an argument
+    # aliasing another makes torch.compile recompile).
     state = (
         lower, torch.zeros_like(slack), lower.clone(), torch.zeros_like(slack, dtype=torch.bool)
     )
@@ -484,12 +486,10 @@ def _entmax_bisect_rows(
     # The plain passes lose about eps / (alpha - 1) (relative) next to alpha = 1 and are too
     # coarse next to the threshold above alpha = 2, where the kernel itself must prove rows.
     plain = bool(((slack >= _PLAIN_MIN_SLACK) & (slack <= 1.0)).all()) and tol is None
-    state, probs, weight, used = _solve_threshold(
-        z, shift, slack, state, tolerance, n_iter, not plain
-    )
+    state, probs, used = _solve_threshold(z, shift, slack, state, tolerance, n_iter, not plain)
     while used < n_iter and not bool(state[3].all()):
         rows = _unproven_rows(state[3])
-        part_state, part_probs, part_weight, part_used = _solve_threshold(
+        part_state, part_probs, part_used = _solve_threshold(
             z.index_select(0, rows), shift.index_select(0, rows), slack.index_select(0, rows),
             tuple(whole.index_select(0, rows) for whole in state), tolerance, n_iter - used,
             True,
@@ -498,16 +498,10 @@ def _entmax_bisect_rows(
         state = tuple(
             whole.index_copy(0, rows, part) for whole, part in zip(state, part_state, strict=True)
         )
-        # In place: probs and weight are this function's own, and copies of them would cost
-        # as much as a pass (fresh large tensors page-fault on first touch).
+        # In place: probs is this function's own, and a copy would cost as much as a pass
+        # (a fresh large tensor page-faults on first touch).
         probs.index_copy_(0, rows, part_probs)
-        weight.index_copy_(0, rows, part_weight)
-    if bool(softmax_rows.any()):
-        dense = torch.softmax(z.masked_fill(z.isinf().all(-1, keepdim=True), 0.0), -1)
-        dense = torch.where(z > float("-inf"), dense, 0.0)
-        probs = torch.where(softmax_rows, dense, probs)
-        weight = torch.where(softmax_rows, dense, weight)
-    return probs, weight
+    return probs, shift, state[2]
 
 
 # --------------------------------------------------------------------------------------------
@@ -530,11 +524,6 @@ def _sparsemax_backward(probs: Tensor, grad: Tensor) -> Tensor:
 @_MaybeCompiled
 def _entmax15_backward(probs: Tensor, grad: Tensor) -> Tensor:
     return _weighted_centering(probs.sqrt(), grad)
-
-
-@_MaybeCompiled
-def _weighted_backward(weight: Tensor, grad: Tensor) -> Tensor:
-    return _weighted_centering(weight, grad)
 
 
 def _alpha_gradient_terms(probs: Tensor, slack: Tensor, grad: Tensor) -> Tensor:
@@ -573,13 +562,34 @@ def _alpha_gradient(probs: Tensor, slack: Tensor, grad: Tensor) -> Tensor:
     return _alpha_gradient_terms(probs, slack, grad)
 
 
+def _bisect_weight(
+    z: Tensor, probs: Tensor, shift: Tensor, slack: Tensor, tau: Tensor
+) -> Tensor:
+    """alpha-entmax's backward weight ``p / gap``, proportional to ``p^(2 - alpha)``, from
+    the forward's threshold (no power needed); ``p`` itself on softmax rows (``slack = 0``)."""
+    gap = _gap(_scaled(z, shift, torch.where(slack > 0, slack, 1.0)), tau)
+    positive = gap > 0
+    ratio = torch.where(positive, probs / torch.where(positive, gap, 1.0), 0.0)
+    return torch.where(slack > 0, ratio, probs)
+
+
 @_MaybeCompiled
 def _bisect_backward(
-    probs: Tensor, weight: Tensor, slack: Tensor, grad: Tensor
+    z: Tensor, probs: Tensor, shift: Tensor, slack: Tensor, tau: Tensor, grad: Tensor
+) -> Tensor:
+    """The vector-Jacobian product of alpha-entmax with respect to the scores."""
+    return _weighted_centering(_bisect_weight(z, probs, shift, slack, tau), grad)
+
+
+@_MaybeCompiled
+def _bisect_backward_with_alpha(
+    z: Tensor, probs: Tensor, shift: Tensor, slack: Tensor, tau: Tensor, grad: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Both gradients of alpha-entmax, ``(dz, dalpha)``, in one compiled call: they read the
     same ``probs`` and ``grad``, so one kernel reads them once."""
-    return _weighted_centering(weight, grad), _alpha_gradient_terms(probs, slack, grad)
+    weight = _bisect_weight(z, probs, shift, slack, tau)
+    alpha_terms = _alpha_gradient_terms(probs, slack.to(probs.dtype), grad)
+    return _weighted_centering(weight, grad), alpha_terms
 
 
 # --------------------------------------------------------------------------------------------
@@ -620,20 +630,31 @@ class _EntmaxBisectFunction(torch.autograd.Function):
     def forward(ctx: Any, z: Tensor, alpha: Tensor, n_iter: int, tol: float | None) -> Tensor:
         # Detached, so that the compiled kernels see the same requires_grad with and without
         # autograd (a mismatch recompiles them).
-        probs, weight = _entmax_bisect_rows(z.detach(), alpha.detach(), n_iter, tol)
-        ctx.save_for_backward(probs, weight, alpha)
+        z = z.detach()
+        slack = (alpha.detach() - 1.0).to(torch.float64)
+        softmax_rows = slack == 0
+        probs, shift, tau = _entmax_bisect_rows(
+            z, torch.where(softmax_rows, 1.0, slack), n_iter, tol
+        )
+        if bool(softmax_rows.any()):
+            dense = torch.softmax(z.masked_fill(z.isinf().all(-1, keepdim=True), 0.0), -1)
+            dense = torch.where(z > float("-inf"), dense, 0.0)
+            probs = torch.where(softmax_rows, dense, probs)
+        ctx.save_for_backward(z, probs, shift, slack, tau, alpha)
         return probs
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
-        probs, weight, alpha = ctx.saved_tensors
+        z, probs, shift, slack, tau, alpha = ctx.saved_tensors
+        grad_z = grad_alpha = None
         if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
-            grad_z, grad_alpha = _bisect_backward(probs, weight, alpha - 1.0, grad)
-            return grad_z, grad_alpha, None, None
-        grad_z = _weighted_backward(weight, grad) if ctx.needs_input_grad[0] else None
-        grad_alpha = None
-        if ctx.needs_input_grad[1]:
+            grad_z, grad_alpha = _bisect_backward_with_alpha(z, probs, shift, slack, tau, grad)
+        elif ctx.needs_input_grad[0]:
+            grad_z = _bisect_backward(z, probs, shift, slack, tau, grad)
+        elif ctx.needs_input_grad[1]:
             grad_alpha = _alpha_gradient(probs, alpha - 1.0, grad)
+        if grad_alpha is not None:
+            grad_alpha = grad_alpha.to(alpha.dtype)
         return grad_z, grad_alpha, None, None
 
 
