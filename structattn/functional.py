@@ -11,7 +11,8 @@ the result exact: a threshold is accepted only when the support it induces is th
 was computed from.  Unproven rows (about 1% of N(0, 1) rows of 4096 keys) continue iterating in
 a call on those rows alone; rows still unproven after that (ties at the threshold) are solved
 by the sort-based algorithm in float64.  ``entmax_bisect`` has no closed form for general alpha
-and stops at a tolerance instead, with its threshold carried in float64.
+and stops at a tolerance instead, with its threshold carried in float64; its cost is one log
+and one exp per key and pass, about three softmax forwards a pass on CPU.
 
 Inputs of at least ``COMPILE_MIN_NUMEL`` elements go through the compiled kernels; set the
 environment variable ``STRUCTATTN_COMPILE=0`` (or ``structattn.functional.COMPILE = False``) to
@@ -20,6 +21,7 @@ run the plain eager kernels everywhere.  Compilation falls back to them by itsel
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -64,10 +66,15 @@ _QUADRATIC_STEPS_SHORT_ROWS = 4
 _SHORT_ROW_KEYS = 128
 # Further kernel calls, on the unproven rows only, before sorting them.
 _CONTINUATION_ROUNDS = 3
-# Root-finding steps per compiled call of entmax_bisect: Halley's steps on P^(alpha-1) settle
-# dense rows (alpha <= 1.5) in 3; the probability pass after them checks convergence, and the
-# rows not settled yet (a third of them at alpha 1.7) continue alone.
-_BISECT_STEPS = 3
+# entmax_bisect: the offsets (in units of (alpha - 1)(z - max)) at which the start counts keys
+# for its lower bound on the threshold; then root-finding passes until at most
+# _FAR_ROWS_FRACTION of the rows are further than _NEAR_ROOT from sum p = 1, then the
+# probability pass, which checks convergence (the rows it cannot prove continue alone).
+_START_OFFSETS = (-0.5, -0.25)
+_NEAR_ROOT = 1e-1
+_FAR_ROWS_FRACTION = 0.1
+# Rows with alpha - 1 in [_PLAIN_MIN_SLACK, 1] start with the cheaper plain passes.
+_PLAIN_MIN_SLACK = 0.1
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -243,6 +250,12 @@ def _split_threshold(threshold: Tensor, dtype: torch.dtype) -> tuple[Tensor, Ten
     return high, (threshold - high.to(threshold.dtype)).to(dtype)
 
 
+def _gap(x: Tensor, tau: Tensor) -> Tensor:
+    """``x - tau`` for a float64 ``tau: (rows, 1)`` subtracted as a high + low pair."""
+    tau_high, tau_low = _split_threshold(tau, x.dtype)
+    return (x - tau_high) - tau_low
+
+
 def _log_gap(x: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(gap, log gap, gap > 0)`` for ``gap = x - tau``, accurate where it matters.
 
@@ -252,9 +265,8 @@ def _log_gap(x: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     taken as ``log1p(gap - 1)`` with ``gap - 1`` formed from ``tau + 1`` the same way, so that
     ``(alpha - 1) z`` is not rounded against 1.
     """
-    tau_high, tau_low = _split_threshold(tau, x.dtype)
+    gap = _gap(x, tau)
     shift_high, shift_low = _split_threshold(tau + 1.0, x.dtype)
-    gap = (x - tau_high) - tau_low
     gap_minus_one = (x - shift_high) - shift_low
     positive = gap > 0
     near_one = gap > 0.5
@@ -266,161 +278,231 @@ def _log_gap(x: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return gap, torch.log(base) - correction, positive
 
 
+def _power_of_gap(
+    x: Tensor, slack: Tensor, tau: Tensor, precise: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(gap, [gap]_+^(1/slack), gap > 0)`` for ``gap = x - tau``.
+
+    ``precise`` takes the gap and its log as :func:`_log_gap` does; otherwise ``tau`` is
+    rounded to ``x``'s dtype and the log taken plainly, which is a quarter cheaper and good to
+    about ``eps / (alpha - 1)`` relative: enough for the root-finding passes far from the
+    root, which only choose the next threshold (the probability pass checks the last one).
+    Powers below the dtype's smallest normal number are set to 0: computing them (even in
+    the lanes a ``where`` discards) produces subnormals, which made whole passes 2.5x slower
+    on CPU; they are below any probability that can be represented next to 1 anyway.
+    """
+    if precise:
+        gap, log_gap, positive = _log_gap(x, tau)
+    else:
+        gap = x - tau.to(x.dtype)
+        positive = gap > 0
+        log_gap = torch.log(torch.where(positive, gap, 1.0))
+    argument = (1.0 / slack).to(x.dtype) * log_gap
+    floor = math.log(torch.finfo(x.dtype).tiny)
+    powered = torch.exp(argument.clamp(min=floor))
+    return gap, torch.where(positive & (argument > floor), powered, 0.0), positive
+
+
+def _row_shift(z: Tensor) -> Tensor:
+    """The row maximum ``(rows, 1)``, 0 for all -inf rows (which then stay -inf, not NaN)."""
+    row_max = z.amax(-1, keepdim=True)
+    return torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
+
+
+def _scaled(z: Tensor, shift: Tensor, slack: Tensor) -> Tensor:
+    """``x = (alpha - 1)(z - max)``, recomputed by every pass from ``z`` and the row shift:
+    two operations per key are cheaper than writing and reading back a tensor of ``x``
+    (a fresh large allocation also page-faults on first touch)."""
+    return (z - shift) * slack.to(z.dtype)
+
+
+@_MaybeCompiled
+def _bisect_start(z: Tensor, slack: Tensor) -> tuple[Tensor, Tensor]:
+    """The row shift (see :func:`_scaled`) and a lower bound on the threshold, ``(rows, 1)``
+    float64, from key counts alone (no powers).
+
+    If ``n`` keys have ``x >= c``, then at ``t = c - n^-(alpha - 1)`` each of them has
+    ``[x - t]_+^(1/(alpha - 1)) >= 1/n``, so ``P(t) >= 1`` and ``t`` is at most the threshold.
+    The best such bound over a few offsets ``c`` starts Halley's method where its first step
+    lands about ten times closer to the root than from the generic ``-1`` (the bound for
+    ``c = 0``, ``n = 1``), which saves a pass.
+    """
+    shift = _row_shift(z)
+    x = _scaled(z, shift, slack)
+    lower = torch.full_like(slack, -1.0)
+    for offset in _START_OFFSETS:
+        count = (x >= offset).to(x.dtype).sum(-1, keepdim=True).to(slack.dtype)
+        bound = offset - torch.exp(-slack * torch.log(count.clamp(min=1.0)))
+        lower = torch.maximum(lower, bound)
+    return shift, lower
+
+
 @_MaybeCompiled
 def _bisect_kernel(
-    x: Tensor,
+    z: Tensor,
+    shift: Tensor,
     slack: Tensor,
     lower: Tensor,
     upper: Tensor,
     tau: Tensor,
     done: Tensor,
     tolerance: Tensor,
-    steps_left: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Up to ``_BISECT_STEPS`` safeguarded root-finding steps for the threshold ``tau``.
+    precise: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One safeguarded root-finding step for the threshold ``tau``: one pass over the keys.
 
-    ``x: (rows, keys)`` are the shifted, scaled scores ``(alpha - 1)(z - max)``, ``slack =
-    alpha - 1`` and the float64 ``(rows, 1)`` state ``[lower, upper]`` brackets the root of
+    ``x = (alpha - 1)(z - max)`` are the scaled rows ``z: (rows, keys)`` (see
+    :func:`_scaled`), ``slack = alpha - 1`` and the float64 ``(rows, 1)`` state
+    ``[lower, upper]`` brackets the root of
     ``F(tau) = P(tau)^(alpha - 1) - 1`` with ``P = sum [x - tau]_+^(1/(alpha - 1))``
     (Blondel, Martins & Niculae 2020 bisect ``P - 1``).  ``P^(alpha-1)`` is a norm of the
     gaps, convex in ``tau`` for alpha <= 2 and close to linear, so Halley's step on it,
-    started from the left end, takes 2-3 steps on dense rows where Newton's on ``P - 1``
+    started from a lower bound, takes 2-3 steps on dense rows where Newton's on ``P - 1``
     takes 6-9; for alpha > 2 Newton's step is used.  A step leaving the bracket is replaced
     by the midpoint.  A row is done once ``|P - 1| <= tolerance`` (after one last step from
-    there, which only polishes) or its step stalls at float64 resolution; only the first
-    ``steps_left`` steps count.  Returns ``(lower, upper, tau, done)``.
+    there, which only polishes) or its step stalls at float64 resolution; done rows do not
+    move.  Returns ``(lower, upper, tau, done, residual)`` with ``residual = |P - 1|`` at the
+    threshold this step started from (0 for rows that were done).  Without ``precise`` (see
+    :func:`_power_of_gap`) the pass declares no row done: its sums are not accurate to the
+    tolerance.
     """
     exponent64 = 1.0 / slack
-    exponent = exponent64.to(x.dtype)
-    for step in range(_BISECT_STEPS):
-        gap, log_gap, positive = _log_gap(x, tau)
-        powered = torch.where(positive, torch.exp(exponent * log_gap), 0.0)
-        inverse_gap = torch.where(positive, 1.0 / torch.where(positive, gap, 1.0), 0.0)
-        over_gap = powered * inverse_gap
-        total = powered.sum(-1, keepdim=True).to(tau.dtype)
-        first = over_gap.sum(-1, keepdim=True).to(tau.dtype)
-        second = (over_gap * inverse_gap).sum(-1, keepdim=True).to(tau.dtype)
-        frozen = done | (steps_left <= step)
-        log_total = torch.log(total)
-        value = torch.expm1(slack * log_total)
-        lower = torch.where(frozen | (value < 0), lower, tau)
-        upper = torch.where(frozen | (value >= 0), upper, tau)
-        # F' = -P^(s-1) Q and F'' = P^(s-1) ((s-1) e Q^2 / P + (e-1) R), s = alpha - 1,
-        # e = 1/s, Q = sum gap^(e-1), R = sum gap^(e-2).
-        scale = torch.exp((slack - 1.0) * log_total)
-        slope = -scale * first
-        curvature = scale * (
-            (slack - 1.0) * exponent64 * first * first / total + (exponent64 - 1.0) * second
-        )
-        newton = -value / slope
-        halley_denominator = 2.0 * slope * slope - value * curvature
-        halley = -2.0 * value * slope / halley_denominator
-        use_halley = (value >= 0) & (halley_denominator > 0) & (slack <= 1.0)
-        trial = tau + torch.where(use_halley, halley, newton)
-        # Unconverged rows must land strictly inside the bracket, or it would not shrink
-        # (a step that does not move, or that returns to an end, cycles); a converged row's
-        # last polishing step may be zero.
-        unconverged = (total - 1.0).abs() > tolerance
-        inside = ((trial > lower) & (trial < upper)) | (
-            ~unconverged & (trial >= lower) & (trial <= upper)
-        )
-        new_tau = torch.where(inside, trial, 0.5 * (lower + upper))
-        # A stalled step proves convergence only where F is convex (alpha <= 2): for
-        # alpha > 2 the slope is unbounded next to each breakpoint, so tiny Newton steps
-        # happen far from the root; there only the bracket's collapse does.
-        resolution = 1e-15 * tau.abs()
-        converged = (
-            ~unconverged
-            | (((new_tau - tau).abs() <= resolution) & (slack <= 1.0))
-            | (upper - lower <= resolution)
-        )
-        tau = torch.where(frozen, tau, new_tau)
-        done = frozen | converged
-    return lower, upper, tau, done
-
-
-@_MaybeCompiled
-def _scaled_rows(z: Tensor, slack: Tensor) -> Tensor:
-    """``x = (alpha - 1)(z - max)`` per row (all -inf rows stay -inf)."""
-    return _shift_by_row_max(z) * slack.to(z.dtype)
+    gap, powered, positive = _power_of_gap(_scaled(z, shift, slack), slack, tau, precise)
+    inverse_gap = torch.where(positive, 1.0 / torch.where(positive, gap, 1.0), 0.0)
+    over_gap = powered * inverse_gap
+    total = powered.sum(-1, keepdim=True).to(tau.dtype)
+    first = over_gap.sum(-1, keepdim=True).to(tau.dtype)
+    second = (over_gap * inverse_gap).sum(-1, keepdim=True).to(tau.dtype)
+    log_total = torch.log(total)
+    value = torch.expm1(slack * log_total)
+    lower = torch.where(done | (value < 0), lower, tau)
+    upper = torch.where(done | (value >= 0), upper, tau)
+    # F' = -P^(s-1) Q and F'' = P^(s-1) ((s-1) e Q^2 / P + (e-1) R), s = alpha - 1,
+    # e = 1/s, Q = sum gap^(e-1), R = sum gap^(e-2).
+    scale = torch.exp((slack - 1.0) * log_total)
+    slope = -scale * first
+    curvature = scale * (
+        (slack - 1.0) * exponent64 * first * first / total + (exponent64 - 1.0) * second
+    )
+    newton = -value / slope
+    halley_denominator = 2.0 * slope * slope - value * curvature
+    halley = -2.0 * value * slope / halley_denominator
+    use_halley = (value >= 0) & (halley_denominator > 0) & (slack <= 1.0)
+    trial = tau + torch.where(use_halley, halley, newton)
+    # Unconverged rows must land strictly inside the bracket, or it would not shrink (a step
+    # that does not move, or that returns to an end, cycles); a converged row's last
+    # polishing step may be zero.
+    residual = (total - 1.0).abs()
+    unconverged = residual > tolerance
+    inside = ((trial > lower) & (trial < upper)) | (
+        ~unconverged & (trial >= lower) & (trial <= upper)
+    )
+    new_tau = torch.where(inside, trial, 0.5 * (lower + upper))
+    # A stalled step proves convergence only where F is convex (alpha <= 2): for alpha > 2
+    # the slope is unbounded next to each breakpoint, so tiny Newton steps happen far from
+    # the root; there only the bracket's collapse does.
+    resolution = 1e-15 * tau.abs()
+    converged = (
+        ~unconverged
+        | (((new_tau - tau).abs() <= resolution) & (slack <= 1.0))
+        | (upper - lower <= resolution)
+    )
+    residual = torch.where(done, 0.0, residual)
+    new_done = done | converged if precise else done
+    return lower, upper, torch.where(done, tau, new_tau), new_done, residual
 
 
 @_MaybeCompiled
 def _bisect_probs(
-    x: Tensor, slack: Tensor, tau: Tensor, done: Tensor, tolerance: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``p = [x - tau]_+^(1/(alpha-1))`` renormalised, the backward weight ``p / gap``
-    (proportional to ``p^(2 - alpha)``, without a second power), and ``done`` updated with
-    the rows this pass proves converged.
+    z: Tensor, shift: Tensor, slack: Tensor, tau: Tensor, done: Tensor, tolerance: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``p = [x - tau]_+^(1/(alpha-1))`` renormalised, and ``done`` updated with the rows
+    this pass proves converged.  (The backward weight ``p / gap`` is formed in the backward
+    pass from ``z``, ``tau`` and ``p``: writing it here cost more than recomputing the gap.)
 
     The pass proves a row where ``|sum - 1| <= tolerance`` and the last step was Halley's
     (cubic, alpha <= 2); for alpha > 2 the kernel's own test, which adds one polishing step,
     must say so (without it float32 errors reach 1e-6).
     """
-    gap, log_gap, positive = _log_gap(x, tau)
-    powered = torch.where(positive, torch.exp((1.0 / slack).to(x.dtype) * log_gap), 0.0)
+    _, powered, _ = _power_of_gap(_scaled(z, shift, slack), slack, tau)
     total = powered.sum(-1, keepdim=True)
     probs = powered / torch.where(total > 0, total, 1.0)
-    weight = torch.where(positive, probs / torch.where(positive, gap, 1.0), 0.0)
     settled = ((total.to(tolerance.dtype) - 1.0).abs() <= tolerance) & (slack <= 1.0)
-    return probs, weight, done | settled
+    return probs, done | settled
+
+
+def _solve_threshold(
+    z: Tensor,
+    shift: Tensor,
+    slack: Tensor,
+    state: tuple[Tensor, Tensor, Tensor, Tensor],
+    tolerance: Tensor,
+    steps: int,
+    precise: bool,
+) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], Tensor, int]:
+    """Root-finding passes, then the probability pass, on rows ``z`` from ``state =
+    (lower, upper, tau, done)``, with at most ``steps`` root-finding passes.
+
+    Each pass costs about as much as the probability pass, so the probability pass (which
+    doubles as the convergence check) comes as soon as it is likely to succeed: when at most
+    ``_FAR_ROWS_FRACTION`` of the rows had ``|P - 1| > _NEAR_ROOT`` before the last step
+    (Halley's cubic convergence takes the others below the tolerance); the rows it does not
+    prove continue alone.  Returns ``(state, probs, steps used)``.
+    """
+    lower, upper, tau, done = state
+    used = 0
+    while used < steps:
+        lower, upper, tau, done, residual = _bisect_kernel(
+            z, shift, slack, lower, upper, tau, done, tolerance, precise
+        )
+        used += 1
+        far = (residual > _NEAR_ROOT).to(residual.dtype).mean()
+        if float(far) <= _FAR_ROWS_FRACTION:
+            break
+    probs, done = _bisect_probs(z, shift, slack, tau, done, tolerance)
+    return (lower, upper, tau, done), probs, used
 
 
 def _entmax_bisect_rows(
-    z: Tensor, alpha: Tensor, n_iter: int, tol: float | None
-) -> tuple[Tensor, Tensor]:
-    """alpha-entmax of rows ``z: (rows, keys)`` with ``alpha: (rows, 1)`` >= 1.
+    z: Tensor, slack: Tensor, n_iter: int, tol: float | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """alpha-entmax of rows ``z: (rows, keys)`` with ``slack = alpha - 1: (rows, 1)``, float64
+    and positive (rows at alpha = 1 are solved at alpha = 2 here and replaced by the caller).
 
-    Returns ``(probs, weight)`` with the backward weight proportional to ``p^(2 - alpha)``.
-    Rows at alpha = 1 are the softmax (the limit, where the power form degenerates).  The
-    probability pass doubles as the convergence check: rows whose sum is not yet 1 within
-    the tolerance continue, alone, from where they stopped.
+    Returns ``(probs, shift, tau)``: the threshold ``tau`` and row shift (see :func:`_scaled`)
+    let the backward pass form its weight ``p / gap``.  The probability pass doubles as the
+    convergence check: rows whose sum is not yet 1 within the tolerance continue, alone, from
+    where they stopped, with precise passes.
     """
-    slack = (alpha - 1.0).to(torch.float64)
-    softmax_rows = slack == 0
-    slack = torch.where(softmax_rows, 1.0, slack)
-    x = _scaled_rows(z, slack)
-    # F(-1) >= 0 because the row maximum alone contributes 1; F(0) = -1.
-    lower = torch.full_like(slack, -1.0)
-    upper = torch.zeros_like(slack)
-    tau = lower.clone()
-    done = torch.zeros_like(tau, dtype=torch.bool)
+    shift, lower = _bisect_start(z, slack)
+    # F(lower) >= 0 by construction, F(0) = -1; tau starts as a copy of lower (an argument
+    # aliasing another makes torch.compile recompile).
+    state = (
+        lower, torch.zeros_like(slack), lower.clone(), torch.zeros_like(slack, dtype=torch.bool)
+    )
     tolerance = torch.tensor(
         16 * torch.finfo(z.dtype).eps if tol is None else tol, dtype=torch.float64,
         device=z.device,
     )
-    steps_left = torch.tensor(min(n_iter, _BISECT_STEPS), device=z.device)
-    lower, upper, tau, done = _bisect_kernel(
-        x, slack, lower, upper, tau, done, tolerance, steps_left
-    )
-    probs, weight, done = _bisect_probs(x, slack, tau, done, tolerance)
-    for first_step in range(_BISECT_STEPS, n_iter, _BISECT_STEPS):
-        if bool(done.all()):
-            break
-        rows = _unproven_rows(done)
-        steps_left = torch.tensor(min(n_iter - first_step, _BISECT_STEPS), device=z.device)
-        part_x, part_slack = x.index_select(0, rows), slack.index_select(0, rows)
-        part_lower, part_upper, part_tau, part_done = _bisect_kernel(
-            part_x, part_slack, lower.index_select(0, rows), upper.index_select(0, rows),
-            tau.index_select(0, rows), done.index_select(0, rows), tolerance, steps_left,
+    # The plain passes lose about eps / (alpha - 1) (relative) next to alpha = 1 and are too
+    # coarse next to the threshold above alpha = 2, where the kernel itself must prove rows.
+    plain = bool(((slack >= _PLAIN_MIN_SLACK) & (slack <= 1.0)).all()) and tol is None
+    state, probs, used = _solve_threshold(z, shift, slack, state, tolerance, n_iter, not plain)
+    while used < n_iter and not bool(state[3].all()):
+        rows = _unproven_rows(state[3])
+        part_state, part_probs, part_used = _solve_threshold(
+            z.index_select(0, rows), shift.index_select(0, rows), slack.index_select(0, rows),
+            tuple(whole.index_select(0, rows) for whole in state), tolerance, n_iter - used,
+            True,
         )
-        part_probs, part_weight, part_done = _bisect_probs(
-            part_x, part_slack, part_tau, part_done, tolerance
+        used += part_used
+        state = tuple(
+            whole.index_copy(0, rows, part) for whole, part in zip(state, part_state, strict=True)
         )
-        lower, upper, tau, done, probs, weight = (
-            whole.index_copy(0, rows, part)
-            for whole, part in zip(
-                (lower, upper, tau, done, probs, weight),
-                (part_lower, part_upper, part_tau, part_done, part_probs, part_weight),
-                strict=True,
-            )
-        )
-    if bool(softmax_rows.any()):
-        dense = torch.softmax(z.masked_fill(z.isinf().all(-1, keepdim=True), 0.0), -1)
-        dense = torch.where(z > float("-inf"), dense, 0.0)
-        probs = torch.where(softmax_rows, dense, probs)
-        weight = torch.where(softmax_rows, dense, weight)
-    return probs, weight
+        # In place: probs is this function's own, and a copy would cost as much as a pass
+        # (a fresh large tensor page-faults on first touch).
+        probs.index_copy_(0, rows, part_probs)
+    return probs, shift, state[2]
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,13 +527,7 @@ def _entmax15_backward(probs: Tensor, grad: Tensor) -> Tensor:
     return _weighted_centering(probs.sqrt(), grad)
 
 
-@_MaybeCompiled
-def _weighted_backward(weight: Tensor, grad: Tensor) -> Tensor:
-    return _weighted_centering(weight, grad)
-
-
-@_MaybeCompiled
-def _alpha_gradient(probs: Tensor, slack: Tensor, grad: Tensor) -> Tensor:
+def _alpha_gradient_terms(probs: Tensor, slack: Tensor, grad: Tensor) -> Tensor:
     """``sum_i grad_i dp_i/dalpha`` per row, ``(rows, 1)``, for ``slack = alpha - 1 >= 0``.
 
     Differentiating ``sum p = 1`` implicitly gives ``dp/dalpha`` as a difference of two
@@ -479,6 +555,42 @@ def _alpha_gradient(probs: Tensor, slack: Tensor, grad: Tensor) -> Tensor:
     cross = probs * log_p * mean_gamma - p_gamma * mean_log
     denominator = 1.0 - slack * mean_log + slack * slack * mean_gamma
     return (grad * (centred - slack * cross)).sum(-1, keepdim=True) / denominator
+
+
+@_MaybeCompiled
+def _alpha_gradient(probs: Tensor, slack: Tensor, grad: Tensor) -> Tensor:
+    """See :func:`_alpha_gradient_terms`."""
+    return _alpha_gradient_terms(probs, slack, grad)
+
+
+def _bisect_weight(
+    z: Tensor, probs: Tensor, shift: Tensor, slack: Tensor, tau: Tensor
+) -> Tensor:
+    """alpha-entmax's backward weight ``p / gap``, proportional to ``p^(2 - alpha)``, from
+    the forward's threshold (no power needed); ``p`` itself on softmax rows (``slack = 0``)."""
+    gap = _gap(_scaled(z, shift, torch.where(slack > 0, slack, 1.0)), tau)
+    positive = gap > 0
+    ratio = torch.where(positive, probs / torch.where(positive, gap, 1.0), 0.0)
+    return torch.where(slack > 0, ratio, probs)
+
+
+@_MaybeCompiled
+def _bisect_backward(
+    z: Tensor, probs: Tensor, shift: Tensor, slack: Tensor, tau: Tensor, grad: Tensor
+) -> Tensor:
+    """The vector-Jacobian product of alpha-entmax with respect to the scores."""
+    return _weighted_centering(_bisect_weight(z, probs, shift, slack, tau), grad)
+
+
+@_MaybeCompiled
+def _bisect_backward_with_alpha(
+    z: Tensor, probs: Tensor, shift: Tensor, slack: Tensor, tau: Tensor, grad: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Both gradients of alpha-entmax, ``(dz, dalpha)``, in one compiled call: they read the
+    same ``probs`` and ``grad``, so one kernel reads them once."""
+    weight = _bisect_weight(z, probs, shift, slack, tau)
+    alpha_terms = _alpha_gradient_terms(probs, slack.to(probs.dtype), grad)
+    return _weighted_centering(weight, grad), alpha_terms
 
 
 # --------------------------------------------------------------------------------------------
@@ -517,17 +629,33 @@ class _Entmax15Function(torch.autograd.Function):
 class _EntmaxBisectFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, z: Tensor, alpha: Tensor, n_iter: int, tol: float | None) -> Tensor:
-        probs, weight = _entmax_bisect_rows(z, alpha, n_iter, tol)
-        ctx.save_for_backward(probs, weight, alpha)
+        # Detached, so that the compiled kernels see the same requires_grad with and without
+        # autograd (a mismatch recompiles them).
+        z = z.detach()
+        slack = (alpha.detach() - 1.0).to(torch.float64)
+        softmax_rows = slack == 0
+        probs, shift, tau = _entmax_bisect_rows(
+            z, torch.where(softmax_rows, 1.0, slack), n_iter, tol
+        )
+        if bool(softmax_rows.any()):
+            dense = torch.softmax(z.masked_fill(z.isinf().all(-1, keepdim=True), 0.0), -1)
+            dense = torch.where(z > float("-inf"), dense, 0.0)
+            probs = torch.where(softmax_rows, dense, probs)
+        ctx.save_for_backward(z, probs, shift, slack, tau, alpha)
         return probs
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
-        probs, weight, alpha = ctx.saved_tensors
-        grad_z = _weighted_backward(weight, grad) if ctx.needs_input_grad[0] else None
-        grad_alpha = None
-        if ctx.needs_input_grad[1]:
+        z, probs, shift, slack, tau, alpha = ctx.saved_tensors
+        grad_z = grad_alpha = None
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+            grad_z, grad_alpha = _bisect_backward_with_alpha(z, probs, shift, slack, tau, grad)
+        elif ctx.needs_input_grad[0]:
+            grad_z = _bisect_backward(z, probs, shift, slack, tau, grad)
+        elif ctx.needs_input_grad[1]:
             grad_alpha = _alpha_gradient(probs, alpha - 1.0, grad)
+        if grad_alpha is not None:
+            grad_alpha = grad_alpha.to(alpha.dtype)
         return grad_z, grad_alpha, None, None
 
 
@@ -698,12 +826,14 @@ def entmax_bisect(
     alpha = 2 is sparsemax.  ``tau`` lies in ``[max - 1, max]`` (Blondel, Martins & Niculae
     2020, "Learning with Fenchel-Young Losses", find it by bisection there); here it is found
     by Halley's method on ``P(tau)^(alpha - 1) - 1``, ``P = sum [x - tau]_+^(1/(alpha-1))``,
-    which is convex and nearly linear for alpha <= 2 (2-3 steps on dense rows), with Newton's
-    steps for alpha > 2 and a bisection safeguard.  The threshold is carried in float64 and
-    subtracted as a high + low pair, and ``log(gap)`` is taken as ``log1p(gap - 1)`` where the
-    gap is near 1, so float32 results are within a few float32 eps of float64 at every alpha
-    (next to the threshold for alpha > 2, and next to alpha = 1).  It stops when
-    ``|sum p - 1| <= tol`` (the final probability pass is the check) and renormalises.  For a
+    which is convex and nearly linear for alpha <= 2, with Newton's steps for alpha > 2 and a
+    bisection safeguard, started from a lower bound counted from the keys (2 passes on dense
+    rows at alpha 1.3, 3 at 1.7; each pass costs one log and one exp per key).  The last,
+    probability pass carries the threshold in float64, subtracted as a high + low pair, and
+    takes ``log(gap)`` as ``log1p(gap - 1)`` where the gap is near 1, so float32 results are
+    within a few float32 eps of float64 at every alpha (next to the threshold for alpha > 2,
+    and next to alpha = 1).  It stops when ``|sum p - 1| <= tol`` (the probability pass is
+    the check; rows it cannot prove continue alone) and renormalises.  For a
     plain number alpha of 1, 1.5 or 2 the exact maps :func:`masked_softmax`,
     :func:`entmax15` and :func:`sparsemax` are used instead.
 

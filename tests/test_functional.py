@@ -278,7 +278,7 @@ def test_entmax_bisect_honours_n_iter_and_stops_early(monkeypatch):
     monkeypatch.setattr(functional, "_bisect_kernel", counting)
     scores = random_scores(10, 64, scale=3.0, seed=7)
     exact = entmax_bisect(scores, 1.3, n_iter=200)
-    assert len(calls) < 200 // functional._BISECT_STEPS
+    assert len(calls) < 20
     one_step = entmax_bisect(scores, 1.3, n_iter=1)
     assert (one_step - exact).abs().max() > 1e-6
     assert bool((one_step >= 0).all())

@@ -101,5 +101,8 @@ def test_compiled_entmax_bisect_matches_eager_with_a_learned_alpha(compiled, mon
         results.append((probs.detach(), leaf.grad, alpha.grad))
     for compiled_value, eager_value in zip(results[0], results[1], strict=True):
         torch.testing.assert_close(compiled_value, eager_value, atol=1e-5, rtol=1e-4)
-    for kernel in (functional._bisect_kernel, functional._bisect_probs, functional._alpha_gradient):
+    for kernel in (
+        functional._bisect_start, functional._bisect_kernel, functional._bisect_probs,
+        functional._bisect_backward_with_alpha,
+    ):
         assert not kernel.failed_devices
