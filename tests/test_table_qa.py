@@ -21,6 +21,7 @@ from structattn.data.tables import (
 from structattn.distributions.categorical import CategoricalAlignment
 from structattn.models.table_qa import (
     CELL_FEATURES,
+    QUESTION_ENCODERS,
     TABLE_QA_MODES,
     HardScoreMode,
     Heads,
@@ -339,3 +340,62 @@ def test_sparse_mode_choices_have_exact_zeros_and_alpha_is_checked():
     assert choice.attention[0, 0].tolist() == [1.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="alpha"):
         SparseMode(alpha=1.0)
+
+
+def test_a_longer_header_claims_its_tokens_before_a_shorter_header_inside_it():
+    from structattn.models.table_qa import header_mentions
+
+    tokens = "what is the private where private service providing is above 5 ?".split()
+    spans = header_mentions(tokens, ["private", "private service providing"])
+    assert spans == [[(3, 4)], [(5, 8)]]
+
+
+def test_a_condition_number_belongs_to_the_nearest_header_before_it():
+    table = small_table()
+    example = TableExample(
+        table, "what is the mpg when horsepower is below 90 ?", ("17",), 3, "NONE", (0,)
+    )
+    batch = encode_tables([example], build_question_vocab([example]))
+    has_number = batch.features[0, :, :, CELL_FEATURES.index("has_number")].amax(0)
+    # "mpg" is followed by "when horsepower ...": 90 is horsepower's, not mpg's
+    assert has_number.tolist() == [0, 0, 1, 0]
+    mismatch = batch.features[0, :, :, CELL_FEATURES.index("text_mismatch")]
+    match = batch.features[0, :, :, CELL_FEATURES.index("text_match")]
+    missing = batch.features[0, :, :, CELL_FEATURES.index("missing")]
+    assert torch.equal(mismatch + match + missing, torch.ones_like(mismatch))
+
+
+def test_rows_depend_only_on_columns_that_carry_a_condition():
+    torch.manual_seed(0)
+    table = small_table()
+    example = TableExample(
+        table, "what is the mpg when horsepower is below 90 ?", ("17",), 3, "NONE", (0,)
+    )
+    vocab = build_question_vocab([example])
+    model = TableQA(len(vocab), mode="enum").eval()
+    batch = encode_tables([example], vocab)
+    before = model(batch).cell_probs
+    # the cells of columns without a condition (name, origin, mpg: no value in the question)
+    # move no row, whatever their other relations say
+    gates = ("text_match", "has_number")
+    relations = [i for i, name in enumerate(CELL_FEATURES) if name not in gates]
+    for column in (0, 1, 3):
+        batch.features[0, :, column, relations] = torch.rand(5, len(relations))
+    assert torch.equal(model(batch).cell_probs, before)
+    batch.features[0, :, 2] = torch.rand(5, len(CELL_FEATURES))
+    assert not torch.equal(model(batch).cell_probs, before)
+
+
+@pytest.mark.parametrize("encoder", sorted(QUESTION_ENCODERS))
+def test_every_question_encoder_trains_and_ignores_padding(encoder):
+    torch.manual_seed(0)
+    examples, vocab, batch = generated_batch(8)
+    model = TableQA(len(vocab), mode="enum", encoder=encoder, dropout=0.0).eval()
+    alone = encode_tables(examples[:1], vocab)
+    padded = model(batch).column_probs[0]
+    assert torch.allclose(model(alone).column_probs[0], padded, atol=1e-5)
+    model.train()
+    model.loss(batch).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with pytest.raises(ValueError, match="encoder"):
+        TableQA(len(vocab), encoder="nope")

@@ -61,6 +61,7 @@ class Budget:
     steps: int
     batch_size: int
     learning_rate: float = 3e-3
+    encoder: str = "bigru"
 
 
 BUDGETS = {
@@ -126,7 +127,7 @@ def train_mode(
     batches: list[tuple[Sequence[TableExample], TableBatch]] = _batches(
         order, vocab, budget.batch_size, budget.max_rows, budget.max_columns
     )
-    model = TableQA(len(vocab), mode=mode)
+    model = TableQA(len(vocab), mode=mode, encoder=budget.encoder)
     optimizer = torch.optim.Adam(model.parameters(), lr=budget.learning_rate)
     rng = random.Random(seed)
     start = time.perf_counter()

@@ -60,9 +60,13 @@ from structattn.data.tables import (
 )
 from structattn.data.vocab import Vocab
 from structattn.distributions.categorical import CategoricalAlignment, SparsemaxAlignment
+from structattn.nn.rnn import BiRNN
+from structattn.nn.transformer import SinusoidalPositionalEncoding, TransformerEncoderLayer
 
 __all__ = [
     "CELL_FEATURES",
+    "QUESTION_ENCODERS",
+    "QuestionEncoder",
     "TABLE_QA_MODES",
     "TableBatch",
     "TableQA",
@@ -71,11 +75,14 @@ __all__ = [
     "build_question_vocab",
     "encode_tables",
     "question_symbols",
+    "register_question_encoder",
     "register_table_qa_mode",
 ]
 
 #: per-cell relation features, in order
-CELL_FEATURES = ("text_match", "greater", "less", "equal", "has_number", "missing")
+CELL_FEATURES = (
+    "text_match", "greater", "less", "equal", "has_number", "missing", "text_mismatch"
+)
 _NUMBER_WINDOW = 5  # tokens after a header mention in which its comparison number is looked for
 _NGRAM = 8
 _NUMERIC_OPS = torch.tensor([op in NUMERIC_OPERATORS for op in OPERATORS])
@@ -160,6 +167,45 @@ def _find(tokens: list[str], phrase: list[str]) -> list[int]:
     return [i for i in range(len(tokens) - n + 1) if n and tokens[i : i + n] == phrase]
 
 
+def header_mentions(tokens: list[str], headers: Sequence[str]) -> list[list[tuple[int, int]]]:
+    """Spans ``(start, end)`` of each header's mentions in ``tokens``, longest headers first:
+    a token inside a longer header's mention is never a mention of a shorter header it
+    contains (``private`` inside ``private service providing``)."""
+    phrases = [tokenize(header) for header in headers]
+    claimed = [False] * len(tokens)
+    spans: list[list[tuple[int, int]]] = [[] for _ in phrases]
+    for c in sorted(range(len(phrases)), key=lambda c: -len(phrases[c])):
+        n = len(phrases[c])
+        for start in _find(tokens, phrases[c]):
+            if not any(claimed[start : start + n]):
+                spans[c].append((start, start + n))
+        for start, end in spans[c]:
+            claimed[start:end] = [True] * n
+    return spans
+
+
+def _condition_numbers(tokens: list[str], spans: list[list[tuple[int, int]]]) -> list:
+    """Per header, the first number that follows one of its mentions within
+    ``_NUMBER_WINDOW`` tokens before any other header's mention (``None`` if there is none):
+    the value its condition compares against."""
+    owner = [-1] * len(tokens)
+    for c, column_spans in enumerate(spans):
+        for start, end in column_spans:
+            owner[start:end] = [c] * (end - start)
+    numbers: list = [None] * len(spans)
+    for c, column_spans in enumerate(spans):
+        for _, end in column_spans:
+            for i in range(end, min(len(tokens), end + _NUMBER_WINDOW)):
+                if owner[i] >= 0:
+                    break
+                numbers[c] = parse_number(tokens[i])
+                if numbers[c] is not None:
+                    break
+            if numbers[c] is not None:
+                break
+    return numbers
+
+
 def encode_tables(
     examples: Sequence[TableExample],
     vocab: Vocab,
@@ -226,17 +272,12 @@ def encode_tables(
         column_mask[b, : table.num_columns] = True
         row_mask[b, : table.num_rows] = True
         numeric[b, : table.num_columns] = torch.tensor(table.numeric)
-        for c, header in enumerate(table.header):
-            phrase = tokenize(header)
-            number = None
-            for start in _find(toks, phrase):
-                mentions[b, c, start : start + len(phrase)] = 1.0
-                for tok in toks[start + len(phrase) : start + len(phrase) + _NUMBER_WINDOW]:
-                    number = parse_number(tok)
-                    if number is not None:
-                        break
-                if number is not None:
-                    break
+        spans = header_mentions(toks, table.header)
+        numbers = _condition_numbers(toks, spans)
+        for c in range(table.num_columns):
+            number = numbers[c]
+            for start, end in spans[c]:
+                mentions[b, c, start:end] = 1.0
             for r in range(table.num_rows):
                 text = table.rows[r][c]
                 cell = features[b, r, c]
@@ -246,6 +287,8 @@ def encode_tables(
                 cell_tokens = tuple(tokenize(text))
                 if 0 < len(cell_tokens) <= _NGRAM and cell_tokens in ngrams:
                     cell[0] = 1.0
+                else:
+                    cell[6] = 1.0
                 value = table.number(r, c)
                 if value is not None:
                     values[b, r, c] = value
@@ -287,7 +330,8 @@ class Heads:
     """The three latent choices of a batch.
 
     ``column``: batch ``(B, 1)`` over columns; ``operator``: ``(B, 1)`` over operators;
-    ``cells``: ``(B, R)`` over ``{off, on}``; ``cell_log_on``/``cell_log_off``: ``(B, R)``.
+    ``cells``: ``(B, R)`` over ``{off, on}``; ``cell_log_on``/``cell_log_off``: ``(B, R)``;
+    ``operator_scores``: the operator's raw scores ``(B, 6)`` (None when built by hand).
     """
 
     column: CategoricalAlignment
@@ -295,6 +339,7 @@ class Heads:
     cells: CategoricalAlignment
     cell_log_on: torch.Tensor
     cell_log_off: torch.Tensor
+    operator_scores: torch.Tensor | None = None
 
     @property
     def column_probs(self) -> torch.Tensor:
@@ -444,10 +489,25 @@ class TableQAMode(abc.ABC):
 
 @register_table_qa_mode("soft")
 class SoftMode(TableQAMode):
-    """TAPAS: the expected result, Huber loss on scalars; cell log-likelihood on cell answers."""
+    """TAPAS: expected results of soft cell selections, Huber loss on scalars; cell
+    log-likelihood and "no aggregation" on cell answers.
 
-    def __init__(self, huber_delta: float = 0.5) -> None:
+    Args:
+        huber_delta: the Huber loss's threshold on the relative error.
+        mix: ``"loss"`` (default): each (column, operator) keeps its own expected result and
+            the Huber losses are averaged under ``p(column) p(operator | not NONE)``, so an
+            operator's probability rises exactly when its own result fits the answer.
+            ``"result"``: TAPAS's form, one Huber loss on the result averaged over columns and
+            operators; on our data the mixture can fit the answer with the wrong operator
+            (the operator collapsed onto COUNT for every scalar question: 0.16 accuracy at
+            the default budget).
+    """
+
+    def __init__(self, huber_delta: float = 0.5, mix: str = "loss") -> None:
+        if mix not in ("loss", "result"):
+            raise ValueError(f"mix must be 'loss' or 'result', got {mix!r}")
         self.huber_delta = huber_delta
+        self.mix = mix
 
     def loss(self, heads, batch):
         p_col, p_op = heads.column_probs, heads.operator_probs
@@ -460,13 +520,28 @@ class SoftMode(TableQAMode):
         cell_ll = ((y * heads.cell_log_on + (1 - y) * heads.cell_log_off) * batch.row_mask).sum(1)
         cell_ll = cell_ll / batch.row_mask.sum(1).clamp_min(1)
         cells_loss = -(log_op[:, _NONE] + col_ll + cell_ll)
-        # scalar answers: expected result over columns and the non-NONE operators
-        expected = _expected_results(heads, batch)
-        q_op = p_op[:, 1:] / p_op[:, 1:].sum(1, keepdim=True).clamp_min(1e-12)
-        predicted = (p_col[:, :, None] * q_op[:, None, :] * expected[:, :, 1:]).sum((1, 2))
-        err = (predicted - batch.scalar) / (batch.scalar.abs() + 1.0)
+        # scalar answers: expected results over columns and the operators that can produce
+        # the answer (a numeric operator needs a numeric column; COUNT an integer no larger
+        # than the table), as enum rules them out; without this, fractional COUNTs fitted
+        # every scalar and the operator collapsed onto COUNT
+        expected = _expected_results(heads, batch)[:, :, 1:]  # (B, C, 5)
+        rows = batch.row_mask.sum(1)
+        countable = (batch.scalar == batch.scalar.round()) & (batch.scalar <= rows)
+        valid = batch.numeric[:, :, None] | ~_NUMERIC_OPS[1:].to(expected.device)
+        valid = valid & batch.column_mask[:, :, None]
+        valid[:, :, _COUNT - 1] &= countable[:, None]
+        weights = p_col[:, :, None] * p_op[:, None, 1:] * valid
+        mass = weights.sum((1, 2))
+        weights = weights / mass.clamp_min(1e-12)[:, None, None]
+        if self.mix == "result":
+            expected = (weights * expected).sum((1, 2))[:, None, None]
+        err = (expected - batch.scalar[:, None, None]) / (batch.scalar.abs() + 1.0)[:, None, None]
         huber = F.huber_loss(err, torch.zeros_like(err), delta=self.huber_delta, reduction="none")
-        scalar_loss = -torch.log1p(-p_op[:, _NONE].clamp_max(1 - 1e-6)) + huber
+        if self.mix == "loss":
+            huber = (weights * huber).sum((1, 2))
+        else:
+            huber = huber[:, 0, 0]
+        scalar_loss = -torch.log(mass.clamp_min(1e-6)) + huber
         return torch.where(batch.is_scalar, scalar_loss, cells_loss).mean()
 
 
@@ -497,11 +572,14 @@ class SparseMode(TableQAMode):
     (quick budget: 0.21 denotation accuracy with sparsemax, 0.65 with entmax15).
     """
 
-    def __init__(self, loss_cap: float = 100.0, alpha: float = 1.5) -> None:
+    def __init__(
+        self, loss_cap: float = 100.0, alpha: float = 1.5, kind_weight: float = 1.0
+    ) -> None:
         if not alpha > 1:
             raise ValueError(f"alpha must be > 1 (2 = sparsemax, 1.5 = entmax15), got {alpha!r}")
         self.loss_cap = loss_cap
         self.alpha = alpha
+        self.kind_weight = kind_weight
 
     def make_choice(self, scores, mask):
         return SparsemaxAlignment(
@@ -515,7 +593,22 @@ class SparseMode(TableQAMode):
         weights = heads.column_probs[:, :, None] * heads.operator_probs[:, None, :]
         # zero-probability programs contribute exactly nothing (not 0 * inf)
         terms = torch.where(weights > 0, weights * nll, torch.zeros_like(nll))
-        return terms.sum((1, 2)).mean()
+        loss = terms.sum((1, 2))
+        if self.kind_weight and heads.operator_scores is not None:
+            loss = loss + self.kind_weight * answer_kind_loss(heads.operator_scores, batch)
+        return loss.mean()
+
+
+def answer_kind_loss(operator_scores: torch.Tensor, batch: TableBatch) -> torch.Tensor:
+    """``-log p(NONE)`` for cell answers, ``-log(1 - p(NONE))`` for scalars, under the softmax
+    of ``operator_scores (B, 6)``: TAPAS's aggregation loss, ``(B,)``.
+
+    A sparse operator choice has zero gradient outside its support: a cell question whose
+    support had lost NONE could never bring it back (0.23 accuracy on NONE questions, mostly
+    answered with MIN); this dense term on the same scores always can."""
+    log_none = F.log_softmax(operator_scores, dim=-1)[:, _NONE]
+    log_other = torch.log(-torch.expm1(log_none).clamp_max(-1e-12))
+    return -torch.where(batch.is_scalar, log_other, log_none)
 
 
 @register_table_qa_mode("hard-score")
@@ -582,6 +675,78 @@ class HardScoreMode(TableQAMode):
         return torch.where(batch.is_scalar[None], scalar_reward, cell_reward)
 
 
+# ----------------------------------------------------------------------------- encoders
+
+#: question encoders by name; add with :func:`register_question_encoder`
+QUESTION_ENCODERS: dict[str, type[QuestionEncoder]] = {}
+
+
+def register_question_encoder(
+    name: str,
+) -> Callable[[type[QuestionEncoder]], type[QuestionEncoder]]:
+    """Class decorator: make a :class:`QuestionEncoder` available to ``TableQA(encoder=name)``."""
+    return class_decorator(QUESTION_ENCODERS, name, QuestionEncoder, set_name=True)
+
+
+class QuestionEncoder(nn.Module, abc.ABC):
+    """Contextual states of the question's tokens:
+    ``forward(words (B, L, embed_dim), mask (B, L)) -> (B, L, hidden)``; states at padded
+    positions are unspecified (the model masks them)."""
+
+    name: str = ""
+
+    def __init__(self, embed_dim: int, hidden: int) -> None:
+        super().__init__()
+        if hidden < 2 or hidden % 2:
+            raise ValueError(f"hidden must be a positive even int, got {hidden!r}")
+        self.hidden = hidden
+
+    @abc.abstractmethod
+    def forward(self, words: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """States ``(B, L, hidden)``."""
+
+
+@register_question_encoder("bigru")
+class BiGRUQuestionEncoder(QuestionEncoder):
+    """A bidirectional GRU whose backward direction starts at each question's last real token
+    (:class:`~structattn.nn.BiRNN`), so padding never reaches the states."""
+
+    def __init__(self, embed_dim: int, hidden: int) -> None:
+        super().__init__(embed_dim, hidden)
+        self.rnn = BiRNN(embed_dim, hidden, cell="gru")
+
+    def forward(self, words, mask):
+        return self.rnn(words, mask)
+
+
+@register_question_encoder("transformer")
+class TransformerQuestionEncoder(QuestionEncoder):
+    """Pre-norm Transformer encoder layers (:class:`~structattn.nn.TransformerEncoderLayer`)
+    over the projected word embeddings plus sinusoidal positions, then a final layer norm.
+
+    Args:
+        layers: number of layers; heads: attention heads (must divide ``hidden``).
+    """
+
+    def __init__(self, embed_dim: int, hidden: int, layers: int = 2, heads: int = 4) -> None:
+        super().__init__(embed_dim, hidden)
+        if hidden % heads:
+            raise ValueError(f"heads={heads} must divide hidden={hidden}")
+        self.project = nn.Linear(embed_dim, hidden)
+        self.positions = SinusoidalPositionalEncoding(hidden, max_length=256)
+        self.layers = nn.ModuleList(
+            TransformerEncoderLayer(hidden, heads, dim_feedforward=2 * hidden, dropout=0.1)
+            for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(hidden)
+
+    def forward(self, words, mask):
+        states = self.positions(self.project(words))
+        for layer in self.layers:
+            states = layer(states, mask)
+        return self.norm(states)
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -592,8 +757,9 @@ class TableQA(nn.Module):
         vocab_size: question vocabulary size (``<unk>`` included).
         mode: a name in :data:`TABLE_QA_MODES` or a :class:`TableQAMode` instance.
         embed_dim: word embedding size.
-        hidden: BiGRU size (both directions together); even.
+        hidden: question encoder state size; even.
         dropout: dropout on word embeddings.
+        encoder: a name in :data:`QUESTION_ENCODERS` (``"bigru"``, ``"transformer"``).
 
     ``forward(batch) -> Heads``; ``loss(batch)``; ``predict(examples, batch)``.
     """
@@ -605,6 +771,7 @@ class TableQA(nn.Module):
         embed_dim: int = 32,
         hidden: int = 64,
         dropout: float = 0.1,
+        encoder: str = "bigru",
     ) -> None:
         super().__init__()
         if isinstance(mode, str):
@@ -617,11 +784,15 @@ class TableQA(nn.Module):
             raise ValueError(f"vocab_size must be an int >= 5, got {vocab_size!r}")
         if hidden < 2 or hidden % 2:
             raise ValueError(f"hidden must be a positive even int, got {hidden!r}")
+        if encoder not in QUESTION_ENCODERS:
+            raise ValueError(
+                f"encoder must be one of {sorted(QUESTION_ENCODERS)}, got {encoder!r}"
+            )
         self.mode = mode
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
         self.dropout = nn.Dropout(dropout)
-        self.encoder = nn.GRU(embed_dim, hidden // 2, batch_first=True, bidirectional=True)
-        column_in = 2 * hidden + 3
+        self.encoder = QUESTION_ENCODERS[encoder](embed_dim, hidden)
+        column_in = 2 * hidden + 4
         self.column_scorer = nn.Sequential(
             nn.Linear(column_in, hidden), nn.Tanh(), nn.Linear(hidden, 1)
         )
@@ -631,40 +802,51 @@ class TableQA(nn.Module):
             nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, len(OPERATORS))
         )
         self.condition = nn.Sequential(
-            nn.Linear(hidden + 3, hidden), nn.Tanh(), nn.Linear(hidden, len(CELL_FEATURES))
+            nn.Linear(hidden + 4, hidden), nn.Tanh(), nn.Linear(hidden, len(CELL_FEATURES))
         )
-        self.row_bias = nn.Linear(hidden, 1)
+        # one bias for every question: rows are chosen by the conditions alone, so a
+        # satisfied row scores the same under every operator.  A bias read from the question
+        # let AVERAGE questions (whose expected result is unchanged when every probability
+        # shrinks) push their selections below 0.5: 0.29 accuracy on them against 0.94-0.97
+        # on the other operators.
+        self.row_bias = nn.Parameter(torch.tensor(1.0))
 
     def forward(self, batch: TableBatch) -> Heads:
         """The latent choices' distributions for ``batch``."""
         words = self.dropout(self.embed(batch.question))
-        states, _ = self.encoder(words)
+        states = self.encoder(words, batch.question_mask)
         mask = batch.question_mask[:, :, None]
         bag = (words * mask).sum(1) / mask.sum(1).clamp_min(1)
         states = states * batch.question_mask[:, :, None]
         pooled = states.masked_fill(~batch.question_mask[:, :, None], -1e4).amax(1)  # (B, H)
         counts = batch.mentions.sum(-1, keepdim=True)
         column_rep = batch.mentions @ states / counts.clamp_min(1)  # (B, C, H)
-        has_number = batch.features[:, :, :, 4].amax(1, keepdim=False)[:, :, None]
+        has_number = batch.features[:, :, :, 4].amax(1)[:, :, None]
+        has_text = batch.features[:, :, :, 0].amax(1)[:, :, None]
         column_feats = torch.cat(
-            [(counts > 0).float(), batch.numeric[:, :, None].float(), has_number], -1
+            [(counts > 0).float(), batch.numeric[:, :, None].float(), has_number, has_text], -1
         )
         column_scores = self.column_scorer(
             torch.cat([column_rep, pooled[:, None].expand_as(column_rep), column_feats], -1)
         )[..., 0]
+        # a condition needs its column mentioned and a value to compare with (a number after
+        # the mention, or one of its cells' text in the question): this keeps the selected
+        # column's own mention from filtering rows in sentence frames never seen in training
+        conditional = (counts > 0) & ((has_number > 0) | (has_text > 0))
         weights = self.condition(torch.cat([column_rep, column_feats], -1))  # (B, C, F)
-        row_scores = self.row_bias(pooled) + torch.einsum(
-            "brcf,bcf->br", batch.features, weights * batch.column_mask[:, :, None]
+        weights = weights * (conditional & batch.column_mask[:, :, None])
+        row_scores = self.row_bias + torch.einsum(
+            "brcf,bcf->br", batch.features, weights
         )
         cell_scores = torch.stack([torch.zeros_like(row_scores), row_scores], -1)
+        operator_scores = self.operator_scorer(pooled) + self.operator_words(bag)
         return Heads(
             column=self.mode.make_choice(column_scores, batch.column_mask),
-            operator=self.mode.make_choice(
-                self.operator_scorer(pooled) + self.operator_words(bag), None
-            ),
+            operator=self.mode.make_choice(operator_scores, None),
             cells=CategoricalAlignment(logits=cell_scores),
             cell_log_on=F.logsigmoid(row_scores),
             cell_log_off=F.logsigmoid(-row_scores),
+            operator_scores=operator_scores,
         )
 
     def loss(self, batch: TableBatch) -> torch.Tensor:
