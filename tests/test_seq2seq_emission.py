@@ -38,9 +38,9 @@ def _model(mode, source_vocab, target_vocab, **options):
                    eos_id=target_vocab.eos_id, **options)
 
 
-def _head(lexical_dim=0, vocab=11, dtype=torch.float64):
+def _head(lexical_dim=0, vocab=11, dtype=torch.float64, stateful=True):
     torch.manual_seed(1)
-    return EmissionHead(5, 7, 6, vocab, lexical_dim=lexical_dim).to(dtype)
+    return EmissionHead(5, 7, 6, vocab, lexical_dim=lexical_dim, stateful=stateful).to(dtype)
 
 
 @pytest.mark.parametrize("scale", [1.0, 30.0, 100.0])
@@ -77,10 +77,11 @@ def test_restricted_probabilities_sum_to_one_over_any_vocabulary(words, lexical_
     assert torch.allclose(total, torch.zeros(3, dtype=torch.float64), atol=1e-10)
 
 
+@pytest.mark.parametrize("stateful", [True, False])
 @pytest.mark.parametrize("lexical_dim", [0, 3])
 @pytest.mark.parametrize("restrict", [False, True])
-def test_emission_table_matches_log_prob_at_every_key(lexical_dim, restrict):
-    head = _head(lexical_dim)
+def test_emission_table_matches_log_prob_at_every_key(lexical_dim, restrict, stateful):
+    head = _head(lexical_dim, stateful=stateful)
     batch, length, keys = 2, 3, 4
     states = torch.randn(batch, length, 5, dtype=torch.float64)
     values = torch.randn(batch, keys, 7, dtype=torch.float64)
@@ -98,8 +99,9 @@ def test_emission_table_matches_log_prob_at_every_key(lexical_dim, restrict):
             assert table[b, t, k] == 0
 
 
-def test_restricted_emission_table_has_exact_gradients():
-    head = _head(3)
+@pytest.mark.parametrize("stateful", [True, False])
+def test_restricted_emission_table_has_exact_gradients(stateful):
+    head = _head(3, stateful=stateful)
     states = torch.randn(2, 2, 5, dtype=torch.float64, requires_grad=True)
     values = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
     targets = torch.tensor([[4, 1], [9, 4]])
@@ -119,6 +121,31 @@ def test_lexical_term_reads_only_the_last_context_features():
     assert torch.allclose(difference, head.lexical.weight.sum(-1).expand(2, -1))
 
 
+def test_a_word_only_emission_ignores_the_contextual_features():
+    torch.manual_seed(1)
+    head = EmissionHead(5, 7, 6, 11, lexical_dim=3, contextual=False).double()
+    states, context = torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 7, dtype=torch.float64)
+    changed = context.clone()
+    changed[:, :4] = torch.randn(2, 4, dtype=torch.float64)
+    assert torch.equal(head.logits(states, changed), head.logits(states, context))
+    changed[:, 4:] += 1.0
+    assert not torch.allclose(head.logits(states, changed), head.logits(states, context))
+
+
+def test_word_only_seq2seq_posterior_follows_the_source_word_not_its_neighbours():
+    batch, source_vocab, target_vocab = _toy()
+    model = _model("marginal", source_vocab, target_vocab, lexical_emission=True,
+                   contextual_emission=False).double().eval()
+    pieces = model.pieces(batch)
+    table = model.emission_table(pieces)
+    # the same source word at two positions of one verse gives the same emission there
+    b = next(i for i, (s, _) in enumerate(PAIRS) if s == "bb")
+    assert torch.allclose(table[b, :, 0], table[b, :, 1])
+    contextual = _model("marginal", source_vocab, target_vocab).double().eval()
+    other = contextual.emission_table(contextual.pieces(batch))
+    assert not torch.allclose(other[b, :2, 0], other[b, :2, 1])
+
+
 def test_lexical_emission_scores_sampled_contexts_under_enumeration_dims():
     batch_data, source_vocab, target_vocab = _toy()
     model = _model("marginal", source_vocab, target_vocab, lexical_emission=True).double()
@@ -135,10 +162,13 @@ def test_lexical_emission_scores_sampled_contexts_under_enumeration_dims():
     assert torch.allclose(scored.permute(1, 2, 0)[real], table[real])
 
 
+@pytest.mark.parametrize(("contextual", "stateful"), [(True, True), (False, True),
+                                                      (False, False)])
 @pytest.mark.parametrize("mode", MODES)
-def test_every_mode_trains_with_both_emission_options(mode):
+def test_every_mode_trains_with_the_emission_options(mode, contextual, stateful):
     batch, source_vocab, target_vocab = _toy()
     model = _model(mode, source_vocab, target_vocab, lexical_emission=True,
+                   contextual_emission=contextual, stateful_emission=stateful,
                    batch_vocabulary=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
     losses = []
@@ -197,6 +227,38 @@ def test_bad_emission_options_are_refused_by_name():
         head.logits(states, context, torch.tensor([1, 11]))
     with pytest.raises(ValueError, match="vocabulary"):
         head.logits(states, context, torch.tensor([[1, 2]]))
+    with pytest.raises(ValueError, match="contextual=False"):
+        EmissionHead(5, 7, 6, 11, contextual=False)
     _, source_vocab, target_vocab = _toy()
     with pytest.raises(ValueError, match="lexical_emission"):
         _model("soft", source_vocab, target_vocab, lexical_emission=1)
+    with pytest.raises(ValueError, match="contextual_emission"):
+        _model("soft", source_vocab, target_vocab, contextual_emission=False)
+
+
+@pytest.mark.parametrize("mode", ["marginal", "variational-enum"])
+def test_state_free_decoding_scores_the_exact_per_token_likelihood(mode):
+    batch, source_vocab, target_vocab = _toy()
+    model = _model(mode, source_vocab, target_vocab, lexical_emission=True,
+                   contextual_emission=False, stateful_emission=False).double().eval()
+    expected = model.token_log_likelihood(batch)
+    enc = model.encode(batch.source, batch.source_mask)
+    memory = model.strategy.start_decoding(model, enc, batch.source_mask)
+    assert memory.shape == (len(batch), enc.shape[1], len(target_vocab))
+    states, _ = model.decode(batch.target[:, :-1])
+    for t in range(states.shape[1]):
+        step = model.next_log_probs(states[:, t:t + 1], enc, batch.source_mask, memory)
+        found = step.log_probs.gather(-1, batch.target[:, t + 1:t + 2]).squeeze(-1)
+        real = batch.target_mask[:, t + 1]
+        assert torch.allclose(found[real], expected[real, t])
+
+
+def test_a_state_free_emission_ignores_the_decoder_state():
+    head = _head(3, stateful=False)
+    context = torch.randn(2, 7, dtype=torch.float64)
+    first, second = (torch.randn(2, 5, dtype=torch.float64) for _ in range(2))
+    assert torch.equal(head.logits(first, context), head.logits(second, context))
+    assert torch.allclose(head.state_free_log_probs(context),
+                          head.logits(first, context).log_softmax(-1))
+    with pytest.raises(ValueError, match="stateful=False"):
+        _head(3).state_free_log_probs(context)

@@ -84,6 +84,7 @@ class RNNArchitecture(Architecture):
             temperature=config.temperature, pad_id=vocab.pad_id, bos_id=vocab.bos_id,
             eos_id=vocab.eos_id, lexical_emission=config.lexical_emission,
             contextual_emission=config.contextual_emission,
+            stateful_emission=config.stateful_emission,
             batch_vocabulary=config.batch_vocabulary,
         )
 

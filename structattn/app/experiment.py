@@ -77,6 +77,7 @@ class ExperimentConfig:
     target_vocab_size: int | None = None
     lexical_emission: bool = False
     contextual_emission: bool = True
+    stateful_emission: bool = True
     batch_vocabulary: bool = False
 
     def __post_init__(self) -> None:

@@ -331,9 +331,16 @@ class LatentMode(Seq2SeqMode):
             found["guide"] = self.guide(model, pieces).attention
         return found
 
+    def start_decoding(self, model, enc, source_mask):
+        # a state-free emission is the same at every step: one softmax per source word
+        return None if model.head.stateful else model.head.state_free_log_probs(enc)
+
     def decode_step(self, model, states, enc, source_mask, memory):
         prior = model.attention(states, enc, source_mask)                     # batch (N, 1)
-        log_probs = model.head.logits(states.unsqueeze(2), enc.unsqueeze(1)).log_softmax(-1)
+        if memory is None:
+            log_probs = model.head.logits(states.unsqueeze(2), enc.unsqueeze(1)).log_softmax(-1)
+        else:
+            log_probs = memory.unsqueeze(1)                                  # (N, 1, S, V)
         log_prior = prior.attention.clamp_min(1e-30).log()                  # (N, 1, S)
         return DecodeStep((log_prior.unsqueeze(-1) + log_probs).logsumexp(-2)[:, 0])
 

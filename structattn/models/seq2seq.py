@@ -100,6 +100,8 @@ class Seq2Seq(nn.Module):
             directly into the emission logits (see the module docstring).
         contextual_emission: whether the emission reads the encoder state at the aligned
             position (``False``, with ``lexical_emission``: only the word embedding there).
+        stateful_emission: whether the emission reads the decoder state (``False``: the
+            decoder state steers the alignment only).
         batch_vocabulary: train with the emission softmax restricted to the batch's target
             words (see the module docstring).
     """
@@ -124,6 +126,7 @@ class Seq2Seq(nn.Module):
         normalizer: str | Normalizer | None = None,
         lexical_emission: bool = False,
         contextual_emission: bool = True,
+        stateful_emission: bool = True,
         batch_vocabulary: bool = False,
     ) -> None:
         super().__init__()
@@ -135,6 +138,7 @@ class Seq2Seq(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {size!r}")
         for name, flag in (("lexical_emission", lexical_emission),
                            ("contextual_emission", contextual_emission),
+                           ("stateful_emission", stateful_emission),
                            ("batch_vocabulary", batch_vocabulary)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be a bool, got {flag!r}")
@@ -162,7 +166,8 @@ class Seq2Seq(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.attention = self.strategy.make_attention()
         self.head = EmissionHead(hidden, source_dim, hidden, target_vocab_size,
-                                 lexical_dim=lexical_dim, contextual=contextual_emission)
+                                 lexical_dim=lexical_dim, contextual=contextual_emission,
+                                 stateful=stateful_emission)
 
     # ---------------------------------------------------------------- building blocks
 

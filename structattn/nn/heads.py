@@ -35,10 +35,13 @@ class EmissionHead(nn.Module):
         contextual: whether the combination layer reads the whole context (``W_c c``); with
             ``False`` it reads the lexical features only, so the emission sees the state and
             the aligned word but not the rest of the context (needs ``lexical_dim``).
+        stateful: whether the emission reads the decoder state ``h``; with ``False``,
+            ``p(y | c)`` is a translation table of the context alone (the state then only
+            steers the alignment, as in an HMM aligner).
     """
 
     def __init__(self, state_dim: int, context_dim: int, hidden: int, vocab_size: int,
-                 lexical_dim: int = 0, contextual: bool = True) -> None:
+                 lexical_dim: int = 0, contextual: bool = True, stateful: bool = True) -> None:
         super().__init__()
         for name, value in (("state_dim", state_dim), ("context_dim", context_dim),
                             ("hidden", hidden), ("vocab_size", vocab_size)):
@@ -54,6 +57,7 @@ class EmissionHead(nn.Module):
         self.vocab_size = vocab_size
         self.lexical_dim = lexical_dim
         self.contextual = contextual
+        self.stateful = stateful
         self.combine_state = nn.Linear(state_dim, hidden)
         self.combine_context = nn.Linear(context_dim if contextual else lexical_dim, hidden,
                                          bias=False)
@@ -88,6 +92,12 @@ class EmissionHead(nn.Module):
             return self.out.weight, self.out.bias
         return self.out.weight[vocabulary], self.out.bias[vocabulary]
 
+    def _combined_state(self, states: torch.Tensor) -> torch.Tensor:
+        """``W_h h + b``, or the bias alone when the emission ignores the state."""
+        if self.stateful:
+            return self.combine_state(states)
+        return self.combine_state.bias.expand(states.shape[:-1] + (-1,))
+
     def _combined_context(self, context: torch.Tensor) -> torch.Tensor:
         """``W_c c`` over the features the combination layer reads."""
         return self.combine_context(context if self.contextual
@@ -108,7 +118,7 @@ class EmissionHead(nn.Module):
         broadcast against ``context (..., context_dim)``."""
         self._check_vocabulary(vocabulary)
         weight, bias = self._output(vocabulary)
-        hidden = torch.tanh(self.combine_state(states) + self._combined_context(context))
+        hidden = torch.tanh(self._combined_state(states) + self._combined_context(context))
         logits = F.linear(hidden, weight, bias)
         lexical = self._lexical_logits(context, vocabulary)
         return logits if lexical is None else logits + lexical
@@ -153,9 +163,11 @@ class EmissionHead(nn.Module):
             valid = valid & target_mask[:, :, None]
         if key_mask is not None:
             valid = valid & key_mask[:, None, :]
+        if not self.stateful:
+            return self._stateless_table(values, targets, valid, vocabulary)
         rows, steps, positions = valid.nonzero(as_tuple=True)
         weight, bias = self._output(vocabulary)
-        state_part = self.combine_state(states)[rows, steps]
+        state_part = self._combined_state(states)[rows, steps]
         context_part = self._combined_context(values)[rows, positions]
         words = self._positions(vocabulary, targets[rows, steps]).unsqueeze(-1)
         # the lexical term depends on the key only: computed once per key, then gathered
@@ -172,3 +184,23 @@ class EmissionHead(nn.Module):
             pieces.append(logits.log_softmax(-1).gather(-1, words[start:stop]).squeeze(-1))
         found = torch.cat(pieces) if pieces else state_part.new_zeros(0)
         return found.new_zeros(batch, length, keys).index_put((rows, steps, positions), found)
+
+    def state_free_log_probs(self, values: torch.Tensor,
+                             vocabulary: torch.Tensor | None = None) -> torch.Tensor:
+        """``log p(y | values_k)`` over the vocabulary, ``(..., keys, V)``, of a head built with
+        ``stateful=False`` (the emission then does not change from step to step)."""
+        if self.stateful:
+            raise ValueError("state_free_log_probs needs a head built with stateful=False")
+        no_state = values.new_zeros(values.shape[:-1] + (1,))  # read for its shape only
+        return self.logits(no_state, values, vocabulary).log_softmax(-1)
+
+    def _stateless_table(self, values: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
+                         vocabulary: torch.Tensor | None) -> torch.Tensor:
+        """The table of a state-free emission: one softmax per key, read at every target
+        (``T`` times fewer logits than a softmax per (target, key) pair)."""
+        log_probs = self.state_free_log_probs(values, vocabulary)          # (batch, keys, V')
+        # padded steps may hold ids outside the vocabulary: score a known word there instead
+        known = targets.new_tensor(0) if vocabulary is None else vocabulary[0]
+        words = self._positions(vocabulary, torch.where(valid.any(-1), targets, known))
+        found = log_probs.gather(-1, words[:, None, :].expand(-1, values.shape[1], -1))
+        return found.transpose(1, 2).masked_fill(~valid, 0.0)
