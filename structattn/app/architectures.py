@@ -82,7 +82,10 @@ class RNNArchitecture(Architecture):
             len(data.source_vocab), len(vocab), mode=config.mode, embed_dim=config.embed_dim,
             hidden=config.hidden, dropout=config.dropout, num_samples=config.num_samples,
             temperature=config.temperature, pad_id=vocab.pad_id, bos_id=vocab.bos_id,
-            eos_id=vocab.eos_id,
+            eos_id=vocab.eos_id, lexical_emission=config.lexical_emission,
+            contextual_emission=config.contextual_emission,
+            stateful_emission=config.stateful_emission,
+            batch_vocabulary=config.batch_vocabulary,
         )
 
 

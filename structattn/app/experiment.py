@@ -75,6 +75,10 @@ class ExperimentConfig:
     checkpoint_every: int | None = None
     vocab_size: int = 8000
     target_vocab_size: int | None = None
+    lexical_emission: bool = False
+    contextual_emission: bool = True
+    stateful_emission: bool = True
+    batch_vocabulary: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in TASKS or not issubclass(TASKS[self.task], Seq2SeqTask):

@@ -66,6 +66,12 @@ class ModeOptions:
     temperature: float = 1.0
     max_jump: int | None = None
     normalizer: str | Normalizer | None = None
+    source_dim: int | None = None
+
+    @property
+    def key_dim(self) -> int:
+        """Size of the source states attention reads (``source_dim``, else ``hidden``)."""
+        return self.hidden if self.source_dim is None else self.source_dim
 
 
 def make_mode(name: str, options: ModeOptions) -> Seq2SeqMode:
@@ -80,10 +86,12 @@ class Pieces:
     """One batch run through the networks: the inputs every mode's objective reads.
 
     Attributes:
-        enc: source states ``(batch, S, hidden)``; source_mask: ``(batch, S)``.
+        enc: source states ``(batch, S, key_dim)``; source_mask: ``(batch, S)``.
         states: decoder states ``(batch, T, hidden)``.
         targets: ``(batch, T)`` ids; target_mask: ``(batch, T)``.
         batch: the batch itself (for modes that read more of it).
+        vocabulary: ids the emission softmax is restricted to while training (the batch
+            vocabulary), or None for the full vocabulary.
     """
 
     batch: Any
@@ -92,6 +100,7 @@ class Pieces:
     states: torch.Tensor
     targets: torch.Tensor
     target_mask: torch.Tensor
+    vocabulary: torch.Tensor | None = None
 
     def num_tokens(self) -> torch.Tensor:
         """Real target tokens in the batch (at least 1): the loss is per token."""
@@ -136,11 +145,11 @@ class Seq2SeqMode(nn.Module, abc.ABC):
 
     def make_attention(self) -> LatentAttention:
         """The model's attention module (scorer + this mode's normalizer)."""
-        hidden = self.options.hidden
+        hidden, keys = self.options.hidden, self.options.key_dim
         if self.options.normalizer is not None:
-            return LatentAttention(hidden, hidden, score=self.options.score,
+            return LatentAttention(hidden, keys, score=self.options.score,
                                    normalizer=self.options.normalizer)
-        return LatentAttention(hidden, hidden, score=self.options.score,
+        return LatentAttention(hidden, keys, score=self.options.score,
                                normalizer=self.normalizer, **self.normalizer_options)
 
     def source_states(self, model, enc: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
@@ -201,7 +210,8 @@ class SoftMode(Seq2SeqMode):
 
     def token_log_likelihood(self, model, pieces):
         weights = model.attention.weights(pieces.states, pieces.enc, pieces.source_mask)
-        token = model.head.log_prob(pieces.states, gather(pieces.enc, weights), pieces.targets)
+        token = model.head.log_prob(pieces.states, gather(pieces.enc, weights), pieces.targets,
+                                    pieces.vocabulary)
         return token.masked_fill(~pieces.target_mask, 0.0)
 
     def alignments(self, model, pieces):
@@ -250,9 +260,9 @@ class TreeSourceMode(SoftMode):
 
     def __init__(self, options: ModeOptions) -> None:
         super().__init__(options)
-        hidden = options.hidden
-        self.parser = LatentAttention(hidden, hidden, score="bilinear", normalizer="tree")
-        self.merge = nn.Linear(2 * hidden, hidden)
+        keys = options.key_dim
+        self.parser = LatentAttention(keys, keys, score="bilinear", normalizer="tree")
+        self.merge = nn.Linear(2 * keys, keys)
 
     def source_states(self, model, enc, source_mask):
         parents = gather(enc, self.parser.weights(enc, enc, source_mask))
@@ -280,7 +290,7 @@ class LatentMode(Seq2SeqMode):
         if self.variational:
             # q reads the model's source states (one extra bi-GRU, over the target only)
             self.inference = InferenceNetwork(
-                options.embed_dim, options.hidden, hidden=options.hidden,
+                options.embed_dim, options.key_dim, hidden=options.hidden,
                 target_vocab=options.target_vocab_size, encode_source=False,
             )
 
@@ -299,7 +309,8 @@ class LatentMode(Seq2SeqMode):
             log_likelihood = model.emission_table(pieces)
         else:
             def log_likelihood(z: torch.Tensor) -> torch.Tensor:
-                return model.head.log_prob(pieces.states, gather(pieces.enc, z), pieces.targets)
+                return model.head.log_prob(pieces.states, gather(pieces.enc, z), pieces.targets,
+                                           pieces.vocabulary)
 
         terms = AlignmentTerms(prior=prior, log_likelihood=log_likelihood,
                                mask=pieces.target_mask)
@@ -320,9 +331,16 @@ class LatentMode(Seq2SeqMode):
             found["guide"] = self.guide(model, pieces).attention
         return found
 
+    def start_decoding(self, model, enc, source_mask):
+        # a state-free emission is the same at every step: one softmax per source word
+        return None if model.head.stateful else model.head.state_free_log_probs(enc)
+
     def decode_step(self, model, states, enc, source_mask, memory):
         prior = model.attention(states, enc, source_mask)                     # batch (N, 1)
-        log_probs = model.head.logits(states.unsqueeze(2), enc.unsqueeze(1)).log_softmax(-1)
+        if memory is None:
+            log_probs = model.head.logits(states.unsqueeze(2), enc.unsqueeze(1)).log_softmax(-1)
+        else:
+            log_probs = memory.unsqueeze(1)                                  # (N, 1, S, V)
         log_prior = prior.attention.clamp_min(1e-30).log()                  # (N, 1, S)
         return DecodeStep((log_prior.unsqueeze(-1) + log_probs).logsumexp(-2)[:, 0])
 
@@ -381,9 +399,9 @@ class MonotonicMode(Seq2SeqMode):
     accepts_normalizer = False
 
     def make_attention(self):
-        hidden = self.options.hidden
-        return LatentAttention(hidden, hidden, score=self.options.score,
-                               normalizer="monotonic", max_jump=self.options.max_jump)
+        return LatentAttention(self.options.hidden, self.options.key_dim,
+                               score=self.options.score, normalizer="monotonic",
+                               max_jump=self.options.max_jump)
 
     def _chain(self, model, pieces, emission: bool = True) -> MonotonicAlignment:
         scores, _ = model.attention.scores(pieces.states, pieces.enc)

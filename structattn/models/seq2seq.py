@@ -10,6 +10,19 @@ Variational Attention").  The emission reads the context through the shared
 ``c`` is the expected source state (soft attention) or the source state at ``z_t`` (hard
 attention).  How the alignment is trained and read is the job of the mode object
 (:mod:`structattn.models.modes`).
+
+Two options serve word alignment (both off by default):
+
+* ``lexical_emission``: the source states become ``[enc_k ; emb(x_k)]``, and the emission adds a
+  direct term ``W_x emb(x_z)`` to its logits, so ``p(y_t | h_t, z_t = k)`` can name a
+  translation of the source WORD at ``k`` and the posterior ``p(z_t | x, y)`` behaves like a
+  neural IBM Model 1 rather than following the context a BiRNN state mixes in.
+* ``batch_vocabulary``: while training, the emission softmax runs over the target words of the
+  batch only (Jean et al. 2015, without importance correction).  The exact modes evaluate the
+  emission at every source position, so their ``(batch, T, S, V)`` logits shrink to
+  ``(batch, T, S, V_batch)``; evaluation (``model.eval()``: likelihoods, alignments, beam
+  search) always uses the full softmax.  The training objective is therefore the likelihood
+  under a batch-restricted softmax, not the full one.
 """
 
 from __future__ import annotations
@@ -83,6 +96,14 @@ class Seq2Seq(nn.Module):
             :class:`~structattn.nn.Normalizer` object), e.g. ``mode="soft",
             normalizer="entmax"`` or a normalizer of your own; hard-attention modes need a
             per-query (categorical) one.
+        lexical_emission: append the source word embedding to the source states and read it
+            directly into the emission logits (see the module docstring).
+        contextual_emission: whether the emission reads the encoder state at the aligned
+            position (``False``, with ``lexical_emission``: only the word embedding there).
+        stateful_emission: whether the emission reads the decoder state (``False``: the
+            decoder state steers the alignment only).
+        batch_vocabulary: train with the emission softmax restricted to the batch's target
+            words (see the module docstring).
     """
 
     def __init__(
@@ -103,6 +124,10 @@ class Seq2Seq(nn.Module):
         chunk_elements: int = 1 << 24,
         max_jump: int | None = None,
         normalizer: str | Normalizer | None = None,
+        lexical_emission: bool = False,
+        contextual_emission: bool = True,
+        stateful_emission: bool = True,
+        batch_vocabulary: bool = False,
     ) -> None:
         super().__init__()
         if hidden % 2:
@@ -111,10 +136,23 @@ class Seq2Seq(nn.Module):
                            ("target_vocab_size", target_vocab_size)):
             if not isinstance(size, int) or size < 1:
                 raise ValueError(f"{name} must be a positive int, got {size!r}")
+        for name, flag in (("lexical_emission", lexical_emission),
+                           ("contextual_emission", contextual_emission),
+                           ("stateful_emission", stateful_emission),
+                           ("batch_vocabulary", batch_vocabulary)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be a bool, got {flag!r}")
+        if not (contextual_emission or lexical_emission):
+            raise ValueError("contextual_emission=False needs lexical_emission=True (the "
+                             "emission would read no source)")
+        self.lexical_emission = lexical_emission
+        self.batch_vocabulary = batch_vocabulary
+        lexical_dim = embed_dim if lexical_emission else 0
+        source_dim = hidden + lexical_dim
         options = ModeOptions(embed_dim=embed_dim, hidden=hidden,
                               target_vocab_size=target_vocab_size, score=score,
                               num_samples=num_samples, temperature=temperature,
-                              max_jump=max_jump, normalizer=normalizer)
+                              max_jump=max_jump, normalizer=normalizer, source_dim=source_dim)
         self.strategy = make_mode(mode, options)
         self.mode = mode
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
@@ -127,17 +165,23 @@ class Seq2Seq(nn.Module):
         self.decoder = nn.LSTM(embed_dim, hidden, batch_first=True)
         self.dropout = nn.Dropout(dropout)
         self.attention = self.strategy.make_attention()
-        self.head = EmissionHead(hidden, hidden, hidden, target_vocab_size)
+        self.head = EmissionHead(hidden, source_dim, hidden, target_vocab_size,
+                                 lexical_dim=lexical_dim, contextual=contextual_emission,
+                                 stateful=stateful_emission)
 
     # ---------------------------------------------------------------- building blocks
 
     def encode(self, source: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
-        """Source states ``(batch, S, hidden)`` the decoder attends to."""
+        """Source states ``(batch, S, hidden)`` the decoder attends to
+        (``(batch, S, hidden + embed_dim)`` with ``lexical_emission``)."""
         _check_ids(source, self.source_vocab_size, "source")
         lengths = source_mask.sum(-1)
         if bool((lengths == 0).any()):
             raise ValueError("source_mask has an empty source sequence")
-        enc = self.encoder(self.dropout(self.src_embed(source)), source_mask)
+        embedded = self.dropout(self.src_embed(source))
+        enc = self.encoder(embedded, source_mask)
+        if self.lexical_emission:
+            enc = torch.cat([enc, embedded], -1)
         return self.strategy.source_states(self, enc, source_mask)
 
     def decode(self, inputs: torch.Tensor, state=None):
@@ -153,15 +197,27 @@ class Seq2Seq(nn.Module):
     def emission_table(self, pieces: Pieces) -> torch.Tensor:
         """``log p(y_t | h_t, enc_k)`` for every real (target, source) pair: ``(batch, T, S)``."""
         return self.head.table(pieces.states, pieces.enc, pieces.targets, pieces.target_mask,
-                               pieces.source_mask, self.chunk_elements)
+                               pieces.source_mask, self.chunk_elements, pieces.vocabulary)
+
+    def training_vocabulary(self, targets: torch.Tensor,
+                            target_mask: torch.Tensor) -> torch.Tensor | None:
+        """The ids the emission softmax is restricted to for this batch: its real target words
+        and the padding id (soft modes score padded steps before masking them) while training
+        with ``batch_vocabulary``, else None (the full vocabulary)."""
+        if not (self.batch_vocabulary and self.training):
+            return None
+        padding = targets.new_tensor([self.pad_id])
+        return torch.unique(torch.cat([targets[target_mask], padding]))
 
     def pieces(self, batch) -> Pieces:
         """Encode and decode a batch: what every mode's objective reads."""
         _check_ids(batch.target, self.target_vocab_size, "target")
         enc = self.encode(batch.source, batch.source_mask)
         states, _ = self.decode(batch.target[:, :-1])
+        targets, target_mask = batch.target[:, 1:], batch.target_mask[:, 1:]
         return Pieces(batch=batch, enc=enc, source_mask=batch.source_mask, states=states,
-                      targets=batch.target[:, 1:], target_mask=batch.target_mask[:, 1:])
+                      targets=targets, target_mask=target_mask,
+                      vocabulary=self.training_vocabulary(targets, target_mask))
 
     def guide(self, batch):
         """``q(z | x, y)``, batch shape ``(batch, T)`` (variational modes only)."""
