@@ -37,13 +37,13 @@ if [ "$SMOKE" = 1 ]; then
     BENCH="--quick"; BIG=40; EVAL=20; LIMIT=400
     CMPX="--steps 20 --eval-size 20 --dev-size 20 --dev-every 10 --resamples 50"
 else
-    BENCH=""; BIG=5000; EVAL=2000; LIMIT=270; CMPX=""
+    BENCH=""; BIG=4000; EVAL=2000; LIMIT=280; CMPX=""
 fi
 
 # 1. Benchmarks first, alone on the card, so their ratios are not disturbed.
-step 90 bench_simplex $PY benchmarks/simplex_bandwidth.py --device "$DEVICE" $BENCH
-step 60 bench_attention $PY benchmarks/attention.py --device "$DEVICE" $BENCH
-step 60 bench_seq2seq $PY benchmarks/seq2seq.py --device "$DEVICE" --quick
+step 120 bench_simplex $PY benchmarks/simplex_bandwidth.py --device "$DEVICE" $BENCH
+step 50 bench_attention $PY benchmarks/attention.py --device "$DEVICE" $BENCH
+step 45 bench_seq2seq $PY benchmarks/seq2seq.py --device "$DEVICE" --quick
 
 # 2. Tests, the CLI's cuda paths and the G2P budget runs, side by side.
 step "$LIMIT" tests $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py \
