@@ -875,5 +875,34 @@ def entmax_bisect(
     z = _to_rows(scores, dim, mask)
     if isinstance(alpha_rows, float):
         alpha_rows = torch.full_like(z[:, :1], alpha_rows)
-    probs = _EntmaxBisectFunction.apply(z, alpha_rows, n_iter, tol)
+    if _use_triton(z, tol):
+        from structattn._triton_entmax import TritonEntmaxBisectFunction
+
+        probs = TritonEntmaxBisectFunction.apply(z, alpha_rows)
+    else:
+        probs = _EntmaxBisectFunction.apply(z, alpha_rows, n_iter, tol)
     return _from_rows(probs, scores, dim)
+
+
+#: Device types on which ``entmax_bisect`` runs the fused Triton kernel of
+#: :mod:`structattn._triton_entmax` (the tests add "cpu", where Triton's interpreter runs it).
+TRITON_DEVICES: tuple[str, ...] = ("cuda",)
+
+
+def _use_triton(z: Tensor, tol: float | None) -> bool:
+    """Whether rows ``z`` take the fused kernel: on a device in ``TRITON_DEVICES``, float32
+    work dtype, the default tolerance, rows the kernel holds, Triton importable and the
+    environment variable ``STRUCTATTN_TRITON`` not "0"; its threshold takes a fixed number of
+    passes (``n_iter`` does not apply)."""
+    if (
+        z.device.type not in TRITON_DEVICES
+        or z.dtype != torch.float32
+        or tol is not None
+        or os.environ.get("STRUCTATTN_TRITON", "1").strip() == "0"
+    ):
+        return False
+    try:
+        from structattn._triton_entmax import MAX_KEYS
+    except ImportError:
+        return False
+    return 0 < z.shape[-1] <= MAX_KEYS

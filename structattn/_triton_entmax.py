@@ -1,0 +1,194 @@
+"""A fused Triton forward kernel for :func:`structattn.functional.entmax_bisect`.
+
+One program per row loads the row once, finds the threshold on chip with a fixed number of
+passes (bisection, then safeguarded Newton steps) and writes the renormalised probabilities:
+one kernel launch and no host synchronisation, where the general path launches several
+compiled passes and syncs with the host after each.  The backward pass is the general path's
+(:class:`structattn.functional._EntmaxBisectFunction`), fed with the same saved tensors.
+
+The threshold is parameterised as ``tau = -1 + (alpha - 1) u`` (``x = (alpha - 1)(z - max)``
+as in the general path), so that ``gap = x - tau = 1 + (alpha - 1)(y - u)`` with
+``y = z - max``, and ``p = exp(log1p((alpha - 1)(y - u)) / (alpha - 1))``.  Written this way
+nothing is rounded against 1 next to alpha = 1 (where the exponent ``1 / (alpha - 1)`` is
+huge), and ``alpha = 1`` is the limit ``p = exp(y - u)``: softmax, with ``u`` the
+log-sum-exp.  ``P(u) = sum p`` decreases in ``u``; ``P(0) >= 1`` (the maximum has gap 1) and
+``P(min(log n, 1 / (alpha - 1))) <= 1`` (every gap is then at most ``n^-(alpha - 1)``), which
+brackets the root for ``n`` valid keys.
+
+This module imports Triton at import time; :mod:`structattn.functional` imports it lazily and
+only for CUDA inputs.  CPU tensors run Triton's interpreter (used by the tests).
+"""
+
+import contextlib
+import functools
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from structattn import functional as F
+
+__all__ = ["MAX_KEYS", "TritonEntmaxBisectFunction", "entmax_bisect_rows"]
+
+#: The longest row the kernel takes (it holds a whole row in registers); longer rows use the
+#: general path.
+MAX_KEYS: int = 8192
+# Bisection passes shrink the bracket (at most log(8192) ~ 9 wide) to below 0.003, from where
+# Newton's steps on the convex P (alpha <= 2) converge monotonically to float32 resolution in
+# 3-5 passes; the spare ones only polish.  For alpha > 2, P is not convex and Newton's steps
+# could stall next to a key's breakpoint (where the slope is infinite), so those rows bisect
+# throughout: their bracket (at most 1 / (alpha - 1) < 1 wide) reaches float32 resolution
+# after 24 passes.
+BISECT_STEPS: int = 12
+NEWTON_STEPS: int = 12
+
+
+def _forward_kernel(
+    z_ptr,
+    slack_ptr,
+    probs_ptr,
+    u_ptr,
+    shift_ptr,
+    keys,
+    BLOCK: tl.constexpr,
+    BISECT_STEPS: tl.constexpr,
+    NEWTON_STEPS: tl.constexpr,
+):
+    """One row of alpha-entmax: ``z: (rows, keys)`` with masked keys at -inf, ``slack =
+    alpha - 1: (rows,)``; writes ``probs: (rows, keys)``, ``u: (rows,)`` and the row maximum
+    ``shift: (rows,)`` (0 for an all -inf row, whose probabilities are 0)."""
+    row = tl.program_id(0)
+    offsets = tl.arange(0, BLOCK)
+    in_row = offsets < keys
+    start = row.to(tl.int64) * keys
+    z = tl.load(z_ptr + start + offsets, mask=in_row, other=float("-inf")).to(tl.float32)
+    slack = tl.load(slack_ptr + row).to(tl.float32)
+    valid = z > float("-inf")
+    row_max = tl.max(z, axis=0)
+    shift = tl.where(row_max > float("-inf"), row_max, 0.0)
+    # Masked keys get y = 0 here and are excluded by ``valid`` below (no inf or NaN anywhere).
+    y = tl.where(valid, z - shift, 0.0)
+    count = tl.sum(valid.to(tl.float32), axis=0)
+    positive_slack = slack > 0.0
+    inverse_slack = 1.0 / tl.where(positive_slack, slack, 1.0)
+    upper = tl.log(tl.maximum(count, 1.0))
+    upper = tl.where(positive_slack, tl.minimum(upper, inverse_slack), upper)
+    lower = upper * 0.0
+    u = lower
+    for step in range(BISECT_STEPS + NEWTON_STEPS):
+        d = y - u
+        v = slack * d
+        w = 1.0 + v
+        keep = valid & (w > 0.0)
+        # log1p(v) from log(1 + v) (Goldberg's correction of the rounding of 1 + v).
+        w_minus_one = w - 1.0
+        exact = w_minus_one == 0.0
+        log1p = tl.log(tl.where(keep, w, 1.0)) * (v / tl.where(exact, 1.0, w_minus_one))
+        log1p = tl.where(exact, v, log1p)
+        exponent = tl.where(positive_slack, log1p * inverse_slack, d)
+        p = tl.where(keep, tl.exp(exponent), 0.0)
+        total = tl.sum(p, axis=0)
+        # -dP/du = sum p / gap, the Newton slope.
+        slope = tl.sum(p / tl.where(keep, w, 1.0), axis=0)
+        above = total >= 1.0
+        lower = tl.where(above, u, lower)
+        upper = tl.where(above, upper, u)
+        newton = u + (total - 1.0) / tl.where(slope > 0.0, slope, 1.0)
+        # A converged row's Newton step may land on an end of the bracket: it stays there.
+        accept = (step >= BISECT_STEPS) & (slack <= 1.0) & (slope > 0.0)
+        accept = accept & (newton >= lower) & (newton <= upper)
+        u = tl.where(accept, newton, 0.5 * (lower + upper))
+    # The probability pass at the final u, renormalised.
+    d = y - u
+    v = slack * d
+    w = 1.0 + v
+    keep = valid & (w > 0.0)
+    w_minus_one = w - 1.0
+    exact = w_minus_one == 0.0
+    log1p = tl.log(tl.where(keep, w, 1.0)) * (v / tl.where(exact, 1.0, w_minus_one))
+    log1p = tl.where(exact, v, log1p)
+    exponent = tl.where(positive_slack, log1p * inverse_slack, d)
+    p = tl.where(keep, tl.exp(exponent), 0.0)
+    total = tl.sum(p, axis=0)
+    p = p / tl.where(total > 0.0, total, 1.0)
+    tl.store(probs_ptr + start + offsets, p.to(probs_ptr.dtype.element_ty), mask=in_row)
+    tl.store(u_ptr + row, u)
+    tl.store(shift_ptr + row, shift)
+
+
+@functools.cache
+def _kernel(interpreted: bool) -> Any:
+    """The kernel compiled for the GPU, or run by Triton's interpreter (for CPU tensors).
+    Built explicitly rather than by ``triton.jit``, whose choice follows ``TRITON_INTERPRET``
+    at decoration time: one process may run both."""
+    if interpreted:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return InterpretedFunction(_forward_kernel)
+    return triton.runtime.jit.JITFunction(_forward_kernel)
+
+
+def _num_warps(block: int) -> int:
+    # About 16 keys per thread on long rows; one warp on short ones, whose many rows fill
+    # the GPU by themselves.
+    return min(16, max(1, block // 512))
+
+
+def entmax_bisect_rows(
+    z: Tensor, slack: Tensor, bisect_steps: int = BISECT_STEPS, newton_steps: int = NEWTON_STEPS
+) -> tuple[Tensor, Tensor, Tensor]:
+    """alpha-entmax of rows by the fused kernel.
+
+    Args:
+        z: ``(rows, keys)`` scores, masked keys at -inf, ``0 < keys <= MAX_KEYS``.
+        slack: ``(rows, 1)`` values ``alpha - 1 >= 0`` (0 = softmax).
+        bisect_steps, newton_steps: the kernel's fixed pass counts.
+
+    Returns:
+        ``(probs, shift, u)``: ``probs: (rows, keys)`` float32 (z's dtype if float32),
+        the row maximum ``shift: (rows, 1)`` and ``u: (rows, 1)`` float32, the threshold
+        being ``tau = -1 + slack * u``.
+    """
+    rows, keys = z.shape
+    if not 0 < keys <= MAX_KEYS:
+        raise ValueError(f"z must have between 1 and {MAX_KEYS} keys, got {keys}")
+    z = z.contiguous()
+    slack = slack.reshape(-1).to(torch.float32).contiguous()
+    if slack.shape[0] != rows:
+        raise ValueError(f"slack must have one value per row ({rows}), got {slack.shape[0]}")
+    probs = torch.empty(rows, keys, dtype=torch.float32, device=z.device)
+    u = torch.empty(rows, dtype=torch.float32, device=z.device)
+    shift = torch.empty(rows, dtype=torch.float32, device=z.device)
+    if rows > 0:
+        block = max(16, triton.next_power_of_2(keys))
+        kernel = _kernel(z.device.type == "cpu")
+        # Triton launches on the current CUDA device, which need not be z's.
+        with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():
+            kernel[(rows,)](
+                z, slack, probs, u, shift, keys,
+                BLOCK=block, BISECT_STEPS=bisect_steps, NEWTON_STEPS=newton_steps,
+                num_warps=_num_warps(block),
+            )
+    return probs, shift.unsqueeze(-1).to(z.dtype), u.unsqueeze(-1)
+
+
+class TritonEntmaxBisectFunction(torch.autograd.Function):
+    """alpha-entmax of rows ``z: (rows, keys)`` with ``alpha: (rows, 1)`` by the fused
+    forward kernel; the backward pass is the general path's."""
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, alpha: Tensor) -> Tensor:
+        z = z.detach()
+        slack = alpha.detach() - 1.0
+        probs, shift, u = entmax_bisect_rows(z, slack)
+        slack64 = slack.to(torch.float64)
+        tau = slack64 * u.to(torch.float64) - 1.0
+        ctx.save_for_backward(z, probs.to(z.dtype), shift, slack64, tau, alpha)
+        return probs.to(z.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        grad_z, grad_alpha, _, _ = F._EntmaxBisectFunction.backward(ctx, grad)
+        return grad_z, grad_alpha
