@@ -47,24 +47,26 @@ NEWTON_STEPS: int = 12
 
 def _forward_kernel(
     z_ptr,
-    slack_ptr,
+    alpha_ptr,
     probs_ptr,
-    u_ptr,
     shift_ptr,
+    slack_ptr,
+    tau_ptr,
     keys,
     BLOCK: tl.constexpr,
     BISECT_STEPS: tl.constexpr,
     NEWTON_STEPS: tl.constexpr,
 ):
-    """One row of alpha-entmax: ``z: (rows, keys)`` with masked keys at -inf, ``slack =
-    alpha - 1: (rows,)``; writes ``probs: (rows, keys)``, ``u: (rows,)`` and the row maximum
-    ``shift: (rows,)`` (0 for an all -inf row, whose probabilities are 0)."""
+    """One row of alpha-entmax: ``z: (rows, keys)`` with masked keys at -inf and
+    ``alpha: (rows,)``; writes ``probs: (rows, keys)``, the row maximum ``shift: (rows,)``
+    (0 for an all -inf row, whose probabilities are 0) and, in float64 for the backward pass,
+    ``slack = alpha - 1`` and the threshold ``tau = -1 + slack * u``, both ``(rows,)``."""
     row = tl.program_id(0)
     offsets = tl.arange(0, BLOCK)
     in_row = offsets < keys
     start = row.to(tl.int64) * keys
     z = tl.load(z_ptr + start + offsets, mask=in_row, other=float("-inf")).to(tl.float32)
-    slack = tl.load(slack_ptr + row).to(tl.float32)
+    slack = tl.load(alpha_ptr + row).to(tl.float32) - 1.0
     valid = z > float("-inf")
     row_max = tl.max(z, axis=0)
     shift = tl.where(row_max > float("-inf"), row_max, 0.0)
@@ -114,8 +116,10 @@ def _forward_kernel(
     total = tl.sum(p, axis=0)
     p = p / tl.where(total > 0.0, total, 1.0)
     tl.store(probs_ptr + start + offsets, p.to(probs_ptr.dtype.element_ty), mask=in_row)
-    tl.store(u_ptr + row, u)
-    tl.store(shift_ptr + row, shift)
+    tl.store(shift_ptr + row, shift.to(shift_ptr.dtype.element_ty))
+    slack64 = slack.to(tl.float64)
+    tl.store(slack_ptr + row, slack64)
+    tl.store(tau_ptr + row, slack64 * u.to(tl.float64) - 1.0)
 
 
 @functools.cache
@@ -137,56 +141,54 @@ def _num_warps(block: int) -> int:
 
 
 def entmax_bisect_rows(
-    z: Tensor, slack: Tensor, bisect_steps: int = BISECT_STEPS, newton_steps: int = NEWTON_STEPS
-) -> tuple[Tensor, Tensor, Tensor]:
-    """alpha-entmax of rows by the fused kernel.
+    z: Tensor, alpha: Tensor, bisect_steps: int = BISECT_STEPS, newton_steps: int = NEWTON_STEPS
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """alpha-entmax of rows by the fused kernel, computed in float32.
 
     Args:
         z: ``(rows, keys)`` scores, masked keys at -inf, ``0 < keys <= MAX_KEYS``.
-        slack: ``(rows, 1)`` values ``alpha - 1 >= 0`` (0 = softmax).
+        alpha: ``(rows, 1)`` values >= 1 (1 = softmax), not validated here.
         bisect_steps, newton_steps: the kernel's fixed pass counts.
 
     Returns:
-        ``(probs, shift, u)``: ``probs: (rows, keys)`` float32 (z's dtype if float32),
-        the row maximum ``shift: (rows, 1)`` and ``u: (rows, 1)`` float32, the threshold
-        being ``tau = -1 + slack * u``.
+        ``(probs, shift, slack, tau)``: ``probs: (rows, keys)`` in z's dtype, the row maximum
+        ``shift: (rows, 1)`` in z's dtype, and float64 ``slack = alpha - 1`` and threshold
+        ``tau: (rows, 1)``: the tensors that the general path's backward pass reads.
     """
     rows, keys = z.shape
     if not 0 < keys <= MAX_KEYS:
         raise ValueError(f"z must have between 1 and {MAX_KEYS} keys, got {keys}")
     z = z.contiguous()
-    slack = slack.reshape(-1).to(torch.float32).contiguous()
-    if slack.shape[0] != rows:
-        raise ValueError(f"slack must have one value per row ({rows}), got {slack.shape[0]}")
-    probs = torch.empty(rows, keys, dtype=torch.float32, device=z.device)
-    u = torch.empty(rows, dtype=torch.float32, device=z.device)
-    shift = torch.empty(rows, dtype=torch.float32, device=z.device)
+    alpha = alpha.reshape(-1).contiguous()
+    if alpha.shape[0] != rows:
+        raise ValueError(f"alpha must have one value per row ({rows}), got {alpha.shape[0]}")
+    probs = torch.empty_like(z)
+    shift = torch.empty(rows, 1, dtype=z.dtype, device=z.device)
+    slack = torch.empty(rows, 1, dtype=torch.float64, device=z.device)
+    tau = torch.empty(rows, 1, dtype=torch.float64, device=z.device)
     if rows > 0:
         block = max(16, triton.next_power_of_2(keys))
         kernel = _kernel(z.device.type == "cpu")
         # Triton launches on the current CUDA device, which need not be z's.
         with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():
             kernel[(rows,)](
-                z, slack, probs, u, shift, keys,
+                z, alpha, probs, shift, slack, tau, keys,
                 BLOCK=block, BISECT_STEPS=bisect_steps, NEWTON_STEPS=newton_steps,
                 num_warps=_num_warps(block),
             )
-    return probs, shift.unsqueeze(-1).to(z.dtype), u.unsqueeze(-1)
+    return probs, shift, slack, tau
 
 
 class TritonEntmaxBisectFunction(torch.autograd.Function):
     """alpha-entmax of rows ``z: (rows, keys)`` with ``alpha: (rows, 1)`` by the fused
-    forward kernel; the backward pass is the general path's."""
+    forward kernel (one launch); the backward pass is the general path's."""
 
     @staticmethod
     def forward(ctx: Any, z: Tensor, alpha: Tensor) -> Tensor:
         z = z.detach()
-        slack = alpha.detach() - 1.0
-        probs, shift, u = entmax_bisect_rows(z, slack)
-        slack64 = slack.to(torch.float64)
-        tau = slack64 * u.to(torch.float64) - 1.0
-        ctx.save_for_backward(z, probs.to(z.dtype), shift, slack64, tau, alpha)
-        return probs.to(z.dtype)
+        probs, shift, slack, tau = entmax_bisect_rows(z, alpha.detach())
+        ctx.save_for_backward(z, probs, shift, slack, tau, alpha)
+        return probs
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:

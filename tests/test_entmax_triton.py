@@ -188,10 +188,13 @@ def test_more_passes_change_nothing():
     """The fixed pass counts have converged: many more passes move no probability."""
     scores, mask = _scores_and_mask(6, 300, 10.0, seed=5)
     z = scores.masked_fill(~mask, float("-inf"))
-    slack = torch.tensor([0.0, 0.01, 0.3, 0.7, 1.0, 1.5]).reshape(6, 1)
-    probs, _, _ = T.entmax_bisect_rows(z, slack)
-    many, _, _ = T.entmax_bisect_rows(z, slack, bisect_steps=40, newton_steps=40)
+    alpha = torch.tensor([1.0, 1.01, 1.3, 1.7, 2.0, 2.5]).reshape(6, 1)
+    probs, shift, slack, tau = T.entmax_bisect_rows(z, alpha)
+    many, _, _, many_tau = T.entmax_bisect_rows(z, alpha, bisect_steps=40, newton_steps=40)
     assert torch.allclose(probs, many, atol=3e-7, rtol=0)
+    assert torch.allclose(tau, many_tau, atol=1e-6, rtol=0)
+    assert torch.equal(shift, z.amax(-1, keepdim=True))
+    assert torch.equal(slack, (alpha - 1.0).double())
 
 
 def test_dispatch_conditions(monkeypatch):
@@ -223,5 +226,5 @@ def test_validation_unchanged_on_the_triton_path(triton_on_cpu):
 def test_rows_function_rejects_bad_shapes():
     with pytest.raises(ValueError, match="keys"):
         T.entmax_bisect_rows(torch.randn(2, T.MAX_KEYS + 1), torch.ones(2, 1))
-    with pytest.raises(ValueError, match="slack"):
+    with pytest.raises(ValueError, match="alpha"):
         T.entmax_bisect_rows(torch.randn(2, 4), torch.ones(3, 1))

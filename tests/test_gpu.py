@@ -60,8 +60,8 @@ def test_entmax_bisect_triton_kernel_matches_cpu_path(monkeypatch, keys):
     weights = torch.randn(64, keys, generator=gen)
 
     def run(device, dtype):
-        z = scores.to(device, dtype).requires_grad_(True)
-        a = alpha.to(device, dtype).requires_grad_(True)
+        z = scores.to(device, dtype).clone().requires_grad_(True)
+        a = alpha.to(device, dtype).clone().requires_grad_(True)
         probs = sa.entmax_bisect(z, a, mask=mask.to(device))
         (probs * weights.to(device, dtype)).sum().backward()
         return probs.detach().double().cpu(), z.grad.double().cpu(), a.grad.double().cpu()
