@@ -899,6 +899,8 @@ def _use_triton(z: Tensor, tol: float | None) -> bool:
         or z.dtype != torch.float32
         or tol is not None
         or os.environ.get("STRUCTATTN_TRITON", "1").strip() == "0"
+        # Inside torch.compile the general path's own kernels are traced instead.
+        or torch.compiler.is_compiling()
     ):
         return False
     try:

@@ -114,6 +114,18 @@ def test_short_rows_and_per_row_alpha_with_softmax_rows(triton_on_cpu, keys):
 
 
 @interpreted
+@pytest.mark.parametrize("keys", [5000, T.MAX_KEYS])
+def test_longest_rows(triton_on_cpu, keys):
+    gen = torch.Generator().manual_seed(keys)
+    scores = torch.randn(2, keys, generator=gen) * 3
+    alpha = torch.tensor([[1.3], [2.5]])
+    found = sa.entmax_bisect(scores, alpha)
+    assert triton_on_cpu
+    expected = F.entmax_bisect(scores.double(), alpha.double())
+    assert torch.allclose(found.double(), expected, atol=5e-6, rtol=0)
+
+
+@interpreted
 def test_other_dim_broadcast_mask_and_half_precision(triton_on_cpu):
     gen = torch.Generator().manual_seed(3)
     scores = torch.randn(3, 40, 5, generator=gen) * 4
