@@ -233,6 +233,9 @@ def test_validation_unchanged_on_the_triton_path(triton_on_cpu):
     with pytest.raises(ValueError, match="mask"):
         sa.entmax_bisect(torch.randn(2, 5), 1.3, mask=torch.zeros(2, 5, dtype=torch.bool))
     assert not triton_on_cpu
+    # No rows: nothing to launch.
+    assert sa.entmax_bisect(torch.randn(0, 3, 5), 1.3).shape == (0, 3, 5)
+    assert len(triton_on_cpu) == 1
 
 
 def test_rows_function_rejects_bad_shapes():
