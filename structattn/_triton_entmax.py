@@ -38,11 +38,11 @@ MAX_KEYS: int = 8192
 # Bisection passes shrink the bracket (at most log(8192) ~ 9 wide) to below 0.003, from where
 # Newton's steps on the convex P (alpha <= 2) converge monotonically to float32 resolution in
 # 3-5 passes; the spare ones only polish.  For alpha > 2, P is not convex and Newton's steps
-# could stall next to a key's breakpoint (where the slope is infinite), so those rows bisect
-# throughout: their bracket (at most 1 / (alpha - 1) < 1 wide) reaches float32 resolution
-# after 24 passes.
+# could stall next to a key's breakpoint (where the slope is infinite), so those rows take
+# bracketed regula falsi steps (Illinois) instead, superlinear once the bracket holds no
+# breakpoint; every refining step that would leave the bracket bisects.
 BISECT_STEPS: int = 12
-NEWTON_STEPS: int = 12
+REFINE_STEPS: int = 12
 
 
 def _forward_kernel(
@@ -55,7 +55,7 @@ def _forward_kernel(
     keys,
     BLOCK: tl.constexpr,
     BISECT_STEPS: tl.constexpr,
-    NEWTON_STEPS: tl.constexpr,
+    REFINE_STEPS: tl.constexpr,
 ):
     """One row of alpha-entmax: ``z: (rows, keys)`` with masked keys at -inf and
     ``alpha: (rows,)``; writes ``probs: (rows, keys)``, the row maximum ``shift: (rows,)``
@@ -78,13 +78,23 @@ def _forward_kernel(
     upper = tl.log(tl.maximum(count, 1.0))
     upper = tl.where(positive_slack, tl.minimum(upper, inverse_slack), upper)
     lower = upper * 0.0
+    # P(u) - 1 at the bracket's ends, for the regula falsi steps (alpha > 2).  P(upper) is
+    # not known until evaluated: -1 (its least value) keeps the first step inside anyway.
+    lower_value = lower + 1.0
+    upper_value = lower - 1.0
+    lower_moved = lower > 0.0
+    upper_moved = lower > 0.0
+    # 1 + (alpha - 1) y, rounded once: near the threshold for alpha > 2 the gap below is then
+    # accurate relative to itself (it is the difference of this and (alpha - 1) u).
+    base = tl.fma(slack, y, 1.0)
     u = lower
-    for step in range(BISECT_STEPS + NEWTON_STEPS):
+    for step in range(BISECT_STEPS + REFINE_STEPS):
         d = y - u
         v = slack * d
-        w = 1.0 + v
+        w = tl.fma(-slack, u, base)
         keep = valid & (w > 0.0)
-        # log1p(v) from log(1 + v) (Goldberg's correction of the rounding of 1 + v).
+        # log1p(v) from log(w), w ~ 1 + v (Goldberg's correction: accurate for v near 0,
+        # which alpha near 1 needs; log(w) / (w - 1) varies slowly, so w's rounding is harmless).
         w_minus_one = w - 1.0
         exact = w_minus_one == 0.0
         log1p = tl.log(tl.where(keep, w, 1.0)) * (v / tl.where(exact, 1.0, w_minus_one))
@@ -94,18 +104,30 @@ def _forward_kernel(
         total = tl.sum(p, axis=0)
         # -dP/du = sum p / gap, the Newton slope.
         slope = tl.sum(p / tl.where(keep, w, 1.0), axis=0)
-        above = total >= 1.0
+        value = total - 1.0
+        above = value >= 0.0
+        # Illinois: an end kept twice in a row has its value halved, so that the regula falsi
+        # steps do not stall against it.
+        upper_value = tl.where(above & lower_moved, 0.5 * upper_value, upper_value)
+        lower_value = tl.where(~above & upper_moved, 0.5 * lower_value, lower_value)
+        lower_moved = above
+        upper_moved = ~above
         lower = tl.where(above, u, lower)
         upper = tl.where(above, upper, u)
-        newton = u + (total - 1.0) / tl.where(slope > 0.0, slope, 1.0)
-        # A converged row's Newton step may land on an end of the bracket: it stays there.
-        accept = (step >= BISECT_STEPS) & (slack <= 1.0) & (slope > 0.0)
-        accept = accept & (newton >= lower) & (newton <= upper)
-        u = tl.where(accept, newton, 0.5 * (lower + upper))
+        lower_value = tl.where(above, value, lower_value)
+        upper_value = tl.where(above, upper_value, value)
+        newton = u + value / tl.where(slope > 0.0, slope, 1.0)
+        # lower_value >= 0 > upper_value: the step lies in [lower, upper).
+        secant = lower + (upper - lower) * (lower_value / (lower_value - upper_value))
+        trial = tl.where(slack <= 1.0, newton, secant)
+        # A converged row's step may land on an end of the bracket: it stays there.
+        accept = (step >= BISECT_STEPS) & ((slope > 0.0) | (slack > 1.0))
+        accept = accept & (trial >= lower) & (trial <= upper)
+        u = tl.where(accept, trial, 0.5 * (lower + upper))
     # The probability pass at the final u, renormalised.
     d = y - u
     v = slack * d
-    w = 1.0 + v
+    w = tl.fma(-slack, u, base)
     keep = valid & (w > 0.0)
     w_minus_one = w - 1.0
     exact = w_minus_one == 0.0
@@ -135,20 +157,20 @@ def _kernel(interpreted: bool) -> Any:
 
 
 def _num_warps(block: int) -> int:
-    # About 16 keys per thread on long rows; one warp on short ones, whose many rows fill
-    # the GPU by themselves.
-    return min(16, max(1, block // 512))
+    # About 8 keys per thread (16 at 8192 keys, without spilling registers on sm_90); one warp
+    # on short rows, whose many rows fill the GPU by themselves.
+    return min(16, max(1, block // 256))
 
 
 def entmax_bisect_rows(
-    z: Tensor, alpha: Tensor, bisect_steps: int = BISECT_STEPS, newton_steps: int = NEWTON_STEPS
+    z: Tensor, alpha: Tensor, bisect_steps: int = BISECT_STEPS, refine_steps: int = REFINE_STEPS
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """alpha-entmax of rows by the fused kernel, computed in float32.
 
     Args:
         z: ``(rows, keys)`` scores, masked keys at -inf, ``0 < keys <= MAX_KEYS``.
         alpha: ``(rows, 1)`` values >= 1 (1 = softmax), not validated here.
-        bisect_steps, newton_steps: the kernel's fixed pass counts.
+        bisect_steps, refine_steps: the kernel's fixed pass counts.
 
     Returns:
         ``(probs, shift, slack, tau)``: ``probs: (rows, keys)`` in z's dtype, the row maximum
@@ -173,7 +195,7 @@ def entmax_bisect_rows(
         with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():
             kernel[(rows,)](
                 z, alpha, probs, shift, slack, tau, keys,
-                BLOCK=block, BISECT_STEPS=bisect_steps, NEWTON_STEPS=newton_steps,
+                BLOCK=block, BISECT_STEPS=bisect_steps, REFINE_STEPS=refine_steps,
                 num_warps=_num_warps(block),
             )
     return probs, shift, slack, tau

@@ -202,7 +202,7 @@ def test_more_passes_change_nothing():
     z = scores.masked_fill(~mask, float("-inf"))
     alpha = torch.tensor([1.0, 1.01, 1.3, 1.7, 2.0, 2.5]).reshape(6, 1)
     probs, shift, slack, tau = T.entmax_bisect_rows(z, alpha)
-    many, _, _, many_tau = T.entmax_bisect_rows(z, alpha, bisect_steps=40, newton_steps=40)
+    many, _, _, many_tau = T.entmax_bisect_rows(z, alpha, bisect_steps=40, refine_steps=40)
     assert torch.allclose(probs, many, atol=3e-7, rtol=0)
     assert torch.allclose(tau, many_tau, atol=1e-6, rtol=0)
     assert torch.equal(shift, z.amax(-1, keepdim=True))
