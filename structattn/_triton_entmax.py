@@ -13,7 +13,13 @@ nothing is rounded against 1 next to alpha = 1 (where the exponent ``1 / (alpha 
 huge), and ``alpha = 1`` is the limit ``p = exp(y - u)``: softmax, with ``u`` the
 log-sum-exp.  ``P(u) = sum p`` decreases in ``u``; ``P(0) >= 1`` (the maximum has gap 1) and
 ``P(min(log n, 1 / (alpha - 1))) <= 1`` (every gap is then at most ``n^-(alpha - 1)``), which
-brackets the root for ``n`` valid keys.
+brackets the root for ``n`` valid keys.  The gap is formed as ``fma(-(alpha - 1), u,
+1 + (alpha - 1) y)`` (rounded once), which keeps it accurate relative to itself next to the
+threshold, where ``p`` is steepest for alpha > 2.
+
+Accuracy in float32 against float64 (Triton's interpreter, N(0, s^2) scores, s = 1, 30, 100,
+up to 600 keys): within about 1.5e-7 absolute for alpha in [1, 2.5], like the general path;
+about 2e-5 at alpha = 4 for a key within 1e-8 of the threshold.
 
 This module imports Triton at import time; :mod:`structattn.functional` imports it lazily and
 only for CUDA inputs.  CPU tensors run Triton's interpreter (used by the tests).
