@@ -10,10 +10,13 @@ observed; how the latent choice is trained is the *mode*, a class found by name 
 :data:`TABLE_QA_MODES` (add one with :func:`register_table_qa_mode`):
 
 - ``soft``: TAPAS's expected result (Herzig et al. 2020): COUNT = sum p, SUM = sum p v,
-  AVERAGE = their ratio, MIN/MAX = a selection-weighted soft minimum/maximum, mixed over
-  columns and non-NONE operators and fitted to a scalar answer with a Huber loss on the
-  relative error; cell answers get the column and cell log-likelihood of the cells whose text
-  matches the answer (in the column with most matches).
+  AVERAGE = their ratio, MIN/MAX = a selection-weighted soft minimum/maximum, fitted to a
+  scalar answer with a Huber loss on the relative error; each (column, operator) keeps its
+  own expected result and the losses are averaged under the column and operator
+  probabilities, over the programs that can produce the answer (``mix="result"`` is TAPAS's
+  single loss on the mixed result); cell answers get the column and cell log-likelihood of
+  the cells whose text matches the answer (in the column with most matches) and "no
+  aggregation".
 - ``enum``: exact marginal likelihood, summing ``p(c) p(o) p(answer | c, o)`` over every
   column and operator.  The cells are marginalised exactly where the operator allows it
   (NONE: per-cell Bernoulli likelihood; COUNT: the Poisson-binomial probability of the count;
@@ -25,7 +28,8 @@ observed; how the latent choice is trained is the *mode*, a class found by name 
 - ``sparse``: entmax15 (or sparsemax, ``alpha=2``) over columns and operators; the loss is
   the expected per-program negative log-likelihood, summed exactly over the (small) support
   (Correia et al. 2020,
-  "Efficient marginalization of discrete and structured latent variables via sparsity").
+  "Efficient marginalization of discrete and structured latent variables via sparsity"),
+  plus TAPAS's dense answer-kind loss on the operator scores (:func:`answer_kind_loss`).
 
 The answer's kind (a list of cells or a number) is observed, as in WikiSQL's answers: cell
 answers rule out numeric operators and scalar answers rule out NONE.
@@ -72,6 +76,7 @@ __all__ = [
     "TableQA",
     "TableQAMode",
     "TablePrediction",
+    "answer_kind_loss",
     "build_question_vocab",
     "encode_tables",
     "question_symbols",
