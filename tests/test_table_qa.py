@@ -423,7 +423,7 @@ def test_sparse_mode_trains_the_answer_kind_even_outside_the_operator_support():
     batch = cell_and_scalar_batch(26.6)
     scores = torch.tensor([[-3.0, 5.0, 0.0, 0.0, 5.0, 0.0]] * 2, requires_grad=True)
     heads = heads_from_scores(torch.zeros(2, 5), 4)
-    sparse = SparseMode()
+    sparse = SparseMode(kind_weight=1.0)
     heads.operator = sparse.make_choice(scores, None)
     heads.operator_scores = scores
     assert heads.operator_probs[0, 0] == 0  # NONE is outside the support

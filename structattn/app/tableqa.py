@@ -31,6 +31,7 @@ from structattn.data.tables import (
     split_by_table,
 )
 from structattn.models.table_qa import (
+    QUESTION_ENCODERS,
     TABLE_QA_MODES,
     TableBatch,
     TableQA,
@@ -394,8 +395,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--steps", type=int, default=None, help="override the budget's steps")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument(
+        "--encoder", default="bigru", choices=sorted(QUESTION_ENCODERS), help="question encoder"
+    )
     args = parser.parse_args(argv)
     budget = BUDGETS["quick" if args.quick else "default"]
+    budget = Budget(**{**budget.__dict__, "encoder": args.encoder})
     if args.steps is not None:
         if args.steps < 1:
             parser.error("--steps must be >= 1")
