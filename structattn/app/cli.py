@@ -89,10 +89,11 @@ def _add_run_options(parser: argparse.ArgumentParser, trainable_only: bool) -> N
     parser.add_argument("--max-length", type=_positive,
                         help="bible: drop training verses longer than this (default 16)")
     parser.add_argument("--vocab-size", type=_positive,
-                        help="bible: source (English) word vocabulary (default 2000)")
+                        help="bible: source (English) word vocabulary (default 10000: every "
+                        "training word)")
     parser.add_argument("--target-vocab-size", type=_positive,
-                        help="bible: target (Spanish) word vocabulary; the exact modes pay "
-                        "for it at every source position (default 400)")
+                        help="bible: target (Spanish) word vocabulary (default 10000: every "
+                        "training word)")
     parser.add_argument("--eval-size", type=_positive,
                         help="test examples to evaluate (default: the whole test split)")
     parser.add_argument("--dev-size", type=_positive,
