@@ -78,7 +78,7 @@ def _add_run_options(parser: argparse.ArgumentParser, trainable_only: bool) -> N
                         help="training batch size (default: g2p 64, bible 32)")
     parser.add_argument("--hidden", type=_positive, help="hidden size, even (default 128)")
     parser.add_argument("--embed-dim", type=_positive, help="embedding size (default 64)")
-    parser.add_argument("--dropout", type=float, help="dropout (default 0.1)")
+    parser.add_argument("--dropout", type=float, help="dropout (default 0.1; bible 0.3)")
     parser.add_argument("--lr", type=float, help="Adam learning rate (default 2e-3)")
     parser.add_argument("--num-samples", type=_positive,
                         help="draws per query for the sampling estimators (default 4)")

@@ -195,6 +195,7 @@ class BibleTask(Seq2SeqTask):
       about as much as soft attention;
     * a **batch-vocabulary softmax** while training (``batch_vocabulary``; evaluation uses the
       full softmax), so every training word can be in the vocabulary;
+    * dropout 0.3 (at 0.1 the word emission overfits the 3,381 verses within 250 steps);
     * training verses of at most 16 tokens a side (3,381 verses), batches of 32; dev and test
       verses are never filtered.
     """
@@ -208,7 +209,7 @@ class BibleTask(Seq2SeqTask):
     has_gold_links = True
     defaults = {"steps": 1500, "batch_size": 32, "max_length": 16, "vocab_size": 10000,
                 "target_vocab_size": 10000, "lexical_emission": True,
-                "contextual_emission": False, "stateful_emission": False,
+                "contextual_emission": False, "stateful_emission": False, "dropout": 0.3,
                 "dev_every": 250, "dev_size": 200, "eval_size": None, "beam_size": 3}
     quick = {"steps": 300, "dev_every": 100, "dev_size": 100, "eval_size": 200}
 
