@@ -219,6 +219,24 @@ def test_bible_comparison_scores_modes_and_baselines_on_the_same_verses(tmp_path
     assert (tmp_path / "bible_example0.png").exists()
 
 
+def test_bible_defaults_build_a_word_emission_model_and_g2p_keeps_its_own():
+    from types import SimpleNamespace as Data
+
+    from structattn.app.architectures import get_architecture
+    from structattn.data.vocab import Vocab
+
+    vocab = Vocab.build([["a", "b"]])
+    data = Data(source_vocab=vocab, target_vocab=vocab)
+    for name, word_only in (("bible", True), ("g2p", False)):
+        options = get_task(name).options({})
+        config = ExperimentConfig.from_options({**options, "task": name, "mode": "marginal",
+                                                "hidden": 8, "embed_dim": 4})
+        model = get_architecture("rnn").build(config, data)
+        assert model.lexical_emission is word_only, name
+        assert model.head.stateful is not word_only and model.head.contextual is not word_only
+        assert model.batch_vocabulary is False
+
+
 def test_transformer_comparison_reports_sparsity_and_learned_alphas(tmp_path, capsys):
     config = ExperimentConfig(task="g2p", arch="transformer", steps=2, batch_size=4, hidden=16,
                               max_train=40, eval_size=6, dev_size=4, dev_every=2, beam_size=1)

@@ -245,6 +245,7 @@ def test_state_free_decoding_scores_the_exact_per_token_likelihood(mode):
     enc = model.encode(batch.source, batch.source_mask)
     memory = model.strategy.start_decoding(model, enc, batch.source_mask)
     assert memory.shape == (len(batch), enc.shape[1], len(target_vocab))
+    assert torch.allclose(memory.sum(-1), torch.ones(memory.shape[:-1], dtype=memory.dtype))
     states, _ = model.decode(batch.target[:, :-1])
     for t in range(states.shape[1]):
         step = model.next_log_probs(states[:, t:t + 1], enc, batch.source_mask, memory)

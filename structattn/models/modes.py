@@ -332,15 +332,16 @@ class LatentMode(Seq2SeqMode):
         return found
 
     def start_decoding(self, model, enc, source_mask):
-        # a state-free emission is the same at every step: one softmax per source word
-        return None if model.head.stateful else model.head.state_free_log_probs(enc)
+        # a state-free emission is the same at every step: one softmax per source word,
+        # kept as probabilities (N, S, V) so that each step's mixture is one batched matmul
+        return None if model.head.stateful else model.head.state_free_log_probs(enc).exp()
 
     def decode_step(self, model, states, enc, source_mask, memory):
         prior = model.attention(states, enc, source_mask)                     # batch (N, 1)
-        if memory is None:
-            log_probs = model.head.logits(states.unsqueeze(2), enc.unsqueeze(1)).log_softmax(-1)
-        else:
-            log_probs = memory.unsqueeze(1)                                  # (N, 1, S, V)
+        if memory is not None:
+            # words below exp(-87) at every position underflow to -inf: never a beam's choice
+            return DecodeStep(torch.bmm(prior.attention, memory).log()[:, 0])
+        log_probs = model.head.logits(states.unsqueeze(2), enc.unsqueeze(1)).log_softmax(-1)
         log_prior = prior.attention.clamp_min(1e-30).log()                  # (N, 1, S)
         return DecodeStep((log_prior.unsqueeze(-1) + log_probs).logsumexp(-2)[:, 0])
 
