@@ -476,3 +476,13 @@ def test_a_budget_can_give_one_mode_its_own_learning_rate():
     )
     assert budget.learning_rate_for("sparse") == 1e-3
     assert budget.learning_rate_for("enum") == 3e-3
+
+
+def test_a_batch_moves_every_tensor_and_keeps_the_counts():
+    _, _, batch = generated_batch()
+    moved = batch.to("meta")
+    for name, value in vars(moved).items():
+        if isinstance(value, torch.Tensor):
+            assert value.device.type == "meta", name
+            assert value.shape == getattr(batch, name).shape, name
+    assert moved.unknown_words == batch.unknown_words

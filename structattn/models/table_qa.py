@@ -52,6 +52,7 @@ for the CPU budget (docs/tutorials/table-qa.md).
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -170,6 +171,13 @@ class TableBatch:
     answer_column: torch.Tensor
     answer_size: torch.Tensor
     unknown_words: int
+
+    def to(self, device: torch.device | str) -> TableBatch:
+        """The same batch with every tensor on ``device``."""
+        return dataclasses.replace(self, **{
+            field.name: getattr(self, field.name).to(device)
+            for field in dataclasses.fields(self)
+            if isinstance(getattr(self, field.name), torch.Tensor)})
 
 
 def _find(tokens: list[str], phrase: list[str]) -> list[int]:
@@ -465,7 +473,8 @@ def program_log_likelihood(
         some_equal_on = torch.log(-torch.expm1(all_equal_off).clamp_max(-1e-12))
         out[:, :, op] = torch.where(close.any(1), none_beyond + some_equal_on, IMPOSSIBLE)
     numeric_ok = batch.numeric[:, :, None] | ~_NUMERIC_OPS.to(out.device)
-    scalar_ok = batch.is_scalar[:, None, None] | (torch.arange(len(OPERATORS)) == _NONE)
+    scalar_ok = batch.is_scalar[:, None, None] | (
+        torch.arange(len(OPERATORS), device=out.device) == _NONE)
     valid = numeric_ok & scalar_ok & batch.column_mask[:, :, None]
     return torch.where(valid, out, torch.full_like(out, IMPOSSIBLE))
 
@@ -674,8 +683,9 @@ class HardScoreMode(TableQAMode):
         ).gather(2, operator[:, :, None])[..., 0]
         target = batch.scalar[None]
         rel = (results - target).abs() / (target.abs() + 1)
-        numeric_ok = batch.numeric.gather(1, column.T).T | ~_NUMERIC_OPS[operator]
-        has_value = (chosen.sum(-1) > 0) | ~_NUMERIC_OPS[operator] | (operator == _COUNT)
+        numeric_op = _NUMERIC_OPS.to(operator.device)[operator]
+        numeric_ok = batch.numeric.gather(1, column.T).T | ~numeric_op
+        has_value = (chosen.sum(-1) > 0) | ~numeric_op | (operator == _COUNT)
         scalar_reward = torch.where(
             rel <= 1e-6, torch.ones_like(rel), self.partial_credit * (1 - rel).clamp_min(0)
         ) * (numeric_ok & has_value & (operator != _NONE))
