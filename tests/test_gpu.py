@@ -51,6 +51,7 @@ def test_entmax_bisect_triton_kernel_matches_cpu_path(monkeypatch, keys):
         return original(*args)
 
     monkeypatch.setattr(_triton_entmax.TritonEntmaxBisectFunction, "apply", counting)
+    monkeypatch.setattr(sa.functional, "TRITON_DEVICES", ("cuda",))  # opt-in by default
     gen = torch.Generator().manual_seed(keys)
     scores = torch.randn(64, keys, generator=gen) * 3
     mask = torch.rand(64, keys, generator=gen) > 0.2
