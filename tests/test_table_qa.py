@@ -303,6 +303,7 @@ def test_runner_writes_results_with_intervals_and_paired_tests(tmp_path):
         steps=3,
         batch_size=8,
         decay=True,
+        eval_every=2,
     )
     results = run_tableqa_comparison(
         ["soft", "enum"], tmp_path, seeds=[0], progress=None, budget=budget, plot=False

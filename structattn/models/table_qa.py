@@ -44,9 +44,9 @@ unseen headers still work), and each cell by fixed relation features against the
 (its text occurs in the question or not; its number is greater/less than/equal to the number
 that follows the column's mention; missing).  Per-cell relation features are what TAPAS's
 numeric-relation embeddings carry.  At the default budget the Transformer was no more
-accurate (``enum`` 0.783/0.788 against 0.799/0.899 on two seeds) and 1.3x slower per step;
-a Transformer over the flattened table (~350 tokens a question instead of ~25) was not built
-for the CPU budget (docs/tutorials/table-qa.md).
+accurate (``enum`` 0.783/0.788 against 0.799/0.899 on two seeds, last parameters) and 1.3x
+slower per step; a Transformer over the flattened table (~350 tokens a question instead of
+~25) was not built for the CPU budget (docs/tutorials/table-qa.md).
 """
 
 from __future__ import annotations
