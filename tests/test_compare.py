@@ -219,7 +219,7 @@ def test_bible_comparison_scores_modes_and_baselines_on_the_same_verses(tmp_path
     assert (tmp_path / "bible_example0.png").exists()
 
 
-def test_bible_defaults_build_a_word_emission_model_and_g2p_keeps_its_own():
+def test_emission_options_reach_the_model_from_the_task_options():
     from types import SimpleNamespace as Data
 
     from structattn.app.architectures import get_architecture
@@ -227,14 +227,16 @@ def test_bible_defaults_build_a_word_emission_model_and_g2p_keeps_its_own():
 
     vocab = Vocab.build([["a", "b"]])
     data = Data(source_vocab=vocab, target_vocab=vocab)
-    for name, word_only in (("bible", True), ("g2p", False)):
-        options = get_task(name).options({})
+    word = {"lexical_emission": True, "contextual_emission": False,
+            "stateful_emission": False, "batch_vocabulary": True}
+    for name, given, word_only in (("bible", word, True), ("g2p", {}, False)):
+        options = get_task(name).options(given)
         config = ExperimentConfig.from_options({**options, "task": name, "mode": "marginal",
                                                 "hidden": 8, "embed_dim": 4})
         model = get_architecture("rnn").build(config, data)
         assert model.lexical_emission is word_only, name
         assert model.head.stateful is not word_only and model.head.contextual is not word_only
-        assert model.batch_vocabulary is False
+        assert model.batch_vocabulary is word_only
 
 
 def test_transformer_comparison_reports_sparsity_and_learned_alphas(tmp_path, capsys):

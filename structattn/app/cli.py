@@ -78,7 +78,7 @@ def _add_run_options(parser: argparse.ArgumentParser, trainable_only: bool) -> N
                         help="training batch size (default: g2p 64, bible 32)")
     parser.add_argument("--hidden", type=_positive, help="hidden size, even (default 128)")
     parser.add_argument("--embed-dim", type=_positive, help="embedding size (default 64)")
-    parser.add_argument("--dropout", type=float, help="dropout (default 0.1; bible 0.3)")
+    parser.add_argument("--dropout", type=float, help="dropout (default 0.1)")
     parser.add_argument("--lr", type=float, help="Adam learning rate (default 2e-3)")
     parser.add_argument("--num-samples", type=_positive,
                         help="draws per query for the sampling estimators (default 4)")
@@ -89,11 +89,10 @@ def _add_run_options(parser: argparse.ArgumentParser, trainable_only: bool) -> N
     parser.add_argument("--max-length", type=_positive,
                         help="bible: drop training verses longer than this (default 16)")
     parser.add_argument("--vocab-size", type=_positive,
-                        help="bible: source (English) word vocabulary (default 10000: every "
-                        "training word)")
+                        help="bible: source (English) word vocabulary (default 2000)")
     parser.add_argument("--target-vocab-size", type=_positive,
-                        help="bible: target (Spanish) word vocabulary (default 10000: every "
-                        "training word)")
+                        help="bible: target (Spanish) word vocabulary; the exact modes pay "
+                        "for it at every source position (default 400)")
     parser.add_argument("--eval-size", type=_positive,
                         help="test examples to evaluate (default: the whole test split)")
     parser.add_argument("--dev-size", type=_positive,
