@@ -86,6 +86,23 @@ def test_kl_is_infinite_when_p_puts_mass_where_q_forbids():
     assert torch.isfinite(kl_divergence(q, p)).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gap", [30.0, 120.0, 800.0])
+def test_kl_is_finite_where_the_priors_probability_only_underflows(dtype, gap):
+    """A key whose prior probability underflows (a logit ``gap`` below the best, past the
+    dtype's smallest number at 120 in float32 and 800 in float64) is allowed, not forbidden:
+    the KL is the finite value float64 logits give, whatever the dtype."""
+    guide_logits = torch.tensor([[0.0, 0.0, -1.0]])
+    prior_logits = torch.tensor([[0.0, -gap, 2.0]])
+    guide = CategoricalAlignment(logits=guide_logits.to(dtype))
+    prior = CategoricalAlignment(logits=prior_logits.to(dtype))
+    found = kl_divergence(guide, prior)
+    g = guide_logits.double().log_softmax(-1)
+    expected = (g.exp() * (g - prior_logits.double().log_softmax(-1))).sum(-1)
+    assert torch.isfinite(found).all()
+    assert torch.allclose(found.double(), expected, rtol=1e-5)
+
+
 def test_expand_keeps_class_and_values():
     dist = CategoricalAlignment(logits=_scores(2, 5), mask=torch.tensor([1, 1, 1, 0, 0]))
     big = dist.expand((4, 2))

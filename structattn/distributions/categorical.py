@@ -212,10 +212,15 @@ def _per_query_shapes(**scores_shapes) -> tuple[torch.Size, torch.Size]:
 
 @register_kl(CategoricalAlignment, CategoricalAlignment)
 def _kl_alignment_alignment(p: CategoricalAlignment, q: CategoricalAlignment) -> torch.Tensor:
-    """KL(p || q) per query, ``(..., queries)``: ``+inf`` where p puts mass on a key q forbids."""
-    p_probs, q_probs = p.probs, q.probs
+    """KL(p || q) per query, ``(..., queries)``: ``+inf`` where p puts mass on a key q forbids.
+
+    A key is forbidden by q when its logit is the mask value (masked, or outside a sparse
+    support), never because its probability underflowed: a softmax probability below the
+    dtype's smallest number still has a finite logit, and the KL is read from the logits.
+    """
+    p_probs = p.probs
     terms = torch.where(p_probs > 0, p_probs * (p.logits - q.logits), torch.zeros_like(p_probs))
-    forbidden = (p_probs > 0) & (q_probs == 0)
+    forbidden = (p_probs > 0) & (q.logits <= mask_value(q.logits.dtype))
     terms = torch.where(forbidden, torch.full_like(terms, math.inf), terms)
     return terms.sum(-1)
 
