@@ -87,6 +87,18 @@ def test_kl_is_infinite_when_p_puts_mass_where_q_forbids():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kl_is_infinite_where_q_was_built_with_zero_probabilities(dtype):
+    """Zeros given in ``probs=`` (or masked there) are forbidden keys, like masked logits."""
+    p = CategoricalAlignment(logits=torch.zeros(1, 3, dtype=dtype))
+    zero = CategoricalAlignment(probs=torch.tensor([[0.5, 0.5, 0.0]], dtype=dtype))
+    masked = CategoricalAlignment(probs=torch.tensor([[0.5, 0.3, 0.2]], dtype=dtype),
+                                  mask=torch.tensor([True, True, False]))
+    assert torch.isinf(kl_divergence(p, zero)).all()
+    assert torch.isinf(kl_divergence(p, masked)).all()
+    assert torch.isfinite(kl_divergence(zero, p)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("gap", [30.0, 120.0, 800.0])
 def test_kl_is_finite_where_the_priors_probability_only_underflows(dtype, gap):
     """A key whose prior probability underflows (a logit ``gap`` below the best, past the

@@ -214,13 +214,18 @@ def _per_query_shapes(**scores_shapes) -> tuple[torch.Size, torch.Size]:
 def _kl_alignment_alignment(p: CategoricalAlignment, q: CategoricalAlignment) -> torch.Tensor:
     """KL(p || q) per query, ``(..., queries)``: ``+inf`` where p puts mass on a key q forbids.
 
-    A key is forbidden by q when its logit is the mask value (masked, or outside a sparse
-    support), never because its probability underflowed: a softmax probability below the
-    dtype's smallest number still has a finite logit, and the KL is read from the logits.
+    A key is forbidden by q when its probability is exactly zero by construction (masked,
+    outside a sparse support, or a zero in ``probs=``), never because a softmax probability
+    underflowed: such a key's logit is finite and more than ``log(tiny)`` below the query's
+    best, which no constructed zero is (their logits are the mask value, or ``log(eps)`` from
+    ``probs=``), and the KL reads it from the logits.
     """
-    p_probs = p.probs
-    terms = torch.where(p_probs > 0, p_probs * (p.logits - q.logits), torch.zeros_like(p_probs))
-    forbidden = (p_probs > 0) & (q.logits <= mask_value(q.logits.dtype))
+    p_probs, q_probs, q_logits = p.probs, q.probs, q.logits
+    terms = torch.where(p_probs > 0, p_probs * (p.logits - q_logits), torch.zeros_like(p_probs))
+    log_tiny = math.log(torch.finfo(q_probs.dtype).tiny)
+    underflowed = (q_logits > mask_value(q_logits.dtype)) & (
+        q_logits - q_logits.amax(-1, keepdim=True) < log_tiny)
+    forbidden = (p_probs > 0) & (q_probs == 0) & ~underflowed
     terms = torch.where(forbidden, torch.full_like(terms, math.inf), terms)
     return terms.sum(-1)
 
