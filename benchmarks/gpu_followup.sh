@@ -8,11 +8,7 @@ OUTDIR=${1:?usage: gpu_followup.sh OUTDIR [STEPS]}
 STEPS=${2:-10000}
 PY=${PYTHON:-python3}
 mkdir -p "$OUTDIR"
-export PYTHONUNBUFFERED=1 PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
-if [ -d .whl ]; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
+source "$(dirname "$0")/gpu_env.sh"
 SHAPES=4096x64,1024x512,256x4096,16384x4096
 {
     echo "== simplex maps, Triton kernel on (default)"

