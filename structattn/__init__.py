@@ -20,7 +20,8 @@ _SUBPACKAGES = ("data", "distributions", "functional", "infer", "models", "nn")
 #: re-exported name -> the module that defines it
 _EXPORTS = {
     **{name: "structattn.distributions" for name in (
-        "CategoricalAlignment", "HMMAlignment", "LinearChainCRF", "MonotonicAlignment",
+        "CategoricalAlignment", "HMMAlignment", "JumpAlignment", "LinearChainCRF",
+        "MonotonicAlignment",
         "NonProjectiveDependencyCRF", "ProjectiveDependencyCRF", "RelaxedAlignment",
         "SegmentationAlignment", "SparsemaxAlignment", "segmentation_crf")},
     **{name: "structattn.functional" for name in (
@@ -50,6 +51,7 @@ if TYPE_CHECKING:  # static tools see the eager imports
     from structattn.distributions import (  # noqa: F401
         CategoricalAlignment,
         HMMAlignment,
+        JumpAlignment,
         LinearChainCRF,
         MonotonicAlignment,
         NonProjectiveDependencyCRF,

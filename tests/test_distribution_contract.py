@@ -82,6 +82,13 @@ SPECS.append(
          lambda **p: sd.HMMAlignment(**p), (LENGTH,), (LENGTH, KEYS),
          ("jump_scores", "emission_log_likelihoods"))
 )
+SPECS.append(
+    Spec("jump",
+         lambda b: {"alignment_logits": _randn(*b, LENGTH, KEYS), "jump_scores": _randn(*b, 5),
+                    "emission_log_likelihoods": _randn(*b, LENGTH, KEYS)},
+         lambda **p: sd.JumpAlignment(**p), (LENGTH,), (LENGTH, KEYS),
+         ("alignment_logits", "jump_scores", "emission_log_likelihoods"))
+)
 IDS = [spec.name for spec in SPECS]
 
 
@@ -217,3 +224,21 @@ def test_attention_has_the_documented_shape_and_lies_on_the_simplex(spec, dtype)
     # rescaling, as segmentation attention does after Kim et al.)
     expected = torch.full_like(sums, spec.attention_total)
     torch.testing.assert_close(sums, expected, atol=tolerance * spec.attention_total, rtol=0)
+
+
+def test_conditioning_on_a_zero_table_gives_back_the_same_distribution(spec):
+    """Exact inference rebuilds a prior with the table added: a table of zeros must leave every
+    parameter in place (a subclass rebuilt through its parent's constructor would lose its
+    own, e.g. a chain's jump scores)."""
+    from structattn.infer import marginal_log_likelihood, posterior
+
+    dist = spec.build(**spec.params((2,)))
+    table = torch.zeros_like(dist.attention)
+    try:
+        conditioned = posterior(dist, table)
+    except ValueError as err:
+        assert "no conditioner" in str(err)
+        return
+    torch.testing.assert_close(conditioned, dist.attention)
+    torch.testing.assert_close(marginal_log_likelihood(dist, table),
+                               torch.zeros_like(marginal_log_likelihood(dist, table)))

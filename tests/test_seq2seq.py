@@ -118,9 +118,13 @@ def _sequence_log_prob(model, batch, row, sequence):
     return total
 
 
-def test_monotonic_decoding_filter_reproduces_the_exact_likelihood():
+@pytest.mark.parametrize("mode", ["monotonic", "neural-hmm"])
+def test_chain_decoding_filter_reproduces_the_exact_likelihood(mode):
     batch, source_vocab, target_vocab = _toy()
-    model = _model("monotonic", source_vocab, target_vocab).double().eval()
+    model = _model(mode, source_vocab, target_vocab).double().eval()
+    if mode == "neural-hmm":  # jumps that matter: the filter must carry them
+        with torch.no_grad():
+            model.attention.normalizer.jump_scores.copy_(torch.linspace(-2, 1, 15))
     with torch.no_grad():
         exact = model.log_likelihood(batch)
         for row in range(len(batch)):
@@ -139,7 +143,7 @@ def test_monotonic_alignments_never_move_backwards():
         assert torch.allclose(found["posterior"][row, :length].sum(-1), torch.ones(length))
 
 
-@pytest.mark.parametrize("mode", ["soft", "marginal", "monotonic"])
+@pytest.mark.parametrize("mode", ["soft", "marginal", "monotonic", "neural-hmm"])
 def test_wide_beam_search_finds_the_exhaustive_best(mode):
     batch, source_vocab, target_vocab = _toy()
     model = _model(mode, source_vocab, target_vocab).double().eval()
@@ -316,3 +320,36 @@ def test_bible_compare_reports_alignment_error_rates(tmp_path):
                     "precision_posterior_map", "recall_posterior_map"):
             assert 0.0 <= row[key] <= 1.0
         assert row["bleu"] >= 0.0
+
+
+def test_neural_hmm_learns_a_backward_jump_and_aligns_against_the_source_order():
+    """Targets are the source reversed (a character-level reversal): every move is a jump of
+    -1. The neural HMM's jump scores must learn it, and its posterior must read the source
+    backwards, which the monotonic mode cannot."""
+    torch.manual_seed(0)
+    letters = "abcdef"
+    words = ["".join(letters[i] for i in torch.randint(0, 6, (n,)).tolist())
+             for n in torch.randint(3, 7, (64,)).tolist()]
+    examples = [_Pair(w, w[::-1].upper()) for w in words]
+    source_vocab = Vocab.build([e.source for e in examples])
+    target_vocab = Vocab.build([e.target for e in examples])
+    batch = collate_seq2seq(examples, source_vocab, target_vocab)
+    model = Seq2Seq(len(source_vocab), len(target_vocab), mode="neural-hmm", embed_dim=8,
+                    hidden=16, max_jump=2, lexical_emission=True, contextual_emission=False,
+                    stateful_emission=False, pad_id=target_vocab.pad_id,
+                    bos_id=target_vocab.bos_id, eos_id=target_vocab.eos_id)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(150):
+        optimizer.zero_grad()
+        model.loss(batch)["loss"].backward()
+        optimizer.step()
+    jumps = model.attention.normalizer.jump_scores.detach()
+    assert int(jumps.argmax()) == 1                     # bucket 1 of 5 is the jump -1
+    found = model.alignments(batch)
+    correct = total = 0
+    for row, example in enumerate(examples):
+        length = len(example.target)
+        path = found["posterior_map"][row, :length]
+        correct += int((path == torch.arange(length - 1, -1, -1)).sum())
+        total += length
+    assert correct / total > 0.95

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from structattn.distributions import (
+    JumpAlignment,
     LinearChainCRF,
     MonotonicAlignment,
     NonProjectiveDependencyCRF,
@@ -29,6 +30,11 @@ def monotonic(potentials):
     return MonotonicAlignment(potentials, emission_log_likelihoods=0.5 * potentials, max_jump=2)
 
 
+def jump(potentials):
+    jumps = torch.linspace(-1.0, 1.0, 5, dtype=potentials.dtype)
+    return JumpAlignment(potentials, jumps, emission_log_likelihoods=0.5 * potentials)
+
+
 def projective(potentials):
     return ProjectiveDependencyCRF(potentials)
 
@@ -41,6 +47,7 @@ def nonprojective(potentials):
 STRUCTURES = {
     "chain": (chain, (3, 3, 3)),
     "monotonic": (monotonic, (4, 5)),
+    "jump": (jump, (4, 5)),
     "projective": (projective, (4, 4)),
     "nonprojective": (nonprojective, (4, 4)),
 }

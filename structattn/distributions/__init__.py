@@ -8,6 +8,7 @@ from structattn.distributions.categorical import (
 )
 from structattn.distributions.chain import LinearChainCRF, segmentation_crf
 from structattn.distributions.hmm import HMMAlignment
+from structattn.distributions.jump import JumpAlignment
 from structattn.distributions.monotonic import MonotonicAlignment
 from structattn.distributions.segmentation import SegmentationAlignment
 from structattn.distributions.structured import StructuredDistribution
@@ -16,6 +17,7 @@ from structattn.distributions.tree import NonProjectiveDependencyCRF, Projective
 __all__ = [
     "CategoricalAlignment",
     "HMMAlignment",
+    "JumpAlignment",
     "LinearChainCRF",
     "MonotonicAlignment",
     "NonProjectiveDependencyCRF",

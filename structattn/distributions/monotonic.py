@@ -138,34 +138,76 @@ class MonotonicAlignment(LinearChainCRF):
             device=self.alignment_logits.device,
         )
 
+    def _moves(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The chain's unnormalised moves: ``(scores, allowed, first, start)``.
+
+        ``scores (*batch, T, S, S)`` indexed ``[..., t, next, previous]`` and the bool
+        ``allowed`` broadcastable to it; ``first (*batch, S)`` scores the first step's position
+        and ``start (*batch, S)`` says which it may be. Subclasses change the moves here.
+        """
+        logits = self.alignment_logits
+        num_sources = logits.shape[-1]
+        allowed = _monotone_mask(num_sources, self.max_jump, logits.device)
+        allowed = allowed & self._in_source()[..., None, :, None]
+        start = allowed[..., 0, :, 0]
+        scores = logits.unsqueeze(-1).expand(*logits.shape, num_sources)
+        return scores, allowed, logits[..., 0, :], start
+
+    def _in_source(self) -> torch.Tensor:
+        """``(*batch, S)`` bool: positions inside each source."""
+        logits = self.alignment_logits
+        positions = torch.arange(logits.shape[-1], device=logits.device)
+        return positions < self.source_lengths.unsqueeze(-1)
+
+    def _normalised_moves(self, forbidden: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(first (*batch, S), moves (*batch, T, S, S))``: log-probabilities of the first
+        position and of each move ``[..., t, next, previous]``, ``forbidden`` where disallowed."""
+        scores, allowed, first, start = self._moves()
+        scores = scores.masked_fill(~allowed, forbidden)
+        log_moves = scores - torch.logsumexp(scores, -2, keepdim=True)
+        log_moves = log_moves.masked_fill(~allowed, forbidden)
+        first = first.masked_fill(~start, forbidden)
+        first = (first - torch.logsumexp(first, -1, keepdim=True)).masked_fill(~start, forbidden)
+        return first, log_moves
+
+    def move_log_probs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prior's transitions: ``(first (*batch, S), moves (*batch, T, S, S))``,
+        ``log p(z_0 = k)`` and ``log p(z_t = next | z_{t-1} = previous)`` indexed
+        ``[..., t, next, previous]`` (row ``t = 0`` is the move into step 0 from a previous
+        position, which a decoder filtering one step at a time reads); ``-inf`` where a move
+        is not allowed."""
+        first, moves = self._normalised_moves(-torch.inf)
+        return first, moves
+
     def _chain_potentials(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(initial (*batch, S), edges (*batch, T-1, S, S))`` of the equivalent chain.
 
         Forbidden moves get a finite score far below every allowed path (its ``exp`` is exactly
         zero) rather than ``-inf``, so no gradient ever meets ``inf - inf``.
         """
-        logits, emissions = self.alignment_logits, self.emission_log_likelihoods
-        num_sources = logits.shape[-1]
-        allowed = _monotone_mask(num_sources, self.max_jump, logits.device)
-        positions = torch.arange(num_sources, device=logits.device)
-        in_source = positions < self.source_lengths.unsqueeze(-1)
-        # [..., t, next, previous]
-        allowed = allowed & in_source[..., None, :, None]
-        start = allowed[..., 0, :, 0]
+        emissions = self.emission_log_likelihoods
+        num_targets, num_sources = emissions.shape[-2:]
         spread = 0.0
-        if logits.numel() > 0:  # an empty batch has no scores to stay below
-            spread = (logits.detach().abs().amax() + emissions.detach().abs().amax()).item()
-        forbidden = -(2 * logits.shape[-2] + 1) * (spread + num_sources) - 1e4
-        scores = logits.unsqueeze(-1).expand(*logits.shape, num_sources)
-        scores = scores.masked_fill(~allowed, forbidden)
-        log_moves = scores - torch.logsumexp(scores, -2, keepdim=True)
-        log_moves = log_moves.masked_fill(~allowed, forbidden)
-        first = logits[..., 0, :].masked_fill(~start, forbidden)
-        first = first - torch.logsumexp(first, -1, keepdim=True)
-        initial = (first + emissions[..., 0, :]).masked_fill(~start, forbidden)
+        if emissions.numel() > 0:  # an empty batch has no scores to stay below
+            spread = (self._move_spread() + emissions.detach().abs().amax()).item()
+        forbidden = -(2 * num_targets + 1) * (spread + num_sources) - 1e4
+        first, log_moves = self._normalised_moves(forbidden)
+        initial = torch.maximum(first + emissions[..., 0, :], first.new_tensor(forbidden))
         edges = log_moves[..., 1:, :, :] + emissions[..., 1:, :].unsqueeze(-1)
-        edges = edges.masked_fill(~allowed, forbidden)
+        edges = torch.maximum(edges, edges.new_tensor(forbidden))
         return initial, edges
+
+    def _move_spread(self) -> torch.Tensor:
+        """The largest ``|score|`` a move can have (forbidden moves stay far below it)."""
+        return self.alignment_logits.detach().abs().amax()
+
+    def with_emissions(self, emission_log_likelihoods: torch.Tensor) -> MonotonicAlignment:
+        """The same alignment chain (same class, moves and lengths) with these emissions
+        ``(*batch, T, S)``: how exact inference conditions a prior on a table."""
+        return type(self)(
+            self.alignment_logits, emission_log_likelihoods, self.target_lengths,
+            self.source_lengths, self.max_jump, validate_args=False,
+        )
 
     @property
     def log_marginal_likelihood(self) -> torch.Tensor:

@@ -127,15 +127,8 @@ def _condition_chain(prior, table):
 @register_conditioner(MonotonicAlignment)
 def _condition_monotonic(prior, table):
     _require_shape(table, tuple(prior.alignment_logits.shape[-2:]), prior)
-    posterior = MonotonicAlignment(
-        prior.alignment_logits,
-        prior.emission_log_likelihoods + table,
-        prior.target_lengths,
-        prior.source_lengths,
-        prior.max_jump,
-        validate_args=False,
-    )
-    return _ThroughDistribution(prior, posterior)
+    # the prior rebuilds itself, so a subclass keeps its own moves (e.g. JumpAlignment's jumps)
+    return _ThroughDistribution(prior, prior.with_emissions(prior.emission_log_likelihoods + table))
 
 
 @register_conditioner(_DependencyCRF)

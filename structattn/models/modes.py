@@ -394,7 +394,12 @@ class MonotonicMode(Seq2SeqMode):
     """Hard monotonic attention (Wu & Cotterell 2019): ``z_t`` stays or moves forward by at
     most ``max_jump`` source positions, ``p(z_t = k | z_{t-1} = j)`` is the softmax of the
     attention scores over ``j <= k <= j + max_jump``; trained by the exact ``log p(y | x)``
-    with the alignment summed out (forward algorithm), decoded with a forward filter."""
+    with the alignment summed out (forward algorithm), decoded with a forward filter.
+
+    Subclasses with other moves change :meth:`make_attention` only: the attention must return
+    a chain prior (a :class:`~structattn.MonotonicAlignment` or subclass) whose
+    ``with_emissions`` conditions it and whose ``move_log_probs`` the decoder filters with.
+    """
 
     normalizer = "monotonic"
     accepts_normalizer = False
@@ -405,12 +410,9 @@ class MonotonicMode(Seq2SeqMode):
                                max_jump=self.options.max_jump)
 
     def _chain(self, model, pieces, emission: bool = True) -> MonotonicAlignment:
-        scores, _ = model.attention.scores(pieces.states, pieces.enc)
-        # without emissions (all zero) the chain is the prior p(z | x, y_<t)
-        table = model.emission_table(pieces) if emission else torch.zeros_like(scores)
-        return MonotonicAlignment(
-            scores, table, target_lengths=pieces.target_mask.sum(-1),
-            source_lengths=pieces.source_mask.sum(-1), max_jump=self.options.max_jump)
+        # the prior p(z | x, y_<t); conditioned on the emissions it is the posterior chain
+        prior = model.attention(pieces.states, pieces.enc, pieces.source_mask)
+        return prior.with_emissions(model.emission_table(pieces)) if emission else prior
 
     def loss(self, model, pieces):
         total = -self.log_likelihood(model, pieces).sum()
@@ -418,7 +420,8 @@ class MonotonicMode(Seq2SeqMode):
         return {"loss": total / tokens, "nll": total.detach() / tokens}
 
     def token_log_likelihood(self, model, pieces):
-        raise ValueError("mode 'monotonic' has no per-token likelihood; use log_likelihood")
+        raise ValueError(f"mode {type(self).__name__} has no per-token likelihood; use "
+                         "log_likelihood")
 
     def log_likelihood(self, model, pieces):
         return self._chain(model, pieces).log_marginal_likelihood
@@ -429,24 +432,14 @@ class MonotonicMode(Seq2SeqMode):
         return {"prior": prior, "posterior": chain.node_marginals,
                 "prior_argmax": prior.argmax(-1), "posterior_map": chain.argmax}
 
-    def start_decoding(self, model, enc, source_mask):
-        # the virtual start z_{-1} = 0
-        filtered = torch.full(source_mask.shape, -torch.inf, dtype=enc.dtype, device=enc.device)
-        filtered[:, 0] = 0.0
-        return filtered
-
     def decode_step(self, model, states, enc, source_mask, memory):
-        """``log p(y_t | y_<t, x)`` from the filter ``memory = log p(z_{t-1} | y_<t, x)``."""
-        scores, _ = model.attention.scores(states, enc)                    # (N, 1, S)
-        positions = torch.arange(enc.shape[1], device=enc.device)
-        jump = positions[:, None] - positions[None, :]                     # [next, previous]
-        allowed = jump >= 0
-        if self.options.max_jump is not None:
-            allowed = allowed & (jump <= self.options.max_jump)
-        allowed = allowed & source_mask[:, :, None]
-        moves = scores[:, 0, :, None].masked_fill(~allowed, -torch.inf)   # (N, next, prev)
-        moves = torch.where(allowed, moves - moves.logsumexp(1, keepdim=True), -torch.inf)
-        predicted = (moves + memory[:, None, :]).logsumexp(-1)
+        """``log p(y_t | y_<t, x)`` from the filter ``memory = log p(z_{t-1} | y_<t, x)``
+        (None before the first step)."""
+        first, moves = model.attention(states, enc, source_mask).move_log_probs()
+        if memory is None:
+            predicted = first                                              # (N, S)
+        else:
+            predicted = (moves[:, 0] + memory[:, None, :]).logsumexp(-1)   # (N, next)
         joint = predicted.unsqueeze(-1) + model.head.logits(states, enc).log_softmax(-1)
         return DecodeStep(joint.logsumexp(1), joint)
 
@@ -456,3 +449,18 @@ class MonotonicMode(Seq2SeqMode):
             -1, word.view(-1, 1, 1).expand(-1, step.joint.shape[1], 1)).squeeze(-1)
         filtered = chosen - chosen.logsumexp(-1, keepdim=True)
         return torch.nan_to_num(filtered, nan=-torch.inf)
+
+
+@register_mode("neural-hmm")
+class NeuralHMMMode(MonotonicMode):
+    """Neural HMM attention (Wang et al. 2018): ``z_t`` may move either way, scored by the
+    attention scores plus a learned score of the jump width (``max_jump``, default 7: wider
+    jumps share the end buckets), as in the HMM word aligner; trained by the exact
+    ``log p(y | x)`` (forward algorithm), decoded with a forward filter."""
+
+    normalizer = "jump"
+
+    def make_attention(self):
+        width = 7 if self.options.max_jump is None else self.options.max_jump
+        return LatentAttention(self.options.hidden, self.options.key_dim,
+                               score=self.options.score, normalizer="jump", max_jump=width)

@@ -34,6 +34,7 @@ from structattn.distributions.categorical import (
     RelaxedAlignment,
     SparsemaxAlignment,
 )
+from structattn.distributions.jump import JumpAlignment
 from structattn.distributions.monotonic import MonotonicAlignment
 from structattn.distributions.segmentation import SegmentationAlignment
 from structattn.distributions.tree import NonProjectiveDependencyCRF, ProjectiveDependencyCRF
@@ -42,6 +43,7 @@ __all__ = [
     "NORMALIZERS",
     "EntmaxNormalizer",
     "Entmax15Normalizer",
+    "JumpNormalizer",
     "MonotonicNormalizer",
     "Normalizer",
     "RelaxedNormalizer",
@@ -326,3 +328,35 @@ class MonotonicNormalizer(Normalizer):
         # with emissions that are all zero the posterior chain is the prior p(z | x)
         return MonotonicAlignment(scores, torch.zeros_like(scores), source_lengths=lengths,
                                   max_jump=self.max_jump)
+
+
+@register_normalizer("jump")
+class JumpNormalizer(Normalizer):
+    """Neural HMM attention (Wang et al. 2018) without emissions: the prior chain.
+
+    ``scores (..., targets, sources)`` score where each query moves; a learned score of the
+    jump width ``z_t - z_{t-1}`` (either way; ``2 * max_jump + 1`` buckets, wider jumps share
+    the end ones) is added. The result is a :class:`~structattn.JumpAlignment` whose
+    ``.attention`` is ``p(z_t = s)``.
+
+    Args:
+        max_jump: jumps wider than this share the end buckets.
+        jump_scores: initial ``(2 * max_jump + 1,)`` scores (default zeros: the moves are the
+            attention scores alone).
+    """
+
+    def __init__(self, max_jump: int = 7, jump_scores: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if isinstance(max_jump, bool) or not isinstance(max_jump, int) or max_jump < 0:
+            raise ValueError(f"max_jump must be a non-negative int, got {max_jump!r}")
+        if jump_scores is None:
+            jump_scores = torch.zeros(2 * max_jump + 1)
+        elif tuple(jump_scores.shape) != (2 * max_jump + 1,):
+            raise ValueError(f"jump_scores must have shape ({2 * max_jump + 1},), got "
+                             f"{tuple(jump_scores.shape)}")
+        self.jump_scores = nn.Parameter(jump_scores.detach().clone().float())
+
+    def forward(self, scores, mask=None) -> JumpAlignment:
+        lengths = _prefix_lengths(mask, scores, "jump")
+        return JumpAlignment(scores, self.jump_scores.to(scores.dtype), torch.zeros_like(scores),
+                             source_lengths=lengths)
