@@ -38,7 +38,7 @@ def _toy():
     return batch, source_vocab, target_vocab
 
 
-def _model(mode, source_vocab, target_vocab, hidden=16):
+def _model(mode, source_vocab, target_vocab, hidden=16, **options):
     torch.manual_seed(0)
     return Seq2Seq(
         len(source_vocab),
@@ -49,7 +49,13 @@ def _model(mode, source_vocab, target_vocab, hidden=16):
         pad_id=target_vocab.pad_id,
         bos_id=target_vocab.bos_id,
         eos_id=target_vocab.eos_id,
+        **options,
     )
+
+
+#: the state-free word emission (decoded from a table computed once per source)
+WORD_EMISSION = {"lexical_emission": True, "contextual_emission": False,
+                 "stateful_emission": False}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -118,10 +124,11 @@ def _sequence_log_prob(model, batch, row, sequence):
     return total
 
 
-@pytest.mark.parametrize("mode", ["monotonic", "neural-hmm"])
-def test_chain_decoding_filter_reproduces_the_exact_likelihood(mode):
+@pytest.mark.parametrize("emission", [{}, WORD_EMISSION], ids=["stateful", "word"])
+@pytest.mark.parametrize("mode", ["monotonic", "neural-hmm", "marginal"])
+def test_decoding_filter_reproduces_the_exact_likelihood(mode, emission):
     batch, source_vocab, target_vocab = _toy()
-    model = _model(mode, source_vocab, target_vocab).double().eval()
+    model = _model(mode, source_vocab, target_vocab, **emission).double().eval()
     if mode == "neural-hmm":  # jumps that matter: the filter must carry them
         with torch.no_grad():
             model.attention.normalizer.jump_scores.copy_(torch.linspace(-2, 1, 15))
@@ -143,10 +150,12 @@ def test_monotonic_alignments_never_move_backwards():
         assert torch.allclose(found["posterior"][row, :length].sum(-1), torch.ones(length))
 
 
-@pytest.mark.parametrize("mode", ["soft", "marginal", "monotonic", "neural-hmm"])
-def test_wide_beam_search_finds_the_exhaustive_best(mode):
+@pytest.mark.parametrize("mode, emission", [
+    ("soft", {}), ("marginal", {}), ("monotonic", {}), ("neural-hmm", {}),
+    ("marginal", WORD_EMISSION), ("neural-hmm", WORD_EMISSION)])
+def test_wide_beam_search_finds_the_exhaustive_best(mode, emission):
     batch, source_vocab, target_vocab = _toy()
-    model = _model(mode, source_vocab, target_vocab).double().eval()
+    model = _model(mode, source_vocab, target_vocab, **emission).double().eval()
     words = [target_vocab.index(s) for s in "xyz"]
     max_length = 3
     candidates = [

@@ -35,6 +35,7 @@ from structattn.nn.normalizers import Normalizer
 
 __all__ = [
     "SEQ2SEQ_MODES",
+    "ChainMemory",
     "DecodeStep",
     "LatentMode",
     "ModeOptions",
@@ -114,10 +115,27 @@ class DecodeStep:
     Attributes:
         log_probs: ``log p(y_t | y_<t, x)`` over the vocabulary, ``(N, V)``.
         joint: optional per-key joint ``(N, S, V)`` (stateful modes condition on it).
+        alignment: optional ``log p(z_t | y_<t, x)`` ``(N, S)`` (chain modes condition on it).
     """
 
     log_probs: torch.Tensor
     joint: torch.Tensor | None = None
+    alignment: torch.Tensor | None = None
+
+
+@dataclass
+class ChainMemory:
+    """Decoding state of the chain modes.
+
+    Attributes:
+        filtered: ``log p(z_{t-1} | y_<t, x)`` ``(N, S)``; None before the first step.
+        emission_log_probs, emission_probs: a state-free emission's ``log p(y | z = k)`` and
+            its ``exp``, ``(N, S, V)``, computed once per source; None for a stateful one.
+    """
+
+    filtered: torch.Tensor | None = None
+    emission_log_probs: torch.Tensor | None = None
+    emission_probs: torch.Tensor | None = None
 
 
 class Seq2SeqMode(nn.Module, abc.ABC):
@@ -432,23 +450,40 @@ class MonotonicMode(Seq2SeqMode):
         return {"prior": prior, "posterior": chain.node_marginals,
                 "prior_argmax": prior.argmax(-1), "posterior_map": chain.argmax}
 
+    def start_decoding(self, model, enc, source_mask):
+        if model.head.stateful:
+            return ChainMemory()
+        # a state-free emission is the same at every step: one softmax per source word
+        log_probs = model.head.state_free_log_probs(enc)                  # (N, S, V)
+        return ChainMemory(None, log_probs, log_probs.exp())
+
     def decode_step(self, model, states, enc, source_mask, memory):
-        """``log p(y_t | y_<t, x)`` from the filter ``memory = log p(z_{t-1} | y_<t, x)``
-        (None before the first step)."""
+        """``log p(y_t | y_<t, x)`` from the filter ``memory.filtered`` (see
+        :class:`ChainMemory`)."""
         first, moves = model.attention(states, enc, source_mask).move_log_probs()
-        if memory is None:
-            predicted = first                                              # (N, S)
+        if memory.filtered is None:
+            predicted = first                                                   # (N, S)
         else:
-            predicted = (moves[:, 0] + memory[:, None, :]).logsumexp(-1)   # (N, next)
+            predicted = (moves[:, 0] + memory.filtered[:, None, :]).logsumexp(-1)  # (N, next)
+        if memory.emission_probs is not None:
+            # sum_k p(z_t = k) p(y | k): one batched matmul; words below exp(-87) everywhere
+            # underflow to -inf and are never a beam's choice
+            mixture = torch.bmm(predicted.exp().unsqueeze(1), memory.emission_probs)
+            return DecodeStep(mixture.log()[:, 0], alignment=predicted)
         joint = predicted.unsqueeze(-1) + model.head.logits(states, enc).log_softmax(-1)
-        return DecodeStep(joint.logsumexp(1), joint)
+        return DecodeStep(joint.logsumexp(1), joint, predicted)
 
     def follow(self, memory, step, origin, word):
         # condition the alignment filter on the chosen word
-        chosen = step.joint[origin].gather(
-            -1, word.view(-1, 1, 1).expand(-1, step.joint.shape[1], 1)).squeeze(-1)
-        filtered = chosen - chosen.logsumexp(-1, keepdim=True)
-        return torch.nan_to_num(filtered, nan=-torch.inf)
+        if step.joint is not None:
+            chosen = step.joint[origin].gather(
+                -1, word.view(-1, 1, 1).expand(-1, step.joint.shape[1], 1)).squeeze(-1)
+        else:
+            # every hypothesis of a source shares its emission table: rows need no reordering
+            emission = memory.emission_log_probs[torch.arange(len(word)), :, word]  # (N, S)
+            chosen = step.alignment[origin] + emission
+        filtered = torch.nan_to_num(chosen - chosen.logsumexp(-1, keepdim=True), nan=-torch.inf)
+        return ChainMemory(filtered, memory.emission_log_probs, memory.emission_probs)
 
 
 @register_mode("neural-hmm")
