@@ -84,6 +84,27 @@ def test_options_left_unset_take_the_task_defaults(monkeypatch):
     assert seen["progress"] is True
 
 
+@pytest.mark.parametrize("emission", ["contextual", "lexical", "word"])
+def test_emission_sets_the_three_emission_options_over_the_task_defaults(monkeypatch,
+                                                                         emission):
+    from structattn.app.cli import EMISSIONS
+
+    seen = _captured_config(monkeypatch)
+    for task in ("g2p", "bible"):
+        assert main(["compare", "--task", task, "--emission", emission, "--no-progress"]) == 0
+        for key, value in EMISSIONS[emission].items():
+            assert getattr(seen["config"], key) == value, (task, key)
+
+
+def test_bible_defaults_to_the_word_emission_and_adds_the_neural_hmm(monkeypatch):
+    seen = _captured_config(monkeypatch)
+    assert main(["compare", "--task", "bible", "--no-progress"]) == 0
+    assert not seen["config"].stateful_emission and seen["config"].lexical_emission
+    assert "neural-hmm" in seen["modes"] and "soft" in seen["modes"]
+    assert main(["compare", "--task", "g2p", "--no-progress"]) == 0
+    assert seen["config"].stateful_emission and "neural-hmm" not in seen["modes"]
+
+
 def test_modes_help_says_what_each_mode_means(capsys):
     with pytest.raises(SystemExit):
         main(["compare", "--help"])

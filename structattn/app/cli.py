@@ -28,6 +28,15 @@ _RUN_KEYS = ("steps", "batch_size", "hidden", "embed_dim", "dropout", "lr", "num
              "eval_size", "dev_size",
              "dev_every", "beam_size", "seed", "device", "arch")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+#: --emission NAME -> the Seq2Seq emission options it sets (see docs/seq2seq.md)
+EMISSIONS = {
+    "contextual": {"lexical_emission": False, "contextual_emission": True,
+                   "stateful_emission": True},
+    "lexical": {"lexical_emission": True, "contextual_emission": True,
+                "stateful_emission": True},
+    "word": {"lexical_emission": True, "contextual_emission": False,
+             "stateful_emission": False},
+}
 
 
 def _positive(text: str) -> int:
@@ -73,12 +82,18 @@ def _add_run_options(parser: argparse.ArgumentParser, trainable_only: bool) -> N
                         "cross-attention is the latent alignment; its modes: soft, sparsemax, "
                         "entmax15, entmax-learned, marginal, hard-score, variational-enum)")
     parser.add_argument("--steps", type=_positive, help="training steps per mode "
-                        "(default: g2p 3000, bible 1500)")
+                        "(default: g2p 3000, bible 3000)")
     parser.add_argument("--batch-size", type=_positive,
                         help="training batch size (default: g2p 64, bible 32)")
     parser.add_argument("--hidden", type=_positive, help="hidden size, even (default 128)")
     parser.add_argument("--embed-dim", type=_positive, help="embedding size (default 64)")
-    parser.add_argument("--dropout", type=float, help="dropout (default 0.1)")
+    parser.add_argument("--dropout", type=float, help="dropout (default: g2p 0.1, bible 0.3)")
+    parser.add_argument("--emission", choices=sorted(EMISSIONS), default=None,
+                        help="what the output layer reads at the aligned source position "
+                        "(rnn only): 'contextual' = decoder state + BiLSTM state (default for "
+                        "g2p); 'lexical' = those plus the source word's embedding; 'word' = "
+                        "the source word alone, a translation table, the decoder steering only "
+                        "the alignment (default for bible)")
     parser.add_argument("--lr", type=float, help="Adam learning rate (default 2e-3)")
     parser.add_argument("--num-samples", type=_positive,
                         help="draws per query for the sampling estimators (default 4)")
@@ -87,12 +102,15 @@ def _add_run_options(parser: argparse.ArgumentParser, trainable_only: bool) -> N
     parser.add_argument("--max-train", type=_positive,
                         help="use only the first N training examples (default: all)")
     parser.add_argument("--max-length", type=_positive,
-                        help="bible: drop training verses longer than this (default 16)")
+                        help="bible: drop training verses longer than this (default 24; "
+                        "--quick 16)")
     parser.add_argument("--vocab-size", type=_positive,
-                        help="bible: source (English) word vocabulary (default 2000)")
+                        help="bible: source (English) word vocabulary (default 10000: every "
+                        "training word)")
     parser.add_argument("--target-vocab-size", type=_positive,
-                        help="bible: target (Spanish) word vocabulary; the exact modes pay "
-                        "for it at every source position (default 400)")
+                        help="bible: target (Spanish) word vocabulary; with a contextual "
+                        "emission the exact modes pay for it at every source position "
+                        "(default 10000: every training word)")
     parser.add_argument("--eval-size", type=_positive,
                         help="test examples to evaluate (default: the whole test split)")
     parser.add_argument("--dev-size", type=_positive,
@@ -115,7 +133,8 @@ def _modes_help() -> str:
     from structattn.app.compare import mode_descriptions
 
     described = mode_descriptions()
-    return ("comma-separated modes (default soft,marginal,variational-enum,hard-score); "
+    return ("comma-separated modes (default soft,marginal,variational-enum,hard-score; bible "
+            "adds neural-hmm); "
             + "; ".join(f"'{name}': {text}" if text else f"'{name}'"
                         for name, text in described.items())
             + "; --arch transformer adds 'entmax-learned' (alpha learned per head); "
@@ -211,7 +230,9 @@ def _plot_options(plot: argparse.ArgumentParser) -> None:
 
 
 def _given(args: argparse.Namespace) -> dict:
-    return {key: getattr(args, key, None) for key in _RUN_KEYS}
+    given = {key: getattr(args, key, None) for key in _RUN_KEYS}
+    emission = getattr(args, "emission", None)
+    return {**given, **EMISSIONS[emission]} if emission else given
 
 
 def _compare(args: argparse.Namespace) -> int:

@@ -63,7 +63,6 @@ _OBJECTIVES = {
     "variational-enum": "negative ELBO, exact expectation under q",
     "variational-score": "negative ELBO, sampled (leave-one-out baseline)",
     "variational-st": "negative ELBO, straight-through Gumbel, analytic KL",
-    "monotonic": "exact monotonic-alignment marginal NLL",
 }
 
 
@@ -89,8 +88,12 @@ def mode_descriptions() -> dict[str, str]:
 
 
 def objective_name(mode: str) -> str:
-    """What ``mode`` minimises during training, per target token."""
-    return _OBJECTIVES.get(mode) or f"training loss of mode {mode!r}"
+    """What ``mode`` minimises during training, per target token (a mode class may name it
+    in its ``objective`` attribute)."""
+    from structattn.models.modes import SEQ2SEQ_MODES
+
+    declared = getattr(SEQ2SEQ_MODES.get(mode), "objective", "")
+    return declared or _OBJECTIVES.get(mode) or f"training loss of mode {mode!r}"
 
 
 @dataclass

@@ -151,6 +151,8 @@ class Seq2SeqMode(nn.Module, abc.ABC):
     normalizer: ClassVar[str] = "softmax"
     normalizer_options: ClassVar[dict[str, Any]] = {}
     accepts_normalizer: ClassVar[bool] = True
+    #: what the mode minimises per target token, for results tables ("" : unnamed)
+    objective: ClassVar[str] = ""
 
     def __init__(self, options: ModeOptions) -> None:
         super().__init__()
@@ -421,6 +423,7 @@ class MonotonicMode(Seq2SeqMode):
 
     normalizer = "monotonic"
     accepts_normalizer = False
+    objective = "exact monotonic-alignment marginal NLL"
 
     def make_attention(self):
         return LatentAttention(self.options.hidden, self.options.key_dim,
@@ -494,6 +497,7 @@ class NeuralHMMMode(MonotonicMode):
     ``log p(y | x)`` (forward algorithm), decoded with a forward filter."""
 
     normalizer = "jump"
+    objective = "exact neural-HMM marginal NLL (forward algorithm)"
 
     def make_attention(self):
         width = 7 if self.options.max_jump is None else self.options.max_jump

@@ -75,6 +75,8 @@ class Seq2Seq(nn.Module):
     - ``variational-st``: the same ELBO, straight-through Gumbel-softmax, analytic KL.
     - ``monotonic``: hard monotonic attention (Wu & Cotterell 2019), exact ``log p(y | x)``
       by the forward algorithm, decoded with a forward filter.
+    - ``neural-hmm``: neural HMM attention (Wang et al. 2018), moving either way: attention
+      scores plus learned jump-width scores; exact ``log p(y | x)`` by the forward algorithm.
 
     Batches are :class:`structattn.data.batching.Seq2SeqBatch`: ``source (batch, S)``,
     ``target (batch, T + 1)`` framed ``bos y_1 .. y_n eos``, with boolean masks.
