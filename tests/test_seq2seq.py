@@ -9,6 +9,7 @@ import torch
 from structattn.app.cli import main
 from structattn.data.batching import collate_seq2seq
 from structattn.data.vocab import Vocab
+from structattn.infer.readout import gather
 from structattn.models.seq2seq import MODES, Seq2Seq
 
 torch.set_num_threads(1)
@@ -362,3 +363,23 @@ def test_neural_hmm_learns_a_backward_jump_and_aligns_against_the_source_order()
         correct += int((path == torch.arange(length - 1, -1, -1)).sum())
         total += length
     assert correct / total > 0.95
+
+
+@pytest.mark.parametrize("batch_vocabulary", [False, True])
+def test_sampled_alignments_read_a_state_free_emission_from_its_table(batch_vocabulary):
+    """The sampling estimators read log p(y_t | z_t) of a state-free emission from the table
+    (one softmax per source word): it must equal the emission at the sampled context."""
+    from structattn.models.modes import LatentMode
+
+    batch, source_vocab, target_vocab = _toy()
+    model = _model("hard-score", source_vocab, target_vocab, batch_vocabulary=batch_vocabulary,
+                   **WORD_EMISSION).double()
+    model.train()
+    pieces = model.pieces(batch)
+    z = torch.randint(0, batch.source.shape[1], (3,) + pieces.targets.shape)
+    z = torch.minimum(z, (batch.source_mask.sum(-1) - 1)[None, :, None])
+    read = LatentMode.sampled_log_likelihood(model, pieces)(z)
+    direct = model.head.log_prob(pieces.states, gather(pieces.enc, z), pieces.targets,
+                                 pieces.vocabulary)
+    mask = pieces.target_mask.expand_as(z)
+    torch.testing.assert_close(read[mask], direct[mask])

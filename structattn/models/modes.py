@@ -328,10 +328,7 @@ class LatentMode(Seq2SeqMode):
         if self.exact:
             log_likelihood = model.emission_table(pieces)
         else:
-            def log_likelihood(z: torch.Tensor) -> torch.Tensor:
-                return model.head.log_prob(pieces.states, gather(pieces.enc, z), pieces.targets,
-                                           pieces.vocabulary)
-
+            log_likelihood = self.sampled_log_likelihood(model, pieces)
         terms = AlignmentTerms(prior=prior, log_likelihood=log_likelihood,
                                mask=pieces.target_mask)
         guide = self.guide(model, pieces) if self.variational else None
@@ -339,6 +336,25 @@ class LatentMode(Seq2SeqMode):
         tokens = pieces.num_tokens()
         objective = torch.as_tensor(-self.estimate.stats["objective"])
         return {"loss": surrogate / tokens, "objective": objective / tokens}
+
+    @staticmethod
+    def sampled_log_likelihood(model, pieces: Pieces) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``z -> log p(y | z)`` for sampled alignments: ids ``(n, batch, T)`` or relaxed
+        one-hot weights ``(n, batch, T, S)``; result ``(n, batch, T)``.
+
+        A state-free emission is one softmax per source word, so sampled ids read its table
+        (``(batch, T, S)``, computed once) instead of a softmax per sample; relaxed weights
+        always mix the source states (their gradient flows through the context)."""
+        table = None if model.head.stateful else model.emission_table(pieces)
+
+        def log_likelihood(z: torch.Tensor) -> torch.Tensor:
+            if table is not None and not z.is_floating_point():
+                return table.expand(z.shape + table.shape[-1:]).gather(
+                    -1, z.unsqueeze(-1)).squeeze(-1)
+            return model.head.log_prob(pieces.states, gather(pieces.enc, z), pieces.targets,
+                                       pieces.vocabulary)
+
+        return log_likelihood
 
     def token_log_likelihood(self, model, pieces):
         prior = model.attention(pieces.states, pieces.enc, pieces.source_mask)
