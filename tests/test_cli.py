@@ -101,8 +101,12 @@ def test_bible_defaults_to_the_word_emission_and_adds_the_neural_hmm(monkeypatch
     assert main(["compare", "--task", "bible", "--no-progress"]) == 0
     assert not seen["config"].stateful_emission and seen["config"].lexical_emission
     assert "neural-hmm" in seen["modes"] and "soft" in seen["modes"]
+    assert seen["config"].batch_vocabulary
+    assert main(["compare", "--task", "bible", "--no-batch-vocabulary", "--no-progress"]) == 0
+    assert not seen["config"].batch_vocabulary
     assert main(["compare", "--task", "g2p", "--no-progress"]) == 0
     assert seen["config"].stateful_emission and "neural-hmm" not in seen["modes"]
+    assert not seen["config"].batch_vocabulary
 
 
 def test_modes_help_says_what_each_mode_means(capsys):

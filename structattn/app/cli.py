@@ -26,7 +26,7 @@ COMMANDS = {
 _RUN_KEYS = ("steps", "batch_size", "hidden", "embed_dim", "dropout", "lr", "num_samples",
              "temperature", "max_train", "max_length", "vocab_size", "target_vocab_size",
              "eval_size", "dev_size",
-             "dev_every", "beam_size", "seed", "device", "arch")
+             "dev_every", "beam_size", "seed", "device", "arch", "batch_vocabulary")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 #: --emission NAME -> the Seq2Seq emission options it sets (see docs/seq2seq.md)
 EMISSIONS = {
@@ -94,6 +94,11 @@ def _add_run_options(parser: argparse.ArgumentParser, trainable_only: bool) -> N
                         "g2p); 'lexical' = those plus the source word's embedding; 'word' = "
                         "the source word alone, a translation table, the decoder steering only "
                         "the alignment (default for bible)")
+    parser.add_argument("--batch-vocabulary", action=argparse.BooleanOptionalAction,
+                        default=None,
+                        help="train the output softmax over the batch's target words only "
+                        "(evaluation keeps the full softmax; rnn only; default: on for bible, "
+                        "off for g2p)")
     parser.add_argument("--lr", type=float, help="Adam learning rate (default 2e-3)")
     parser.add_argument("--num-samples", type=_positive,
                         help="draws per query for the sampling estimators (default 4)")

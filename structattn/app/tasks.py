@@ -204,6 +204,7 @@ class BibleTask(Seq2SeqTask):
     defaults = {"steps": 3000, "batch_size": 32, "max_length": 24, "vocab_size": 10000,
                 "target_vocab_size": 10000, "dropout": 0.3, "lexical_emission": True,
                 "contextual_emission": False, "stateful_emission": False,
+                "batch_vocabulary": True,
                 "dev_every": 250, "dev_size": 200, "eval_size": None, "beam_size": 3}
     quick = {"steps": 300, "max_length": 16, "dev_every": 100, "dev_size": 100,
              "eval_size": 200}
