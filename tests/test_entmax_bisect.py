@@ -132,12 +132,14 @@ def test_passes_stop_early_and_unproven_rows_continue_alone(monkeypatch):
         kernel = getattr(functional, name)
 
         def recording(*args, **options):
-            calls.append((name, args[0].shape[0]))
+            # _bisect_continue takes all of z and the indices of its rows.
+            rows = args[5] if name == "_bisect_continue" else args[0]
+            calls.append((name, rows.shape[0]))
             return kernel(*args, **options)
 
         return recording
 
-    for name in ("_bisect_fused", "_bisect_kernel"):
+    for name in ("_bisect_fused", "_bisect_continue"):
         monkeypatch.setattr(functional, name, recorder(name))
     scores = random_scores(256, 64, seed=10)
     entmax_bisect(scores, 1.7)
