@@ -87,14 +87,14 @@ _PLAIN_MIN_SLACK = 0.1
 # alpha 1.3 and on 95-99% at alpha 1.7; the others continue alone.  Rows of at most
 # _SHORT_ROW_KEYS keys count at half as many boundaries: there the counts cost as much as a
 # pass, and the few more rows left unproven cost less.
-# Rows left unproven continue, gathered, by this many precise passes and a probability pass
-# per call: from where the fused call leaves them, the first pass reaches the tolerance and
-# the second proves it (which the kernel itself must do for alpha > 2).
-_CONTINUATION_PASSES = 2
 _START_BINS = 16
 _START_BINS_SHORT_ROWS = 8
 _START_NEWTON_STEPS = 2
 _FUSED_PASSES = 1
+# Rows left unproven continue, gathered, by this many precise passes and a probability pass
+# per call: from where the fused call leaves them, the first pass reaches the tolerance and
+# the second proves it (which the kernel itself must do for alpha > 2).
+_CONTINUATION_PASSES = 2
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
