@@ -15,6 +15,12 @@ on ``fwd+bwd`` (the training cost); each entmax_bisect row says PASS or FAIL on 
     python benchmarks/simplex_maps.py            # full run
     python benchmarks/simplex_maps.py --quick    # a few repeats, for a smoke test
     python benchmarks/simplex_maps.py --no-entmax --alphas 1.3,1.7   # the issue-12 targets
+    python benchmarks/simplex_maps.py --breakdown   # entmax_bisect's compiled calls, one by one
+
+``--breakdown`` times each compiled call of entmax_bisect's forward and backward alone (the
+fused forward, its start, one root-finding pass, the probability pass, the call that
+continues the rows left unproven, both backward kernels) against softmax's forward, and
+counts the rows each alpha leaves to the continuation.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -75,6 +82,10 @@ def parse_args() -> argparse.Namespace:
         help="run our maps without torch.compile (STRUCTATTN_COMPILE=0 does the same)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument(
+        "--breakdown", action="store_true",
+        help="time entmax_bisect's compiled calls one by one instead of the maps",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="5 repeats and 1 warm-up call: a smoke test"
     )
@@ -145,6 +156,9 @@ def main() -> None:
     repeats, warmup = (5, 1) if args.quick else (args.repeats, args.warmup)
     shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
     alphas = [float(value) for value in args.alphas.split(",")]
+    if args.breakdown:
+        breakdown(shapes, alphas, repeats, warmup, args.scale)
+        return
     print(f"load average before: {os.getloadavg()[0]:.2f} (other processes slow every row)")
     print(
         f"torch {torch.__version__}, threads={args.threads}, compile={functional.COMPILE}, "
@@ -205,6 +219,78 @@ def main() -> None:
         f"fwd+bwd: {verdict['fwd+bwd']} (forward alone: {verdict['fwd']})"
     )
     print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+def interleaved_medians(
+    calls: dict[str, Callable[[], object]], repeats: int, warmup: int
+) -> dict[str, float]:
+    """Median ms of each call, the calls interleaved so that load hits all of them alike."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = CLOCK()
+            call()
+            times[name].append(CLOCK() - start)
+    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
+
+
+def breakdown(
+    shapes: list[tuple[int, int]], alphas: list[float], repeats: int, warmup: int, scale: float
+) -> None:
+    """entmax_bisect's compiled calls timed one by one, as multiples of softmax's forward."""
+    print("entmax_bisect's compiled calls alone, x softmax forward (same run):")
+    for rows, keys in shapes:
+        scores = torch.randn(rows, keys) * scale
+        cotangent = torch.randn(rows, keys)
+        slacks = {f"a={alpha:g}": torch.full((rows, 1), alpha - 1.0) for alpha in alphas}
+        slacks["a=learned"] = learned_alpha(rows).detach() - 1.0
+        for label, slack in slacks.items():
+            breakdown_row(scores, cotangent, slack.double(), label, repeats, warmup)
+
+
+def breakdown_row(
+    scores: torch.Tensor, cotangent: torch.Tensor, slack: torch.Tensor, label: str,
+    repeats: int, warmup: int,
+) -> None:
+    rows, keys = scores.shape
+    tolerance = torch.tensor(16 * torch.finfo(scores.dtype).eps, dtype=torch.float64)
+    short = keys <= functional._SHORT_ROW_KEYS
+    bins = functional._START_BINS_SHORT_ROWS if short else functional._START_BINS
+    probs, shift, state = functional._bisect_fused(scores, slack, tolerance, bins, 1)
+    lower, upper, tau, done = state
+    _, _, solved = functional._entmax_bisect_rows(scores, slack, 50, None)
+    calls: dict[str, Callable[[], object]] = {
+        "softmax": partial(torch.softmax, scores, -1),
+        "fused forward": partial(functional._bisect_fused, scores, slack, tolerance, bins, 1),
+        "start + probability pass": partial(
+            functional._bisect_fused, scores, slack, tolerance, bins, 0),
+        "one root-finding pass": partial(
+            functional._bisect_kernel, scores, shift, slack, lower, upper, tau, done,
+            tolerance, False),
+        "probability pass": partial(
+            functional._bisect_probs, scores, shift, slack, tau, done, tolerance),
+        "backward (scores)": partial(
+            functional._bisect_backward, scores, probs, shift, slack, solved, cotangent),
+        "backward (scores, alpha)": partial(
+            functional._bisect_backward_with_alpha, scores, probs, shift, slack, solved,
+            cotangent),
+    }
+    leftover = int((~done).sum())
+    if leftover:
+        calls["continuation"] = partial(
+            functional._bisect_continue, scores, shift, slack, state, tolerance,
+            functional._unproven_rows(done), functional._CONTINUATION_PASSES,
+            size_hint=scores.numel())
+    median = interleaved_medians(calls, repeats, warmup)
+    parts = ", ".join(
+        f"{name} {value / median['softmax']:.2f}"
+        for name, value in median.items() if name != "softmax"
+    )
+    print(f"{rows:>5}x{keys:<4} {label:<10} (softmax {median['softmax']:.3f} ms; "
+          f"{leftover} of {rows} rows continue): {parts}")
 
 
 def alpha_gradient_error(scores: torch.Tensor, cotangent: torch.Tensor) -> float:

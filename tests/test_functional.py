@@ -271,9 +271,9 @@ def test_entmax_bisect_honours_n_iter_and_stops_early(monkeypatch):
     calls = []
     kernel = functional._bisect_kernel
 
-    def counting(*args):
+    def counting(*args, **options):
         calls.append(1)
-        return kernel(*args)
+        return kernel(*args, **options)
 
     monkeypatch.setattr(functional, "_bisect_kernel", counting)
     scores = random_scores(10, 64, scale=3.0, seed=7)
