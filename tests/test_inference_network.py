@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from structattn.distributions import CategoricalAlignment, SparsemaxAlignment
 from structattn.infer import AlignmentTerms, ExactEstimator
@@ -179,3 +181,21 @@ def test_evidence_is_required_exactly_when_the_network_reads_it():
         InferenceNetwork(D, D, hidden=8, evidence=1)
     with pytest.raises(ValueError, match="evidence_init"):
         InferenceNetwork(D, D, hidden=8, evidence=True, evidence_init="one")
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), scale=st.sampled_from([1.0, 30.0, 100.0]),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_a_constant_per_query_in_the_evidence_changes_nothing(seed, scale, dtype):
+    # the evidence matters only through differences between keys: log p(y_t | k) and the
+    # posterior's log p(y_t | k) - log p(y_t) give the same guide
+    target, source, source_mask, target_mask = _inputs(seed)
+    net = InferenceNetwork(D, D, hidden=8, evidence=True).to(dtype)
+    target, source = target.to(dtype), source.to(dtype)
+    evidence = _evidence(seed, dtype) * scale / 4
+    shift = torch.randn(B, T, 1, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    base = net(target, source, source_mask, target_mask, evidence).attention
+    moved = net(target, source, source_mask, target_mask, evidence + scale * shift).attention
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-10
+    assert torch.allclose(base, moved, atol=tolerance)
+    assert torch.isfinite(base).all()

@@ -10,13 +10,16 @@ With ``evidence=True`` the guide also reads the model's own evidence: a table
 ``log p(y_t | z_t = k)`` of the emission at every source position, added to the bilinear scores
 with a learned weight.  Why: when the emission is a per-word translation table, the guide must
 otherwise learn lexical translation through its own embeddings while the emission is learning
-it too; an untrained guide then puts its mass on a source word present in most sentences, that
-word's emission becomes the target language's unigram distribution, the other words' emissions
-receive no gradient, and the model never leaves that fixed point (measured on the Bible task,
-see ``docs/tutorials/soft-vs-hard.md``).  The table enters as an input feature, detached: the
-emission is trained by ``E_q[log p(y | z)]`` with ``q`` held fixed, as in the E and M steps of
-EM, never pulled towards whatever makes the guide's feature sharper.  ``q`` is still an
-amortised guide: it has no access to the prior and its bilinear part stays learned.
+it too.  Measured on the Bible task (KJV -> RV1909, word emission): within 50 steps the
+evidence-free guide put 87% of the dev target words on the source word "and" (present in most
+verses), whose emission became the Spanish unigram distribution; the other words' emissions
+then receive almost no gradient, the prior follows the guide, and the model stays at that
+fixed point (posterior AER 0.999 after 500 steps; 0.73-0.88 over three seeds with the evidence,
+exact marginal likelihood 0.70-0.89).  The table enters as an input feature, detached: the
+emission is trained by ``E_q[log p(y | z)]`` with ``q`` held fixed, as in the M step of EM,
+never pulled towards whatever makes the guide's feature sharper.  ``q`` stays an amortised
+guide, not the exact posterior ``p(z | x, y)``: it does not read the prior, its bilinear part is
+learned, and the ELBO stays a bound with a gap.
 """
 
 from __future__ import annotations
