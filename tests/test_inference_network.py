@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from structattn.distributions import CategoricalAlignment, SparsemaxAlignment
 from structattn.infer import AlignmentTerms, ExactEstimator
@@ -105,3 +107,95 @@ def test_bad_inputs_raise_value_error():
         net(target, source[:2])
     with pytest.raises(ValueError, match="target"):
         InferenceNetwork(D, D, hidden=8, target_vocab=V)(target, source)
+
+
+# ---------------------------------------------------------------- the evidence feature
+
+
+def _evidence(seed=3, dtype=torch.float32):
+    return torch.randn(B, T, S, generator=torch.Generator().manual_seed(seed), dtype=dtype) * 4
+
+
+def test_evidence_enters_the_scores_with_its_learned_weight():
+    target, source, source_mask, target_mask = _inputs()
+    net = InferenceNetwork(D, D, hidden=8, evidence=True, evidence_init=0.7)
+    evidence = _evidence()
+    with torch.no_grad():
+        learned = net.scores(*net.encode(target, source, source_mask, target_mask))
+    expected = (learned + 0.7 * evidence).masked_fill(~source_mask[:, None, :], -torch.inf)
+    found = net(target, source, source_mask, target_mask, evidence).attention
+    assert torch.allclose(found, expected.softmax(-1), atol=1e-6)
+
+
+def test_evidence_is_an_input_without_gradient_while_its_weight_learns():
+    target, source, source_mask, target_mask = _inputs()
+    net = InferenceNetwork(D, D, hidden=8, evidence=True)
+    evidence = _evidence().requires_grad_()
+    q = net(target, source, source_mask, target_mask, evidence)
+    (q.attention * _evidence(seed=4)).sum().backward()
+    assert evidence.grad is None
+    assert net.evidence_weight.grad is not None and net.evidence_weight.grad.abs() > 0
+    assert net.bilinear.weight.grad.abs().sum() > 0
+
+
+def test_guide_with_evidence_has_exact_gradients_in_float64():
+    target, source, source_mask, target_mask = _inputs()
+    net = InferenceNetwork(D, D, hidden=8, evidence=True).double()
+    target, source = target.double(), source.double()
+    evidence = _evidence(dtype=torch.float64)
+    weights = _evidence(seed=5, dtype=torch.float64)
+
+    def elbo_like(weight, bilinear):
+        params = {"evidence_weight": weight, "bilinear.weight": bilinear}
+        q = torch.func.functional_call(net, params, (target, source, source_mask, target_mask,
+                                                     evidence))
+        return (q.attention * weights).sum(-1)
+
+    inputs = (net.evidence_weight.detach().clone().requires_grad_(),
+              net.bilinear.weight.detach().clone().requires_grad_())
+    assert torch.autograd.gradcheck(elbo_like, inputs)
+
+
+def test_an_impossible_emission_at_every_key_still_gives_a_distribution():
+    target, source, source_mask, target_mask = _inputs()
+    net = InferenceNetwork(D, D, hidden=8, evidence=True)
+    evidence = _evidence()
+    evidence[0, 1] = -torch.inf
+    evidence[1, 0, 0] = -torch.inf
+    attention = net(target, source, source_mask, target_mask, evidence).attention
+    assert torch.isfinite(attention).all()
+    assert torch.allclose(attention.sum(-1), torch.ones(B, T))
+    assert attention[1, 0, 0] == 0 and attention[1, 0, 1:3].sum() > 0.99
+
+
+def test_evidence_is_required_exactly_when_the_network_reads_it():
+    target, source, source_mask, target_mask = _inputs()
+    with pytest.raises(ValueError, match="evidence"):
+        InferenceNetwork(D, D, hidden=8)(target, source, source_mask, target_mask, _evidence())
+    reader = InferenceNetwork(D, D, hidden=8, evidence=True)
+    with pytest.raises(ValueError, match="evidence"):
+        reader(target, source, source_mask, target_mask)
+    with pytest.raises(ValueError, match="evidence"):
+        reader(target, source, source_mask, target_mask, _evidence()[:, :2])
+    with pytest.raises(ValueError, match="evidence"):
+        InferenceNetwork(D, D, hidden=8, evidence=1)
+    with pytest.raises(ValueError, match="evidence_init"):
+        InferenceNetwork(D, D, hidden=8, evidence=True, evidence_init="one")
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), scale=st.sampled_from([1.0, 30.0, 100.0]),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_a_constant_per_query_in_the_evidence_changes_nothing(seed, scale, dtype):
+    # the evidence matters only through differences between keys: log p(y_t | k) and the
+    # posterior's log p(y_t | k) - log p(y_t) give the same guide
+    target, source, source_mask, target_mask = _inputs(seed)
+    net = InferenceNetwork(D, D, hidden=8, evidence=True).to(dtype)
+    target, source = target.to(dtype), source.to(dtype)
+    evidence = _evidence(seed, dtype) * scale / 4
+    shift = torch.randn(B, T, 1, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    base = net(target, source, source_mask, target_mask, evidence).attention
+    moved = net(target, source, source_mask, target_mask, evidence + scale * shift).attention
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-10
+    assert torch.allclose(base, moved, atol=tolerance)
+    assert torch.isfinite(base).all()

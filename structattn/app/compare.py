@@ -61,6 +61,7 @@ _OBJECTIVES = {
     "marginal": "exact marginal NLL (alignment summed out)",
     "hard-score": "-E_p[log p(y|z)] (score function, leave-one-out baseline)",
     "variational-enum": "negative ELBO, exact expectation under q",
+    "variational-enum-plain": "negative ELBO, exact expectation under q (no evidence)",
     "variational-score": "negative ELBO, sampled (leave-one-out baseline)",
     "variational-st": "negative ELBO, straight-through Gumbel, analytic KL",
 }

@@ -297,14 +297,22 @@ class LatentMode(Seq2SeqMode):
         estimator: the estimator's name (``enum``, ``rloo``, ``st``, ...).
         exact: the estimator reads the full emission table (else a callable at alignments).
         variational: train with an inference network ``q(z | x, y)`` (the ELBO).
+        guide_evidence: the inference network also reads the emission table
+            ``log p(y_t | z_t = k)`` as a detached feature with a learned weight (see
+            :class:`~structattn.nn.InferenceNetwork`); needs ``exact``, which computes the
+            table anyway.
     """
 
     estimator: ClassVar[str] = "enum"
     exact: ClassVar[bool] = True
     variational: ClassVar[bool] = False
+    guide_evidence: ClassVar[bool] = False
 
     def __init__(self, options: ModeOptions) -> None:
         super().__init__(options)
+        if self.guide_evidence and not (self.variational and self.exact):
+            raise ValueError(f"guide_evidence: mode {type(self).__name__} must be variational "
+                             "and exact (the evidence is the emission table)")
         self.estimate = make_estimator(self.estimator, **self.estimator_options())
         self.inference = None
         if self.variational:
@@ -312,16 +320,23 @@ class LatentMode(Seq2SeqMode):
             self.inference = InferenceNetwork(
                 options.embed_dim, options.key_dim, hidden=options.hidden,
                 target_vocab=options.target_vocab_size, encode_source=False,
+                evidence=self.guide_evidence,
             )
 
     def estimator_options(self) -> dict[str, Any]:
         """Keyword arguments of the estimator."""
         return {}
 
-    def guide(self, model, pieces):
+    def guide(self, model, pieces, table: torch.Tensor | None = None):
+        """``q(z | x, y)``; ``table``: the emission table of ``pieces`` if already computed
+        (read as evidence by a guide with ``guide_evidence``)."""
         if self.inference is None:
             return super().guide(model, pieces)
-        return self.inference(pieces.targets, pieces.enc, pieces.source_mask, pieces.target_mask)
+        evidence = None
+        if self.guide_evidence:
+            evidence = model.emission_table(pieces) if table is None else table
+        return self.inference(pieces.targets, pieces.enc, pieces.source_mask, pieces.target_mask,
+                              evidence)
 
     def loss(self, model, pieces):
         prior = model.attention(pieces.states, pieces.enc, pieces.source_mask)
@@ -331,7 +346,8 @@ class LatentMode(Seq2SeqMode):
             log_likelihood = self.sampled_log_likelihood(model, pieces)
         terms = AlignmentTerms(prior=prior, log_likelihood=log_likelihood,
                                mask=pieces.target_mask)
-        guide = self.guide(model, pieces) if self.variational else None
+        table = log_likelihood if self.exact else None
+        guide = self.guide(model, pieces, table) if self.variational else None
         surrogate = self.estimate.loss(terms, guide)
         tokens = pieces.num_tokens()
         objective = torch.as_tensor(-self.estimate.stats["objective"])
@@ -401,9 +417,24 @@ class HardScoreMode(LatentMode):
 
 @register_mode("variational-enum")
 class VariationalEnumMode(LatentMode):
-    """An inference network ``q(z | x, y)`` and the exact ELBO."""
+    """An inference network ``q(z | x, y)`` and the exact ELBO.
+
+    The guide reads the model's emission table ``log p(y_t | z_t = k)`` as a detached feature
+    with a learned weight (``guide_evidence``): without it, the guide collapses onto a frequent
+    source word when the emission is a word translation table (see
+    :class:`~structattn.nn.InferenceNetwork`).
+    """
 
     variational = True
+    guide_evidence = True
+
+
+@register_mode("variational-enum-plain")
+class PlainVariationalEnumMode(VariationalEnumMode):
+    """``variational-enum`` with the guide of Deng et al. 2018 alone: bilinear scores of the
+    target bi-GRU against the source states, no emission evidence."""
+
+    guide_evidence = False
 
 
 @register_mode("variational-score")

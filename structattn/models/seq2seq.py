@@ -70,7 +70,9 @@ class Seq2Seq(nn.Module):
       summed out).
     - ``hard-score``: hard attention sampled from the prior, score function with the
       leave-one-out baseline (``num_samples`` draws), maximising ``E_p[log p(y | z)]``.
-    - ``variational-enum``: an inference network ``q(z | x, y)`` and the exact ELBO.
+    - ``variational-enum``: an inference network ``q(z | x, y)`` that also reads the
+      emission's evidence, and the exact ELBO.
+    - ``variational-enum-plain``: the same with the guide of Deng et al. alone (no evidence).
     - ``variational-score``: the same ELBO, sampled, with the leave-one-out baseline.
     - ``variational-st``: the same ELBO, straight-through Gumbel-softmax, analytic KL.
     - ``monotonic``: hard monotonic attention (Wu & Cotterell 2019), exact ``log p(y | x)``

@@ -5,6 +5,21 @@ reads the target with a bidirectional GRU and scores every source position bilin
 its (optionally bi-GRU re-encoded) source states, as in Deng et al. 2018, "Latent Alignment and
 Variational Attention".  Its output is an alignment distribution with the prior's batch shape
 ``(batch, queries)``, ready for the estimators of :mod:`structattn.infer`.
+
+With ``evidence=True`` the guide also reads the model's own evidence: a table
+``log p(y_t | z_t = k)`` of the emission at every source position, added to the bilinear scores
+with a learned weight.  Why: when the emission is a per-word translation table, the guide must
+otherwise learn lexical translation through its own embeddings while the emission is learning
+it too.  Measured on the Bible task (KJV -> RV1909, word emission): within 50 steps the
+evidence-free guide put 87% of the dev target words on the source word "and" (present in most
+verses), whose emission became the Spanish unigram distribution; the other words' emissions
+then receive almost no gradient, the prior follows the guide, and the model stays at that
+fixed point (posterior AER 0.999 after 500 steps; 0.73-0.88 over three seeds with the evidence,
+exact marginal likelihood 0.70-0.89).  The table enters as an input feature, detached: the
+emission is trained by ``E_q[log p(y | z)]`` with ``q`` held fixed, as in the M step of EM,
+never pulled towards whatever makes the guide's feature sharper.  ``q`` stays an amortised
+guide, not the exact posterior ``p(z | x, y)``: it does not read the prior, its bilinear part is
+learned, and the ELBO stays a bound with a gap.
 """
 
 from __future__ import annotations
@@ -34,6 +49,10 @@ class InferenceNetwork(nn.Module):
         source_vocab: if given, ``source`` holds token ids ``(batch, keys)`` embedded here.
         encode_source: run a bi-GRU over the source (else score raw source vectors).
         normalizer: a registered normalizer name or a :class:`~structattn.nn.Normalizer`.
+        evidence: read an evidence table ``(batch, queries, keys)`` (``forward``'s
+            ``evidence``), e.g. the emission's ``log p(y_t | z_t = k)``, added detached to the
+            scores with a learned weight ``evidence_weight`` (initially ``evidence_init``).
+        evidence_init: the initial weight of the evidence.
 
     Shapes: ``target (batch, queries, target_dim)`` or ids ``(batch, queries)``;
     ``source (batch, keys, source_dim)`` or ids ``(batch, keys)``; masks boolean
@@ -49,8 +68,14 @@ class InferenceNetwork(nn.Module):
         source_vocab: int | None = None,
         encode_source: bool = True,
         normalizer: str | Normalizer = "softmax",
+        evidence: bool = False,
+        evidence_init: float = 1.0,
     ) -> None:
         super().__init__()
+        if not isinstance(evidence, bool):
+            raise ValueError(f"evidence must be a bool, got {evidence!r}")
+        if isinstance(evidence_init, bool) or not isinstance(evidence_init, (int, float)):
+            raise ValueError(f"evidence_init must be a real number, got {evidence_init!r}")
         for name, value in (("target_dim", target_dim), ("source_dim", source_dim),
                             ("hidden", hidden)):
             if not isinstance(value, int) or value < 1:
@@ -66,6 +91,9 @@ class InferenceNetwork(nn.Module):
         key_dim = hidden if encode_source else source_dim
         self.bilinear = nn.Linear(hidden, key_dim, bias=False)
         self.normalizer = make_normalizer(normalizer)
+        self.uses_evidence = evidence
+        self.evidence_weight = (nn.Parameter(torch.tensor(float(evidence_init))) if evidence
+                                else None)
 
     def _inputs(self, tensor: torch.Tensor, embed: nn.Module | None, name: str) -> torch.Tensor:
         if embed is not None:
@@ -104,15 +132,45 @@ class InferenceNetwork(nn.Module):
         """Bilinear scores ``(batch, queries, keys)``."""
         return torch.matmul(self.bilinear(target_states), source_states.transpose(-1, -2))
 
+    def _evidence_scores(self, evidence: torch.Tensor | None,
+                         scores: torch.Tensor) -> torch.Tensor | None:
+        """``evidence_weight * sg[evidence]``, checked against ``scores (batch, queries, keys)``."""
+        if self.evidence_weight is None:
+            if evidence is not None:
+                raise ValueError("evidence: this InferenceNetwork was built with "
+                                 "evidence=False and reads no evidence table")
+            return None
+        if evidence is None:
+            raise ValueError("evidence: this InferenceNetwork was built with evidence=True and "
+                             "needs an evidence table (batch, queries, keys)")
+        if (not isinstance(evidence, torch.Tensor) or not evidence.is_floating_point()
+                or evidence.shape != scores.shape):
+            shape = tuple(evidence.shape) if isinstance(evidence, torch.Tensor) else evidence
+            raise ValueError(f"evidence must be a float tensor shaped like the scores "
+                             f"{tuple(scores.shape)}, got {shape}")
+        # an impossible emission (-inf) becomes a very low finite score, so that a query whose
+        # every key is impossible still gets a distribution (and 0 * -inf never appears)
+        floor = -1e4
+        feature = evidence.detach().nan_to_num(nan=0.0, neginf=floor).clamp_min(floor)
+        return self.evidence_weight.to(scores.dtype) * feature
+
     def forward(
         self,
         target: torch.Tensor,
         source: torch.Tensor,
         source_mask: torch.Tensor | None = None,
         target_mask: torch.Tensor | None = None,
+        evidence: torch.Tensor | None = None,
     ):
-        """The guide's alignment distribution, batch shape ``(batch, queries)``."""
+        """The guide's alignment distribution, batch shape ``(batch, queries)``.
+
+        ``evidence``: ``(batch, queries, keys)``, required exactly when the network was built
+        with ``evidence=True`` (see the class docstring); it receives no gradient.
+        """
         target_states, source_states = self.encode(target, source, source_mask, target_mask)
         scores = self.scores(target_states, source_states)
+        extra = self._evidence_scores(evidence, scores)
+        if extra is not None:
+            scores = scores + extra
         mask = None if source_mask is None else source_mask.unsqueeze(-2)
         return self.normalizer(scores, mask)
