@@ -199,3 +199,19 @@ def test_a_constant_per_query_in_the_evidence_changes_nothing(seed, scale, dtype
     tolerance = 1e-4 if dtype == torch.float32 else 1e-10
     assert torch.allclose(base, moved, atol=tolerance)
     assert torch.isfinite(base).all()
+
+
+def test_a_guide_saved_without_evidence_loads_into_one_with_evidence_and_gives_the_same_q():
+    """Checkpoints of variational-enum written before the evidence existed must still load,
+    and give the guide they were trained with (evidence weight 0)."""
+    torch.manual_seed(0)
+    plain = InferenceNetwork(8, 6, hidden=8, target_vocab=11, encode_source=False)
+    with_evidence = InferenceNetwork(8, 6, hidden=8, target_vocab=11, encode_source=False,
+                                     evidence=True)
+    with_evidence.load_state_dict(plain.state_dict())
+    assert float(with_evidence.evidence_weight.detach()) == 0.0
+    target = torch.randint(1, 11, (2, 4))
+    source = torch.randn(2, 5, 6)
+    evidence = torch.randn(2, 4, 5)
+    torch.testing.assert_close(with_evidence(target, source, evidence=evidence).probs,
+                               plain(target, source).probs)

@@ -95,6 +95,14 @@ class InferenceNetwork(nn.Module):
         self.evidence_weight = (nn.Parameter(torch.tensor(float(evidence_init))) if evidence
                                 else None)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A guide saved without evidence (before the option existed, or evidence=False) read
+        # none: loaded into one with evidence it gets weight 0, which gives the same q.
+        key = prefix + "evidence_weight"
+        if self.evidence_weight is not None and key not in state_dict:
+            state_dict[key] = torch.zeros_like(self.evidence_weight)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _inputs(self, tensor: torch.Tensor, embed: nn.Module | None, name: str) -> torch.Tensor:
         if embed is not None:
             if tensor.dim() != 2 or tensor.is_floating_point():
