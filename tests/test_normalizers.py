@@ -75,7 +75,7 @@ def test_the_readout_modes_are_soft_sample_argmax_and_enum():
 
 def test_the_registry_holds_every_built_in_and_the_user_normalizer():
     for name in ("softmax", "sparsemax", "entmax15", "entmax", "relaxed", "segmentation",
-                 "tree", "monotonic", "test-sharpened-softmax"):
+                 "tree", "monotonic", "jump", "test-sharpened-softmax"):
         assert name in NORMALIZERS
         assert isinstance(make_normalizer(name), Normalizer)
     with pytest.raises(ValueError, match="normalizer"):
@@ -336,7 +336,7 @@ def test_segmentation_skips_masked_keys_inside_the_sequence_with_zero_gradient()
     assert torch.allclose(dist.marginals.detach()[0:1, :, [0, 2, 3, 5]], compact.marginals)
 
 
-@pytest.mark.parametrize("name", ["segmentation", "tree", "monotonic"])
+@pytest.mark.parametrize("name", ["segmentation", "tree", "monotonic", "jump"])
 def test_structured_normalizers_give_pyro_sample_sites(name):
     import pyro
     from pyro import poutine
