@@ -123,28 +123,3 @@ def test_gradcheck_with_mask_and_a_tensor_alpha_through_the_fused_backward():
     probs = entmax_bisect(scores, alpha, mask=mask)
     (grad_z,) = torch.autograd.grad(probs, scores, torch.ones_like(probs), retain_graph=True)
     assert bool((grad_z[~mask] == 0).all())
-
-
-def test_passes_stop_early_and_unproven_rows_continue_alone(monkeypatch):
-    calls = []
-
-    def recorder(name):
-        kernel = getattr(functional, name)
-
-        def recording(*args, **options):
-            # _bisect_continue takes all of z and the indices of its rows.
-            rows = args[5] if name == "_bisect_continue" else args[0]
-            calls.append((name, rows.shape[0]))
-            return kernel(*args, **options)
-
-        return recording
-
-    for name in ("_bisect_fused", "_bisect_continue"):
-        monkeypatch.setattr(functional, name, recorder(name))
-    scores = random_scores(256, 64, seed=10)
-    entmax_bisect(scores, 1.7)
-    # One fused call on every row first; rows its probability pass could not prove continue
-    # in smaller calls.
-    assert calls[0] == ("_bisect_fused", 256)
-    assert 2 <= len(calls) <= 8
-    assert all(rows < 256 for _, rows in calls[1:])

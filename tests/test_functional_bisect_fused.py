@@ -139,6 +139,16 @@ def test_rows_the_fused_call_leaves_unproven_continue_to_the_same_answer(dtype, 
     torch.testing.assert_close(continued, expected, atol=8 * eps, rtol=0)
 
 
+def test_passes_stop_early_and_unproven_rows_continue_alone(monkeypatch):
+    calls = record_calls(monkeypatch, "_bisect_fused", "_bisect_continue")
+    entmax_bisect(random_scores(256, 64, seed=10), 1.7)
+    # One fused call on every row first; rows its probability pass could not prove continue
+    # in smaller calls.
+    assert calls[0] == ("_bisect_fused", 256)
+    assert 2 <= len(calls) <= 8
+    assert all(rows < 256 for _, rows in calls[1:])
+
+
 def test_alphas_outside_the_fused_range_or_a_tolerance_take_the_general_path(monkeypatch):
     calls = record_calls(monkeypatch, "_bisect_fused")
     scores = random_scores(8, 30, seed=6)

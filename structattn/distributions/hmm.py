@@ -37,6 +37,7 @@ from .structured import check_lengths, check_potentials, resolve_validation
 
 __all__ = [
     "HMMAlignment",
+    "check_jump_scores",
     "hmm_log_transitions",
     "jump_buckets",
     "move_log_probabilities",
@@ -59,6 +60,16 @@ def jump_buckets(num_sources: int, max_jump: int, device=None) -> torch.Tensor:
     start = (positions + 1).unsqueeze(0)
     jumps = torch.cat([jumps, start], 0)
     return jumps.clamp(-max_jump, max_jump) + max_jump
+
+
+def check_jump_scores(jump_scores: torch.Tensor, validate: bool) -> int:
+    """Check ``(*batch, 2 * max_jump + 1)`` jump scores; returns the number of buckets."""
+    check_potentials(jump_scores, "jump_scores", 1, validate)
+    buckets = jump_scores.shape[-1]
+    if buckets % 2 == 0:
+        raise ValueError(
+            f"jump_scores must end in 2 * max_jump + 1 buckets (odd), got {buckets}")
+    return buckets
 
 
 def _log_probability(value: float | torch.Tensor, like: torch.Tensor, name: str):
@@ -356,13 +367,8 @@ class HMMAlignment(LinearChainCRF):
         validate_args: bool | None = None,
     ) -> None:
         validate = resolve_validation(validate_args)
-        check_potentials(jump_scores, "jump_scores", 1, validate)
+        num_buckets = check_jump_scores(jump_scores, validate)
         check_potentials(emission_log_likelihoods, "emission_log_likelihoods", 2, validate)
-        num_buckets = jump_scores.shape[-1]
-        if num_buckets % 2 == 0:
-            raise ValueError(
-                f"jump_scores must end in 2 * max_jump + 1 buckets (odd), got {num_buckets}"
-            )
         has_null = null_probability is not None
         if has_null:
             _log_probability(null_probability, jump_scores, "null_probability")

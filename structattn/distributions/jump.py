@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch.distributions import constraints
 
-from .hmm import jump_buckets
+from .hmm import check_jump_scores, jump_buckets
 from .monotonic import MonotonicAlignment
 from .structured import check_potentials, resolve_validation
 
@@ -67,12 +67,8 @@ class JumpAlignment(MonotonicAlignment):
         validate_args: bool | None = None,
     ) -> None:
         validate = resolve_validation(validate_args)
-        check_potentials(jump_scores, "jump_scores", 1, validate)
+        buckets = check_jump_scores(jump_scores, validate)
         check_potentials(alignment_logits, "alignment_logits", 2, validate)
-        buckets = jump_scores.shape[-1]
-        if buckets % 2 == 0:
-            raise ValueError(
-                f"jump_scores must end in 2 * max_jump + 1 buckets (odd), got {buckets}")
         batch = alignment_logits.shape[:-2]
         try:
             self.jump_scores = jump_scores.expand(batch + (buckets,))
