@@ -202,14 +202,17 @@ def test_pooled_cells_match_the_per_seed_counts():
 def test_bible_comparison_scores_modes_and_baselines_on_the_same_verses(tmp_path, capsys):
     if not _bible_installed():
         pytest.skip("the SWORD Bible modules are not installed")
+    # the task's emission (word, batch vocabulary) and its extra chain mode
     config = ExperimentConfig(task="bible", steps=2, batch_size=4, hidden=8, embed_dim=4,
                               max_train=40, max_length=15, vocab_size=200, eval_size=6,
-                              dev_size=4, dev_every=2, beam_size=1)
-    results = compare_modes(config, ["soft", "marginal"], tmp_path, progress=False,
-                            resamples=100)
+                              dev_size=4, dev_every=2, beam_size=2, lexical_emission=True,
+                              contextual_emission=False, stateful_emission=False,
+                              batch_vocabulary=True)
+    modes = ["soft", "marginal", "neural-hmm"]
+    results = compare_modes(config, modes, tmp_path, progress=False, resamples=100)
     printed = capsys.readouterr().out
     assert "baseline: diagonal" in printed
-    for mode in ("soft", "marginal"):
+    for mode in modes:
         for reading in ("prior_argmax", "posterior_map", "posterior_marginals"):
             for kind in ("aer", "precision", "recall"):
                 cell = results["table"][mode][f"{kind}_{reading}"]
