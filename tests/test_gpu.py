@@ -91,15 +91,21 @@ class _Pair:
         self.source, self.target = tuple(source), tuple(target)
 
 
+#: the Bible task's emission: a word translation table, trained over the batch's words
+WORD_EMISSION = {"lexical_emission": True, "contextual_emission": False,
+                 "stateful_emission": False, "batch_vocabulary": True}
+
+
+@pytest.mark.parametrize("emission", [{}, WORD_EMISSION], ids=["contextual", "word"])
 @pytest.mark.parametrize("mode", MODES)
-def test_seq2seq_trains_on_cuda_under_bf16_autocast(mode):
+def test_seq2seq_trains_on_cuda_under_bf16_autocast(mode, emission):
     examples = [_Pair("abc", "xyz"), _Pair("ba", "yx"), _Pair("cab", "zxy"), _Pair("a", "x")]
     source_vocab = Vocab.build([e.source for e in examples])
     target_vocab = Vocab.build([e.target for e in examples])
     batch = collate_seq2seq(examples, source_vocab, target_vocab).to("cuda")
     torch.manual_seed(0)
     model = Seq2Seq(len(source_vocab), len(target_vocab), mode=mode, embed_dim=8,
-                    hidden=16).cuda()
+                    hidden=16, **emission).cuda()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(3):
         with torch.autocast("cuda", dtype=torch.bfloat16):
