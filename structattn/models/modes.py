@@ -210,9 +210,11 @@ class Seq2SeqMode(nn.Module, abc.ABC):
         return memory
 
 
-def _hard_reading(model, pieces: Pieces, prior) -> dict[str, torch.Tensor]:
-    """Prior weights and the exact posterior of the hard-attention reading of the model."""
-    table = model.emission_table(pieces)
+def _hard_reading(model, pieces: Pieces, prior,
+                  table: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Prior weights and the exact posterior of the hard-attention reading of the model
+    (``table``: the emission table, when the caller has it already)."""
+    table = model.emission_table(pieces) if table is None else table
     weights = prior.attention
     dense = CategoricalAlignment(probs=weights.clamp_min(0), validate_args=False)
     post = posterior(dense, table)
@@ -378,9 +380,10 @@ class LatentMode(Seq2SeqMode):
 
     def alignments(self, model, pieces):
         prior = model.attention(pieces.states, pieces.enc, pieces.source_mask)
-        found = _hard_reading(model, pieces, prior)
+        table = model.emission_table(pieces)
+        found = _hard_reading(model, pieces, prior, table)
         if self.variational:
-            found["guide"] = self.guide(model, pieces).attention
+            found["guide"] = self.guide(model, pieces, table).attention
         return found
 
     def start_decoding(self, model, enc, source_mask):
