@@ -242,6 +242,19 @@ def test_emission_options_reach_the_model_from_the_task_options():
         assert model.batch_vocabulary is word_only
 
 
+def test_options_an_architecture_does_not_read_are_named_not_dropped_silently():
+    from structattn.app.architectures import get_architecture
+
+    word = {"lexical_emission": True, "contextual_emission": False,
+            "stateful_emission": False, "batch_vocabulary": True}
+    config = ExperimentConfig.from_options({**get_task("bible").options({}), "task": "bible",
+                                            "mode": "soft", "arch": "transformer"})
+    assert set(get_architecture("transformer").ignored_options(config)) == set(word)
+    assert get_architecture("rnn").ignored_options(config) == ()
+    plain = ExperimentConfig(task="g2p", arch="transformer")
+    assert get_architecture("transformer").ignored_options(plain) == ()
+
+
 def test_transformer_comparison_reports_sparsity_and_learned_alphas(tmp_path, capsys):
     config = ExperimentConfig(task="g2p", arch="transformer", steps=2, batch_size=4, hidden=16,
                               max_train=40, eval_size=6, dev_size=4, dev_every=2, beam_size=1)

@@ -44,6 +44,18 @@ class Architecture(abc.ABC):
         """Facts about a trained model on one batch, for the results (default: none)."""
         return {}
 
+    #: run options this architecture's models do not read (the comparison says so)
+    unread_options: tuple[str, ...] = ()
+
+    def ignored_options(self, config: ExperimentConfig) -> tuple[str, ...]:
+        """The options in :attr:`unread_options` that ``config`` sets away from their
+        defaults: settings the run would otherwise silently drop."""
+        from dataclasses import fields
+
+        defaults = {field.name: field.default for field in fields(config)}
+        return tuple(name for name in self.unread_options
+                     if getattr(config, name) != defaults[name])
+
 
 ARCHITECTURES: dict[str, Architecture] = {}
 
@@ -96,6 +108,9 @@ class TransformerArchitecture(Architecture):
 
     description = ("pre-norm Transformer (d_model = --hidden, 4 heads, 2 encoder and 2 decoder "
                    "layers) whose last cross-attention is the latent alignment")
+    # its output layer is its own: the RNN's emission options do not apply
+    unread_options = ("lexical_emission", "contextual_emission", "stateful_emission",
+                      "batch_vocabulary")
 
     def modes(self) -> tuple[str, ...]:
         from structattn.models.transformer import TRANSFORMER_MODES

@@ -198,6 +198,10 @@ def compare_modes(
           f"test {len(data.test)} ({len(examples)} evaluated); vocab {len(data.source_vocab)} "
           f"-> {len(data.target_vocab)}; {base.steps} steps x {seeds} seed(s) per mode; "
           f"dev every {base.dev_every} steps")
+    ignored = get_architecture(base.arch).ignored_options(base)
+    if ignored:
+        print(f"note: arch {base.arch!r} does not read {', '.join(ignored)} (set by the task's "
+              "defaults or the command line); its models run without them")
     runs: list[Run] = []
     for number, mode in enumerate(modes, start=1):
         print(f"mode {number}/{len(modes)}: {mode} (minimises {objective_name(mode)})",
@@ -301,6 +305,7 @@ def _results(base: ExperimentConfig, task: Seq2SeqTask, data: TaskData,
         "modes": modes,
         "reference_mode": reference,
         "config": asdict(base),
+        "ignored_options": list(get_architecture(base.arch).ignored_options(base)),
         "seeds": [base.seed + k for k in range(seeds)],
         "data": {**data.sizes, "source_vocab": len(data.source_vocab),
                  "target_vocab": len(data.target_vocab),
