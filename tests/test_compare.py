@@ -307,3 +307,16 @@ def test_alignment_figure_draws_colorbars_and_reference_links(tmp_path):
     assert len(axes) == 4  # two panels, two colorbars
     assert sum(len(ax.patches) for ax in axes) == 4  # the two links in each panel
     assert (tmp_path / "x.png").stat().st_size > 1000
+
+
+def test_every_mode_of_every_architecture_names_its_own_objective():
+    """Results tables name what each mode minimised: a mode class that declares nothing would
+    fall back to a generic label, and two different objectives would share it."""
+    from structattn.app.architectures import ARCHITECTURES
+    from structattn.app.compare import objective_name
+
+    for arch in ARCHITECTURES.values():
+        for mode in arch.modes():
+            assert not objective_name(mode).startswith("training loss of mode"), mode
+    assert objective_name("neural-hmm") != objective_name("monotonic")
+    assert objective_name("variational-enum") != objective_name("variational-enum-plain")

@@ -52,21 +52,6 @@ __all__ = ["RESULTS_FORMAT", "Run", "compare_modes", "format_report", "format_ro
 RESULTS_FORMAT = "structattn.compare"
 SIGNIFICANCE = 0.05
 
-# What each built-in mode minimises (per target token); a mode missing here is named by its
-# description.  Kept beside the results so no column mixes different objectives.
-_OBJECTIVES = {
-    "soft": "soft-attention NLL",
-    "sparsemax": "sparsemax-attention NLL",
-    "entmax15": "entmax15-attention NLL",
-    "marginal": "exact marginal NLL (alignment summed out)",
-    "hard-score": "-E_p[log p(y|z)] (score function, leave-one-out baseline)",
-    "variational-enum": "negative ELBO, exact expectation under q",
-    "variational-enum-plain": "negative ELBO, exact expectation under q (no evidence)",
-    "variational-score": "negative ELBO, sampled (leave-one-out baseline)",
-    "variational-st": "negative ELBO, straight-through Gumbel, analytic KL",
-}
-
-
 def mode_descriptions() -> dict[str, str]:
     """Mode name -> one-line description, read from the mode registry or ``Seq2Seq``'s docstring."""
     from structattn.models import seq2seq
@@ -89,12 +74,17 @@ def mode_descriptions() -> dict[str, str]:
 
 
 def objective_name(mode: str) -> str:
-    """What ``mode`` minimises during training, per target token (a mode class may name it
-    in its ``objective`` attribute)."""
+    """What ``mode`` minimises during training, per target token: the ``objective`` its mode
+    class declares (RNN modes first, then Transformer-only ones), so no column of the results
+    mixes different objectives."""
     from structattn.models.modes import SEQ2SEQ_MODES
+    from structattn.models.transformer import TRANSFORMER_MODES
 
-    declared = getattr(SEQ2SEQ_MODES.get(mode), "objective", "")
-    return declared or _OBJECTIVES.get(mode) or f"training loss of mode {mode!r}"
+    for registry in (SEQ2SEQ_MODES, TRANSFORMER_MODES):
+        declared = getattr(registry.get(mode), "objective", "")
+        if declared:
+            return declared
+    return f"training loss of mode {mode!r}"
 
 
 @dataclass

@@ -225,6 +225,8 @@ def _hard_reading(model, pieces: Pieces, prior,
 class SoftMode(Seq2SeqMode):
     """Soft attention: ``log p(y | x, c = attention @ enc)`` with the class's normalizer."""
 
+    objective = "soft-attention NLL"
+
     def loss(self, model, pieces):
         total = -self.token_log_likelihood(model, pieces).sum()
         tokens = pieces.num_tokens()
@@ -254,12 +256,16 @@ class SoftmaxMode(SoftMode):
 class SparsemaxMode(SoftMode):
     """Soft attention with sparsemax weights (Martins & Astudillo 2016)."""
 
+    objective = "sparsemax-attention NLL"
+
     normalizer = "sparsemax"
 
 
 @register_mode("entmax15")
 class Entmax15Mode(SoftMode):
     """Soft attention with 1.5-entmax weights (Peters et al. 2019)."""
+
+    objective = "entmax15-attention NLL"
 
     normalizer = "entmax15"
 
@@ -270,6 +276,8 @@ class SegmentationMode(SoftMode):
     source selects positions; the context is the selection marginals rescaled to sum to
     ``lambda = 2``, and the model trains end to end through forward-backward."""
 
+    objective = "segmentation-attention NLL (structured, through the marginals)"
+
     normalizer = "segmentation"
 
 
@@ -279,6 +287,8 @@ class TreeSourceMode(SoftMode):
     2017): every source word reads its expected parent under a latent non-projective
     dependency tree over the source, ``enc'_i = tanh(W [enc_i; sum_j p(head(i) = j) enc_j])``.
     """
+
+    objective = "soft-attention NLL over tree-enriched source states"
 
     def __init__(self, options: ModeOptions) -> None:
         super().__init__(options)
@@ -405,11 +415,15 @@ class LatentMode(Seq2SeqMode):
 class MarginalMode(LatentMode):
     """Hard attention trained by the exact marginal likelihood (alignments summed out)."""
 
+    objective = "exact marginal NLL (alignment summed out)"
+
 
 @register_mode("hard-score")
 class HardScoreMode(LatentMode):
     """Hard attention sampled from the prior, score function with the leave-one-out
     baseline, maximising ``E_p[log p(y | z)]``."""
+
+    objective = "-E_p[log p(y|z)] (score function, leave-one-out baseline)"
 
     estimator = "rloo"
     exact = False
@@ -428,6 +442,8 @@ class VariationalEnumMode(LatentMode):
     :class:`~structattn.nn.InferenceNetwork`).
     """
 
+    objective = "negative ELBO, exact expectation under q"
+
     variational = True
     guide_evidence = True
 
@@ -437,6 +453,8 @@ class PlainVariationalEnumMode(VariationalEnumMode):
     """``variational-enum`` with the guide of Deng et al. 2018 alone: bilinear scores of the
     target bi-GRU against the source states, no emission evidence."""
 
+    objective = "negative ELBO, exact expectation under q (no evidence)"
+
     guide_evidence = False
 
 
@@ -444,12 +462,16 @@ class PlainVariationalEnumMode(VariationalEnumMode):
 class VariationalScoreMode(HardScoreMode):
     """The ELBO, sampled from ``q``, with the leave-one-out baseline."""
 
+    objective = "negative ELBO, sampled (leave-one-out baseline)"
+
     variational = True
 
 
 @register_mode("variational-st")
 class VariationalStraightThroughMode(LatentMode):
     """The ELBO with straight-through Gumbel-softmax samples and the analytic KL."""
+
+    objective = "negative ELBO, straight-through Gumbel, analytic KL"
 
     estimator = "st"
     exact = False

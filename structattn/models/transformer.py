@@ -135,6 +135,8 @@ class LearnedEntmaxTransformerMode(SoftTransformerMode):
     """Adaptively sparse (Correia et al. 2019): one learned alpha per head, and one for the
     alignment."""
 
+    objective = "entmax-attention NLL (alpha learned per head)"
+
     layer_normalizer = "entmax-heads"
     alignment_normalizer = "entmax-heads"
     alignment_kwargs = {"num_heads": 1}
