@@ -39,7 +39,7 @@ def _bible_setup(modes: list[str], args: argparse.Namespace, repeats: int):
     from structattn.app.tasks import get_task
 
     task = get_task("bible")
-    options = task.options({"batch_size": args.batch_size if args.batch_size_given else None})
+    options = task.options({"batch_size": args.batch_size})
     config = ExperimentConfig.from_options({**options, "task": "bible", "mode": modes[0]})
     data = task.load(config)
     generator = torch.Generator().manual_seed(0)
@@ -72,9 +72,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help="10 repeats, 2 warm-up steps")
     args = parser.parse_args()
-    args.batch_size_given = args.batch_size is not None
-    if args.batch_size is None:
-        args.batch_size = 64
     if args.quick:
         args.repeats, args.warmup = 10, 2
     torch.set_num_threads(args.threads)
@@ -90,7 +87,8 @@ def main() -> None:
         splits = load_g2p(max_train=5000)
         source_vocab = Vocab.build([e.source for e in splits.train])
         target_vocab = Vocab.build([e.target for e in splits.train])
-        batch = collate_seq2seq(splits.train[: args.batch_size], source_vocab, target_vocab)
+        batch = collate_seq2seq(splits.train[: args.batch_size or 64], source_vocab,
+                                target_vocab)
         batches = [batch.to(args.device)] * total
         models = {}
         for mode in modes:
