@@ -22,3 +22,24 @@ def _fresh_pyro_state():
     pyro.set_rng_seed(0)
     yield
     pyro.enable_validation(True)
+
+
+@pytest.fixture
+def route_entmax_to_triton(monkeypatch):
+    """``route(devices) -> calls``: send ``entmax_bisect`` on those device types through the
+    fused Triton kernel and record the shape of each kernel call in ``calls``."""
+    def route(devices: tuple[str, ...]) -> list:
+        from structattn import _triton_entmax, functional
+
+        monkeypatch.setattr(functional, "TRITON_DEVICES", devices)
+        calls = []
+        original = _triton_entmax.TritonEntmaxBisectFunction.apply
+
+        def counting(*args):
+            calls.append(args[0].shape)
+            return original(*args)
+
+        monkeypatch.setattr(_triton_entmax.TritonEntmaxBisectFunction, "apply", counting)
+        return calls
+
+    return route

@@ -55,18 +55,9 @@ def test_interpreter_tests_in_fresh_process():
 
 
 @pytest.fixture
-def triton_on_cpu(monkeypatch):
+def triton_on_cpu(route_entmax_to_triton):
     """Route CPU float32 inputs of ``entmax_bisect`` through the kernel, counting calls."""
-    monkeypatch.setattr(F, "TRITON_DEVICES", ("cuda", "cpu"))
-    calls = []
-    original = T.TritonEntmaxBisectFunction.apply
-
-    def counting(*args):
-        calls.append(args[0].shape)
-        return original(*args)
-
-    monkeypatch.setattr(T.TritonEntmaxBisectFunction, "apply", counting)
-    return calls
+    return route_entmax_to_triton(("cuda", "cpu"))
 
 
 def _scores_and_mask(rows: int, keys: int, scale: float, seed: int):

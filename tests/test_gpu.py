@@ -37,21 +37,12 @@ def test_simplex_maps_accept_bf16_on_cuda(fn):
 
 
 @pytest.mark.parametrize("keys", [33, 700, 4096])
-def test_entmax_bisect_triton_kernel_matches_cpu_path(monkeypatch, keys):
+def test_entmax_bisect_triton_kernel_matches_cpu_path(monkeypatch, route_entmax_to_triton,
+                                                      keys):
     """float32 on CUDA takes the fused Triton kernel; probabilities and both gradients
     agree with the float64 general path on CPU (per-row alpha 1-2.5 with softmax rows)."""
     pytest.importorskip("triton")
-    from structattn import _triton_entmax
-
-    calls = []
-    original = _triton_entmax.TritonEntmaxBisectFunction.apply
-
-    def counting(*args):
-        calls.append(args[0].shape)
-        return original(*args)
-
-    monkeypatch.setattr(_triton_entmax.TritonEntmaxBisectFunction, "apply", counting)
-    monkeypatch.setattr(sa.functional, "TRITON_DEVICES", ("cuda",))  # opt-in by default
+    calls = route_entmax_to_triton(("cuda",))  # opt-in by default
     gen = torch.Generator().manual_seed(keys)
     scores = torch.randn(64, keys, generator=gen) * 3
     mask = torch.rand(64, keys, generator=gen) > 0.2

@@ -294,17 +294,14 @@ def test_modes_are_a_registry_open_to_user_classes():
         TableQA(50, hidden=7)
 
 
+def _tiny_budget(**settings) -> Budget:
+    """A budget of three tables and three steps: the runner's plumbing, not its accuracy."""
+    return Budget(pydataset_tables=3, questions_per_table=6, max_rows=12, max_columns=5,
+                  steps=3, batch_size=8, **settings)
+
+
 def test_runner_writes_results_with_intervals_and_paired_tests(tmp_path):
-    budget = Budget(
-        pydataset_tables=3,
-        questions_per_table=6,
-        max_rows=12,
-        max_columns=5,
-        steps=3,
-        batch_size=8,
-        decay=True,
-        eval_every=2,
-    )
+    budget = _tiny_budget(decay=True, eval_every=2)
     results = run_tableqa_comparison(
         ["soft", "enum"], tmp_path, seeds=[0], progress=None, budget=budget, plot=False
     )
@@ -465,16 +462,7 @@ def test_soft_mode_gives_no_credit_to_a_program_that_cannot_produce_the_answer()
 
 
 def test_a_budget_can_give_one_mode_its_own_learning_rate():
-    budget = Budget(
-        pydataset_tables=3,
-        questions_per_table=6,
-        max_rows=12,
-        max_columns=5,
-        steps=3,
-        batch_size=8,
-        learning_rate=3e-3,
-        mode_learning_rates=(("sparse", 1e-3),),
-    )
+    budget = _tiny_budget(learning_rate=3e-3, mode_learning_rates=(("sparse", 1e-3),))
     assert budget.learning_rate_for("sparse") == 1e-3
     assert budget.learning_rate_for("enum") == 3e-3
 
