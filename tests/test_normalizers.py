@@ -366,3 +366,21 @@ def test_learnable_entmax_alpha_gets_a_gradient_at_every_start(start):
     grads = [p.grad for p in normalizer.parameters()]
     assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
                          for g in grads)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"max_jump": -1}, "max_jump"),
+    ({"max_jump": True}, "max_jump"),
+    ({"max_jump": 2, "jump_scores": torch.zeros(4)}, "jump_scores"),
+])
+def test_jump_normalizer_refuses_bad_settings_naming_them(options, message):
+    with pytest.raises(ValueError, match=message):
+        make_normalizer("jump", **options)
+
+
+def test_jump_normalizer_learns_its_jump_scores_from_a_loss():
+    normalizer = make_normalizer("jump", max_jump=2)
+    scores, mask = _inputs(dtype=torch.float32)
+    normalizer(scores, mask).attention[..., 0].sum().backward()
+    assert normalizer.jump_scores.grad is not None
+    assert bool(normalizer.jump_scores.grad.abs().sum() > 0)
