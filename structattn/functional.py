@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from structattn import _native
 from structattn._validation import (
     broadcast_mask,
     check_broadcasts_to,
@@ -791,6 +792,85 @@ class _Entmax15Function(torch.autograd.Function):
         return _entmax15_backward(probs, grad)
 
 
+def _native_applies(z: Tensor, tol: float | None) -> bool:
+    """Whether the CPU kernel of :mod:`structattn._native` can take rows ``z``: float32 on the
+    CPU, the default tolerance, outside ``torch.compile`` and the kernel built."""
+    return (
+        z.device.type == "cpu"
+        and z.dtype == torch.float32
+        and tol is None
+        and z.numel() > 0
+        and not torch.compiler.is_compiling()
+        and _native.library() is not None
+    )
+
+
+def _native_covers(z: Tensor, alpha: Tensor | float, tol: float | None) -> bool:
+    """Whether the CPU kernel takes every row of ``z`` at ``alpha`` (a number or ``(rows, 1)``)."""
+    if not _native_applies(z, tol):
+        return False
+    if isinstance(alpha, float):
+        return _native.MIN_SLACK <= alpha - 1.0 <= _native.MAX_SLACK
+    low, high = torch.aminmax(alpha.detach())
+    return _native.MIN_SLACK <= float(low) - 1.0 and float(high) - 1.0 <= _native.MAX_SLACK
+
+
+class _NativeEntmaxBisectFunction(torch.autograd.Function):
+    """alpha-entmax of rows ``z: (rows, keys)`` by the CPU kernel, ``alpha: (rows, 1)`` or
+    ``(1, 1)`` (one alpha for every row) with ``alpha - 1`` in the kernel's range."""
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, alpha: Tensor, n_iter: int) -> Tensor:
+        slack = alpha.detach().to(torch.float64) - 1.0
+        probs, shift, tau, _ = _native.forward(z.detach(), slack, n_iter)
+        ctx.save_for_backward(z.detach(), probs, shift, slack, tau)
+        return probs
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        z, probs, shift, slack, tau = ctx.saved_tensors
+        grad_z, grad_alpha = _native.backward(
+            z, probs, shift, slack, tau, grad, bool(ctx.needs_input_grad[1]))
+        if grad_alpha is not None:
+            grad_alpha = grad_alpha.to(grad.dtype)
+        return (grad_z if ctx.needs_input_grad[0] else None), grad_alpha, None
+
+
+def _native_rows(z: Tensor, slack: Tensor, tol: float | None) -> Tensor | None:
+    """The rows of ``z`` that the CPU kernel of :mod:`structattn._native` solves, given
+    ``slack = alpha - 1: (rows, 1)``, or None for none of them."""
+    if not _native_applies(z, tol):
+        return None
+    rows = ((slack >= _native.MIN_SLACK) & (slack <= _native.MAX_SLACK)).reshape(-1)
+    if slack.shape[0] != z.shape[0]:
+        rows = rows.expand(z.shape[0])
+    return rows if bool(rows.any()) else None
+
+
+def _solve_rows(
+    z: Tensor, slack: Tensor, n_iter: int, tol: float | None
+) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """alpha-entmax of rows ``z`` with ``slack = alpha - 1 > 0: (rows, 1)`` float64:
+    ``(probs, shift, tau, all rows native)``, each row by the CPU kernel where it applies
+    and by :func:`_entmax_bisect_rows` otherwise (both give the threshold and row shift in
+    the same form, which the backward kernels read)."""
+    native = _native_rows(z, slack, tol)
+    if native is None:
+        return (*_entmax_bisect_rows(z, slack, n_iter, tol), False)
+    if bool(native.all()):
+        probs, shift, tau, _ = _native.forward(z, slack, n_iter)
+        return probs, shift, tau, True
+    inside, outside = native.nonzero().squeeze(1), (~native).nonzero().squeeze(1)
+    slack = slack.expand(z.shape[0], 1)
+    probs, shift, tau, _ = _native.forward(z[inside], slack[inside], n_iter)
+    rest = _entmax_bisect_rows(z[outside], slack[outside], n_iter, tol)
+    merged = []
+    for part, other in zip((probs, shift, tau), rest, strict=True):
+        whole = part.new_empty((z.shape[0], *part.shape[1:]))
+        merged.append(whole.index_copy_(0, inside, part).index_copy_(0, outside, other))
+    return (*merged, False)
+
+
 class _EntmaxBisectFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, z: Tensor, alpha: Tensor, n_iter: int, tol: float | None) -> Tensor:
@@ -799,7 +879,7 @@ class _EntmaxBisectFunction(torch.autograd.Function):
         z = z.detach()
         slack = (alpha.detach() - 1.0).to(torch.float64)
         softmax_rows = slack == 0
-        probs, shift, tau = _entmax_bisect_rows(
+        probs, shift, tau, ctx.native = _solve_rows(
             z, torch.where(softmax_rows, 1.0, slack), n_iter, tol
         )
         if bool(softmax_rows.any()):
@@ -813,7 +893,13 @@ class _EntmaxBisectFunction(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         z, probs, shift, slack, tau, alpha = ctx.saved_tensors
         grad_z = grad_alpha = None
-        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+        # (The Triton kernel's Function reuses this backward without setting ctx.native.)
+        if getattr(ctx, "native", False):
+            grad_z, grad_alpha = _native.backward(
+                z, probs, shift, slack, tau, grad, bool(ctx.needs_input_grad[1]))
+            if not ctx.needs_input_grad[0]:
+                grad_z = None
+        elif ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
             grad_z, grad_alpha = _bisect_backward_with_alpha(z, probs, shift, slack, tau, grad)
         elif ctx.needs_input_grad[0]:
             grad_z = _bisect_backward(z, probs, shift, slack, tau, grad)
@@ -1041,9 +1127,15 @@ def entmax_bisect(
         if alpha_rows == 2.0:
             return sparsemax(scores, dim, mask)
     z = _to_rows(scores, dim, mask)
+    use_triton = _use_triton(z, tol)
+    if not use_triton and _native_covers(z, alpha_rows, tol):
+        if isinstance(alpha_rows, float):
+            alpha_rows = torch.full((1, 1), alpha_rows, dtype=z.dtype)
+        probs = _NativeEntmaxBisectFunction.apply(z, alpha_rows, n_iter)
+        return _from_rows(probs, scores, dim)
     if isinstance(alpha_rows, float):
         alpha_rows = torch.full_like(z[:, :1], alpha_rows)
-    if _use_triton(z, tol):
+    if use_triton:
         from structattn._triton_entmax import TritonEntmaxBisectFunction
 
         probs = TritonEntmaxBisectFunction.apply(z, alpha_rows)

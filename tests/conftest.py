@@ -43,3 +43,12 @@ def route_entmax_to_triton(monkeypatch):
         return calls
 
     return route
+
+
+@pytest.fixture
+def general_entmax_path(monkeypatch):
+    """Keep ``entmax_bisect`` on its general (compiled-PyTorch) path: without the CPU kernel
+    of :mod:`structattn._native`, which otherwise takes float32 CPU rows."""
+    from structattn import _native
+
+    monkeypatch.setattr(_native, "library", lambda: None)

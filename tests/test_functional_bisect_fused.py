@@ -17,7 +17,9 @@ FLOAT32_EPS = torch.finfo(torch.float32).eps
 
 
 @pytest.fixture(autouse=True)
-def _eager_kernels(monkeypatch):
+def _eager_kernels(monkeypatch, general_entmax_path):
+    """The general path's kernels, eager (float32 CPU rows would otherwise take the CPU
+    kernel of structattn._native, tested in test_entmax_native.py)."""
     monkeypatch.setattr(functional, "COMPILE", False)
 
 

@@ -1,0 +1,242 @@
+"""The CPU kernel of ``entmax_bisect`` for float32 rows: built from ``_native_entmax.cpp`` on
+first use, cached, and called through :mod:`ctypes`.
+
+The C++ file is compiled once per machine (``-O3 -march=native``, about a second) into a cache
+directory outside the source tree (``$STRUCTATTN_CACHE_DIR``, else
+``$XDG_CACHE_HOME/structattn``, else ``~/.cache/structattn``; a temporary directory if that is
+not writable), named by a hash of the source, the compiler, its flags and the CPU, and written
+atomically (compile to a temporary name, then rename), so that concurrent processes and stale
+builds never see a half-written library.  Without a C++ compiler, or when the build or the
+load fails, :func:`library` warns once and returns None, and ``entmax_bisect`` keeps its
+general (compiled-PyTorch) path; the environment variable ``STRUCTATTN_NATIVE=0`` turns the
+kernel off.
+
+The kernel takes ``alpha - 1`` in ``[MIN_SLACK, 1]`` (alpha in [1.1, 2]); rows outside that
+range stay on the general path.  Large inputs are split by rows across
+``torch.get_num_threads()`` threads (ctypes releases the GIL during the call).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["MIN_SLACK", "MAX_SLACK", "available", "library", "forward", "backward"]
+
+#: The range of ``alpha - 1`` the kernel handles (its powers lose accuracy as alpha -> 1).
+MIN_SLACK = 0.1
+MAX_SLACK = 1.0
+#: The C++ source, shipped with the package.
+SOURCE = Path(__file__).with_name("_native_entmax.cpp")
+#: Compiler flags; no -ffast-math (power() rounds with an exact add-and-subtract trick).
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno",
+         "-Wno-psabi")
+#: Inputs with at least this many elements per thread are split across threads.
+_SPLIT_NUMEL = 1 << 15
+
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def enabled() -> bool:
+    """Whether the environment allows the kernel (``STRUCTATTN_NATIVE`` not 0/false/no/off)."""
+    value = os.environ.get("STRUCTATTN_NATIVE", "1").strip().lower()
+    return value not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    """Where built libraries go (created on demand)."""
+    explicit = os.environ.get("STRUCTATTN_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "structattn"
+
+
+def _cpu_signature() -> str:
+    """The CPU's feature flags (``-march=native`` code must not run on another CPU)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith(("flags", "Features")):
+                    return line.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def build(flags: tuple[str, ...] = FLAGS, directory: Path | None = None) -> Path:
+    """Compile the kernel with ``flags`` (cached by source, compiler, flags and CPU) and return
+    the library's path.  Raises ``RuntimeError`` with the compiler's message when it fails."""
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (tried $CXX, c++, g++, clang++)")
+    source = SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                             check=False).stdout
+    key = hashlib.sha256(
+        b"\0".join([source, version.encode(), " ".join(flags).encode(),
+                    _cpu_signature().encode(), platform.machine().encode()])
+    ).hexdigest()[:20]
+    directory = cache_dir() if directory is None else directory
+    target = directory / f"entmax-{key}.so"
+    if target.exists():
+        return target
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        directory = Path(tempfile.gettempdir()) / f"structattn-{os.getuid()}"
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / target.name
+        if target.exists():
+            return target
+    handle, partial = tempfile.mkstemp(prefix=target.stem, suffix=".so.part", dir=directory)
+    os.close(handle)
+    try:
+        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial],
+                                capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed to build {SOURCE.name}:\n{result.stderr}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """Load a built library and declare its two functions' signatures."""
+    lib = ctypes.CDLL(str(path))
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    lib.structattn_entmax_bisect_f32.restype = ctypes.c_int64
+    lib.structattn_entmax_bisect_f32.argtypes = [
+        pointer, pointer, size, pointer, pointer, pointer, pointer, size, size, ctypes.c_int32]
+    lib.structattn_entmax_bisect_backward_f32.restype = None
+    lib.structattn_entmax_bisect_backward_f32.argtypes = [
+        pointer, pointer, pointer, pointer, pointer, size, pointer, pointer, pointer, size, size]
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def _default_library() -> ctypes.CDLL | None:
+    try:
+        return load(build())
+    except Exception as error:  # no compiler, a failed build or load: the general path
+        warnings.warn(
+            f"structattn: the CPU entmax_bisect kernel is unavailable ({error}); "
+            "entmax_bisect uses its general path. Set STRUCTATTN_NATIVE=0 to silence this.",
+            RuntimeWarning, stacklevel=3)
+        return None
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, building it on first use; None when disabled or unavailable."""
+    if not enabled():
+        return None
+    with _lock:
+        return _default_library()
+
+
+def available() -> bool:
+    """Whether :func:`forward` and :func:`backward` can run here."""
+    return library() is not None
+
+
+def _chunks(rows: int, numel: int) -> list[tuple[int, int]]:
+    threads = torch.get_num_threads()
+    parts = max(1, min(threads, rows, numel // _SPLIT_NUMEL))
+    bounds = [rows * k // parts for k in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _run(calls: list) -> None:
+    """Run the per-chunk calls, across threads when there are several."""
+    global _pool, _pool_size
+    if len(calls) == 1:
+        calls[0]()
+        return
+    with _lock:
+        if _pool is None or _pool_size < len(calls):
+            _pool = ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="structattn")
+            _pool_size = len(calls)
+        pool = _pool
+    for future in [pool.submit(call) for call in calls]:
+        future.result()
+
+
+def _address(tensor: Tensor, row: int) -> int:
+    return tensor.data_ptr() + row * tensor.stride(0) * tensor.element_size()
+
+
+def forward(z: Tensor, slack: Tensor, max_passes: int, lib: ctypes.CDLL | None = None
+            ) -> tuple[Tensor, Tensor, Tensor, int]:
+    """alpha-entmax of rows ``z: (rows, keys)`` float32 with ``slack = alpha - 1: (rows, 1)``
+    float64 in ``[MIN_SLACK, MAX_SLACK]``.
+
+    Returns ``(probs (rows, keys), shift (rows, 1) float32, tau (rows, 1) float64,
+    unconverged rows)``: the row maximum and the threshold on ``x = (z - shift)(alpha - 1)``
+    are what the general path's backward reads too.
+    """
+    lib = library() if lib is None else lib
+    z = z.contiguous()
+    rows, keys = z.shape
+    slack = slack.reshape(-1).to(torch.float64).contiguous()
+    slack_stride = 1 if slack.numel() > 1 else 0
+    probs = torch.empty_like(z)
+    shift = torch.empty(rows, 1, dtype=z.dtype)
+    tau = torch.empty(rows, 1, dtype=torch.float64)
+    unconverged = [0]
+
+    def call(start: int, stop: int) -> None:
+        unconverged.append(lib.structattn_entmax_bisect_f32(
+            _address(z, start), _address(slack, start * slack_stride), slack_stride,
+            _address(probs, start), _address(shift, start), _address(tau, start), None,
+            stop - start, keys, max_passes))
+
+    _run([functools.partial(call, a, b) for a, b in _chunks(rows, z.numel())])
+    return probs, shift, tau, sum(unconverged)
+
+
+def backward(z: Tensor, probs: Tensor, shift: Tensor, slack: Tensor, tau: Tensor, grad: Tensor,
+             alpha_grad: bool, lib: ctypes.CDLL | None = None) -> tuple[Tensor, Tensor | None]:
+    """The gradients of :func:`forward`'s output against ``grad: (rows, keys)``: with respect
+    to the scores, and (if ``alpha_grad``) to each row's alpha as ``(rows, 1)`` float64."""
+    lib = library() if lib is None else lib
+    z, probs, grad = z.contiguous(), probs.contiguous(), grad.contiguous().to(z.dtype)
+    rows, keys = z.shape
+    slack = slack.reshape(-1).to(torch.float64).contiguous()
+    slack_stride = 1 if slack.numel() > 1 else 0
+    shift, tau = shift.contiguous(), tau.contiguous()
+    grad_z = torch.empty_like(z)
+    grad_alpha = torch.empty(rows, 1, dtype=torch.float64) if alpha_grad else None
+
+    def call(start: int, stop: int) -> None:
+        lib.structattn_entmax_bisect_backward_f32(
+            _address(z, start), _address(probs, start), _address(grad, start),
+            _address(shift, start), _address(slack, start * slack_stride), slack_stride,
+            _address(tau, start), _address(grad_z, start),
+            None if grad_alpha is None else _address(grad_alpha, start), stop - start, keys)
+
+    _run([functools.partial(call, a, b) for a, b in _chunks(rows, z.numel())])
+    return grad_z, grad_alpha

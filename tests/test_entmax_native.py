@@ -1,0 +1,293 @@
+"""The CPU kernel of entmax_bisect (structattn._native): against float64 bisection, its
+gradients against float64 autograd of the general path, its build (cache, atomicity, a
+portable build without -march=native, no compiler) and its routing from entmax_bisect."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_functional import random_scores
+
+from structattn import _native, functional
+from structattn.functional import entmax_bisect
+
+FLOAT32_EPS = torch.finfo(torch.float32).eps
+
+pytestmark = pytest.mark.skipif(
+    _native._compiler() is None, reason="no C++ compiler: the kernel cannot be built here"
+)
+
+
+def reference(scores: torch.Tensor, alpha: torch.Tensor | float, steps: int = 200) -> torch.Tensor:
+    """alpha-entmax by plain bisection in float64; ``alpha`` a number or ``(rows, 1)``."""
+    alpha = torch.as_tensor(alpha, dtype=torch.float64)
+    x = scores.double() * (alpha - 1)
+    x = x - x.amax(-1, keepdim=True)
+    lower = torch.full_like(x[..., :1], -1.0)
+    upper = torch.zeros_like(lower)
+    for _ in range(steps):
+        middle = (lower + upper) / 2
+        total = ((x - middle).clamp(min=0.0) ** (1 / (alpha - 1))).sum(-1, keepdim=True)
+        lower = torch.where(total >= 1, middle, lower)
+        upper = torch.where(total >= 1, upper, middle)
+    probs = (x - lower).clamp(min=0.0) ** (1 / (alpha - 1))
+    return probs / probs.sum(-1, keepdim=True)
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """The number of rows each call of the kernel's forward received, in a list."""
+    assert _native.library() is not None, "a C++ compiler is present, so the kernel must build"
+    calls = []
+    original = _native.forward
+
+    def counting(z, slack, max_passes, lib=None):
+        calls.append(z.shape[0])
+        return original(z, slack, max_passes, lib)
+
+    monkeypatch.setattr(_native, "forward", counting)
+    return calls
+
+
+def assert_close_to_reference(probs: torch.Tensor, expected: torch.Tensor) -> None:
+    # Five float32 eps, the general path's own bound (test_entmax_bisect.py).
+    assert (probs.double() - expected).abs().max() <= 5 * FLOAT32_EPS
+    torch.testing.assert_close(probs.double().sum(-1), torch.ones(probs.shape[:-1],
+                               dtype=torch.float64), atol=4 * FLOAT32_EPS, rtol=0)
+    # The support: every key the reference gives more than 1e-6 is in it.
+    assert bool(((probs > 0) | (expected <= 1e-6)).all())
+
+
+@pytest.mark.parametrize("alpha", [1.1, 1.3, 1.7, 1.999])
+@pytest.mark.parametrize("scale", [1.0, 30.0, 100.0])
+@pytest.mark.parametrize("keys", [1, 2, 15, 16, 17, 64, 100, 129, 513])
+def test_matches_float64_bisection(alpha, scale, keys, native_calls):
+    scores = random_scores(37, keys, scale=scale, seed=keys, dtype=torch.float32)
+    probs = entmax_bisect(scores, alpha)
+    assert native_calls == [37]
+    assert_close_to_reference(probs, reference(scores, alpha))
+
+
+@pytest.mark.parametrize("keys", [64, 4096])
+def test_long_and_short_rows_at_the_benchmark_shapes(keys, native_calls):
+    scores = random_scores(8, keys, seed=3, dtype=torch.float32)
+    alpha = 1.2 + 0.6 * torch.rand(8, 1, generator=torch.Generator().manual_seed(1))
+    probs = entmax_bisect(scores, alpha)
+    assert native_calls == [8]
+    assert_close_to_reference(probs, reference(scores, alpha.double()))
+
+
+def test_per_row_alphas_inside_and_outside_the_kernel_range(native_calls):
+    scores = random_scores(6, 40, seed=5, dtype=torch.float32)
+    alpha = torch.tensor([[1.3], [1.0001], [1.7], [3.0], [1.05], [2.0]])
+    probs = entmax_bisect(scores, alpha)
+    # Rows 0, 2 and 5 are the kernel's; the others take the general path.
+    assert native_calls == [3]
+    for row in range(6):
+        expected = reference(scores[row:row + 1], float(alpha[row]))
+        assert (probs[row].double() - expected[0]).abs().max() <= 5 * FLOAT32_EPS
+
+
+def test_masked_keys_get_exactly_zero_and_ties_are_kept(native_calls):
+    scores = torch.tensor([[0.5, 0.5, 0.5, -1.0, 2.0, 2.0]] * 3, dtype=torch.float32)
+    mask = torch.tensor([[True, True, True, True, False, False],
+                         [True, False, True, False, True, True],
+                         [True] * 6])
+    probs = entmax_bisect(scores, 1.3, mask=mask)
+    assert bool((probs[~mask] == 0).all())
+    masked = scores.masked_fill(~mask, float("-inf"))
+    assert_close_to_reference(probs, reference(masked, 1.3))
+    # Equal scores get equal probabilities.
+    assert probs[0, 0] == probs[0, 1] == probs[0, 2]
+    assert native_calls
+
+
+def test_a_row_of_minus_infinity_gives_zeros_not_nan():
+    z = torch.full((3, 20), float("-inf"))
+    z[1, 4] = 0.0
+    probs, shift, tau, unconverged = _native.forward(z, torch.tensor([[0.5]], dtype=torch.float64),
+                                                     50)
+    assert unconverged == 0
+    assert bool((probs[0] == 0).all()) and bool((probs[2] == 0).all())
+    assert probs[1, 4] == 1.0 and float(probs[1].sum()) == 1.0
+    assert bool(torch.isfinite(shift).all()) and bool(torch.isfinite(tau).all())
+
+
+def test_one_pass_still_gives_a_distribution():
+    z = random_scores(50, 300, seed=2, dtype=torch.float32)
+    probs, _, _, unconverged = _native.forward(z, torch.tensor([[0.3]], dtype=torch.float64), 1)
+    assert unconverged > 0
+    assert bool((probs >= 0).all()) and bool(torch.isfinite(probs).all())
+    torch.testing.assert_close(probs.sum(-1), torch.ones(50), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("keys", [17, 64, 700])
+def test_gradients_match_float64_autograd_of_the_general_path(keys, native_calls):
+    rows = 24
+    generator = torch.Generator().manual_seed(keys)
+    base = 1.15 + 0.8 * torch.rand(rows, 1, generator=generator, dtype=torch.float64)
+    scores = random_scores(rows, keys, scale=3.0, seed=7)
+    cotangent = random_scores(rows, keys, seed=8)
+    gradients = {}
+    for dtype in (torch.float32, torch.float64):
+        alpha = base.to(dtype).requires_grad_(True)
+        leaf = scores.to(dtype).requires_grad_(True)
+        entmax_bisect(leaf, alpha).backward(cotangent.to(dtype))
+        gradients[dtype] = (alpha.grad.double(), leaf.grad.double())
+    assert native_calls == [rows]  # float32 only: float64 is the general path's
+    for ours, exact in zip(gradients[torch.float32], gradients[torch.float64], strict=True):
+        assert (ours - exact).abs().max() <= 1e-3 * exact.abs().max()
+
+
+def test_scores_gradient_alone_and_alpha_gradient_alone(native_calls):
+    scores = random_scores(10, 33, seed=4, dtype=torch.float32)
+    alpha = torch.full((10, 1), 1.4)
+    cotangent = random_scores(10, 33, seed=6, dtype=torch.float32)
+    leaf = scores.clone().requires_grad_(True)
+    (grad_z,) = torch.autograd.grad(entmax_bisect(leaf, alpha), leaf, cotangent)
+    learned = alpha.clone().requires_grad_(True)
+    (grad_alpha,) = torch.autograd.grad(entmax_bisect(scores, learned), learned, cotangent)
+    leaf64 = scores.double().requires_grad_(True)
+    (exact_z,) = torch.autograd.grad(entmax_bisect(leaf64, alpha.double()), leaf64,
+                                     cotangent.double())
+    a64 = alpha.double().requires_grad_(True)
+    (exact_alpha,) = torch.autograd.grad(entmax_bisect(scores.double(), a64), a64,
+                                         cotangent.double())
+    assert (grad_z.double() - exact_z.double()).abs().max() <= 1e-3 * exact_z.abs().max()
+    assert (grad_alpha.double() - exact_alpha).abs().max() <= 1e-3 * exact_alpha.abs().max()
+    assert grad_z.dtype == torch.float32 and grad_alpha.shape == (10, 1)
+    # Masked keys get exactly zero gradient.
+    mask = torch.ones(10, 33, dtype=torch.bool)
+    mask[:, :5] = False
+    (masked_grad,) = torch.autograd.grad(entmax_bisect(leaf, 1.4, mask=mask), leaf, cotangent)
+    assert bool((masked_grad[:, :5] == 0).all())
+
+
+def test_many_threads_give_the_same_answer_as_one(native_calls):
+    scores = random_scores(512, 300, seed=9, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        single = entmax_bisect(scores, 1.3)
+        torch.set_num_threads(3)
+        split = entmax_bisect(scores, 1.3)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single, split)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    keys=st.integers(1, 90),
+    alpha=st.floats(1.1, 2.0).filter(lambda a: a not in (1.5, 2.0)),
+    scale=st.sampled_from([0.1, 1.0, 30.0]),
+    seed=st.integers(0, 10_000),
+)
+def test_property_any_shape_alpha_and_scale(rows, keys, alpha, scale, seed):
+    scores = random_scores(rows, keys, scale=scale, seed=seed, dtype=torch.float32)
+    assert functional._native_covers(scores, alpha, None)
+    assert_close_to_reference(entmax_bisect(scores, alpha), reference(scores, alpha))
+
+
+# --------------------------------------------------------------------------------------------
+# The build
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_portable_build_without_march_native_gives_the_same_answers(tmp_path):
+    """Without -march=native the AVX-512 compress/expand code is compiled out: the generic
+    packing (and, on x86, 16-lane vectors split into narrower ones) must agree."""
+    flags = tuple(flag for flag in _native.FLAGS if flag != "-march=native")
+    lib = _native.load(_native.build(flags, directory=tmp_path))
+    scores = random_scores(29, 77, scale=3.0, seed=11, dtype=torch.float32)
+    slack = torch.full((29, 1), 0.35, dtype=torch.float64)
+    probs, shift, tau, unconverged = _native.forward(scores, slack, 50, lib)
+    assert unconverged == 0
+    assert_close_to_reference(probs, reference(scores, 1.35))
+    cotangent = random_scores(29, 77, seed=12, dtype=torch.float32)
+    portable = _native.backward(scores, probs, shift, slack, tau, cotangent, True, lib)
+    native = _native.backward(scores, probs, shift, slack, tau, cotangent, True)
+    torch.testing.assert_close(portable[0], native[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(portable[1], native[1], atol=1e-6, rtol=1e-4)
+
+
+def test_builds_are_cached_and_written_atomically(tmp_path):
+    paths = []
+    errors = []
+
+    def build() -> None:
+        try:
+            paths.append(_native.build(directory=tmp_path))
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    workers = [threading.Thread(target=build) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert not errors and len(set(paths)) == 1
+    assert [p.name for p in tmp_path.iterdir()] == [paths[0].name]  # no partial files left
+    before = paths[0].stat().st_mtime_ns
+    assert _native.build(directory=tmp_path) == paths[0]
+    assert paths[0].stat().st_mtime_ns == before  # cached, not rebuilt
+
+
+def test_a_failed_build_names_the_compiler_error(tmp_path, monkeypatch):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(_native, "SOURCE", broken)
+    with pytest.raises(RuntimeError, match="failed to build broken.cpp"):
+        _native.build(directory=tmp_path / "cache")
+    assert not any((tmp_path / "cache").glob("*.part"))
+
+
+def test_without_a_compiler_entmax_bisect_warns_once_and_takes_the_general_path(monkeypatch):
+    monkeypatch.setattr(_native, "_compiler", lambda: None)
+    _native._default_library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="kernel is unavailable"):
+            assert _native.library() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            scores = random_scores(4, 30, seed=1, dtype=torch.float32)
+            probs = entmax_bisect(scores, 1.3)
+        assert (probs.double() - reference(scores, 1.3)).abs().max() <= 5 * FLOAT32_EPS
+    finally:
+        _native._default_library.cache_clear()
+
+
+def test_the_environment_switch_turns_the_kernel_off(monkeypatch, native_calls):
+    monkeypatch.setenv("STRUCTATTN_NATIVE", "0")
+    assert _native.library() is None
+    entmax_bisect(random_scores(4, 30, seed=1, dtype=torch.float32), 1.3)
+    assert native_calls == []
+
+
+@pytest.mark.parametrize("target", ["native", "portable"])
+def test_the_kernel_under_address_and_undefined_behaviour_sanitizers(target, tmp_path):
+    """tests/native/check_kernel.cpp runs the kernel over awkward shapes (row lengths around
+    the vector width, masked keys, empty rows, one pass) compiled with -fsanitize: an
+    out-of-bounds access, undefined behaviour or a row not summing to 1 fails it."""
+    import subprocess
+    from pathlib import Path
+
+    harness = Path(__file__).with_name("native") / "check_kernel.cpp"
+    binary = tmp_path / "check_kernel"
+    flags = ["-std=c++17", "-O1", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+             "-fno-sanitize-recover=all", "-Wno-psabi", f'-DSTRUCTATTN_KERNEL="{_native.SOURCE}"']
+    if target == "native":
+        flags.append("-march=native")
+    build = subprocess.run([_native._compiler(), *flags, str(harness), "-o", str(binary)],
+                           capture_output=True, text=True, check=False)
+    if build.returncode != 0 and "sanitize" in build.stderr:
+        pytest.skip(f"the compiler has no sanitizer runtime: {build.stderr[:200]}")
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([str(binary)], capture_output=True, text=True, check=False, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "0 failures" in run.stdout
