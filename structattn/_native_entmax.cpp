@@ -48,6 +48,10 @@ inline vf rounded(vf v) {
 typedef float vf8 __attribute__((vector_size(32)));
 typedef float vf4 __attribute__((vector_size(16)));
 // Sums and maxima across lanes by halving (a chain of 16 dependent adds costs ~60 cycles).
+inline bool any(vi m) {
+    for (int j = 0; j < W; ++j) if (m[j]) return true;
+    return false;
+}
 inline float hsum(vf v) {
     vf8 a, b; std::memcpy(&a, &v, 32); std::memcpy(&b, (const char*)&v + 32, 32);
     vf8 h = a + b;
@@ -175,25 +179,35 @@ struct Row {
     double s, e, step_limit, t, lo, hi, newton;
     Exponent ex, es;
     Sums sums;
+    float cut;  // the candidates are the keys with x > cut
     vf counts, totals;  // keys above each start offset, and their sum
     float mx, sf;
     int used;
     bool done, converged;
 };
 
-// The first-order correction's error is at most c delta^min(e, 2) with c = e |e - 1| / 2 + 1
-// (the curvature term, and keys that the correction takes out of the support): it is applied
-// where that is below 2^-25.  For the rows of a batch at once (one power for all of them).
+// Phase 3 moves the threshold by the last step delta through a second-order expansion of
+// each key's power, (g - delta)^e ~ g^e - e delta g^(e-1) + e (e-1)/2 delta^2 g^(e-2), and
+// computes the keys with g < 8 |delta| exactly.  The rest of the expansion is below
+// c delta^3 g^(e-3) with c = 1.5 |e (e-1) (e-2)| / 6 for g >= 8 |delta| (and g <= 1): at most
+// c delta^3 for e >= 3, and c 8^(e-3) delta^e for e < 3.  The step is taken where that is
+// below 2^-25, and never above 1e-3.  For the rows of a batch at once (one power for all).
 void set_step_limits(Row* rows, int64_t count) {
+    // (2^-25 / c)^(1/3), or (2^-25 / c)^(1/e) 8^((3-e)/e): two powers with an exponent per row.
     vf base = splat(1.0f);
-    LaneExponent ex{splat(1.0f), splat(1.0f), vf{}};
+    LaneExponent ex{splat(1.0f), splat(1.0f), vf{}}, ex8{splat(1.0f), splat(1.0f), vf{}};
     for (int64_t b = 0; b < count; ++b) {
         const double e = rows[b].e;
-        base[b] = (float)(std::ldexp(1.0, -25) / (0.5 * e * std::fabs(e - 1.0) + 1.0));
-        ex.set((int)b, 1.0 / (e < 2.0 ? e : 2.0));
+        const double c = 1.5 * std::fabs(e * (e - 1.0) * (e - 2.0)) / 6.0;
+        base[b] = c > 0 ? (float)(std::ldexp(1.0, -25) / c) : 1.0f;
+        ex.set((int)b, e >= 3.0 ? 1.0 / 3.0 : 1.0 / e);
+        ex8.set((int)b, e >= 3.0 ? 0.0 : (3.0 - e) / e);
     }
-    vf limit = power(base, splati(-1), ex);
-    for (int64_t b = 0; b < count; ++b) rows[b].step_limit = 0.999 * (double)limit[b];
+    vf limit = power(base, splati(-1), ex) * power(splat(8.0f), splati(-1), ex8);
+    for (int64_t b = 0; b < count; ++b) {
+        const double c = 1.5 * std::fabs(rows[b].e * (rows[b].e - 1.0) * (rows[b].e - 2.0)) / 6.0;
+        rows[b].step_limit = c > 0 ? std::fmin(1e-3, 0.999 * (double)limit[b]) : 1e-3;
+    }
 }
 
 // Phase 1: the row maximum, a lower bound on the threshold, and the candidate keys above it.
@@ -282,6 +296,7 @@ void pack(Row& R, int64_t d) {
     const double lower = R.lo;
     float lower_f = (float)lower;
     if ((double)lower_f > lower) lower_f = std::nextafter(lower_f, -INFINITY);
+    R.cut = lower_f;
     int64_t n = 0;
     int64_t i = 0;
 #ifdef __AVX512F__
@@ -324,8 +339,13 @@ void sum_powers(Row& R) {
 void step(Row& R) {
     const Sums& S = R.sums;
     const double s = R.s, e = R.e, u = S.p - 1.0;
-    R.newton = S.q > 0 ? u / (e * S.q) : 0.0;
-    if (std::fabs(R.newton) <= R.step_limit) { R.done = R.converged = true; return; }
+    // Newton's step on P - 1, refined to second order: phase 3 applies it to the powers.
+    const double first = S.q > 0 ? u / (e * S.q) : 0.0;
+    R.newton = S.q > 0 ? (u + 0.5 * e * (e - 1.0) * first * first * S.r) / (e * S.q) : 0.0;
+    if (std::fabs(R.newton) <= R.step_limit && R.t + R.newton > R.cut) {
+        R.done = R.converged = true;
+        return;
+    }
     double value = power_minus_one(u, s, R.es);
     if (value >= 0) R.lo = R.t; else R.hi = R.t;
     double scale = (1.0 + value) / S.p;  // P^(s-1)
@@ -344,17 +364,41 @@ void step(Row& R) {
 void finish(Row& R, int64_t d) {
     float* out = R.out;
     if (R.n == 0) { std::memset(out, 0, sizeof(float) * d); return; }
-    const Sums& S = R.sums;
-    // A row stopped by max_passes keeps its last threshold, renormalised: the correction is
-    // exact only for small steps.
+    // A row stopped by max_passes keeps its last threshold (the expansion needs a small step).
     if (!R.converged) R.newton = 0.0;
-    const float shrink = (float)(R.e * R.newton);
-    const double total = S.p - R.e * R.newton * S.q;
-    const float inv = (float)(1.0 / (total > 0 ? total : 1.0));
-    for (int64_t j = 0; j < R.padded; j += W) {
-        vf p = loadu(R.pw + j) - shrink * loadu(R.wt + j);
-        storeu(R.pw + j, (p > 0.0f ? p : splat(0.0f)) * inv);
+    const double delta = R.newton, e = R.e;
+    const float th = (float)R.t, tl = (float)(R.t - (double)th);
+    const double moved = R.t + delta;
+    const float mh = (float)moved, ml = (float)(moved - (double)mh);
+    const float first = (float)(e * delta), second = (float)(0.5 * e * (e - 1.0) * delta * delta);
+    const float near_above = (float)(8.0 * std::fabs(delta)), near_below = -(float)std::fabs(delta);
+    double total = 0.0;
+    for (int64_t start = 0; start < R.padded; start += 16 * W) {
+        const int64_t stop = start + 16 * W < R.padded ? start + 16 * W : R.padded;
+        vf acc = vf{};
+        for (int64_t j = start; j < stop; j += W) {
+            vf x = loadu(R.cand + j);
+            vf gap = (x - th) - tl;
+            vi pos = gap > 0.0f;
+            vf w = loadu(R.wt + j);
+            vf r = pos ? w / (pos ? gap : splat(1.0f)) : splat(0.0f);
+            vf p = loadu(R.pw + j) - first * w + second * r;
+            vi near = (gap < near_above) & (gap > near_below);
+            if (delta != 0.0 && any(near)) {
+                // Keys within a few steps of the threshold (where the expansion fails, or
+                // which enter or leave the support): their power at the new threshold.
+                vf moved_gap = (x - mh) - ml;
+                vi inside = moved_gap > 0.0f;
+                p = near ? power(inside ? moved_gap : splat(1.0f), inside, R.ex) : p;
+            }
+            p = p > 0.0f ? p : splat(0.0f);
+            storeu(R.pw + j, p);
+            acc += p;
+        }
+        total += hsum(acc);
     }
+    const float inv = (float)(1.0 / (total > 0 ? total : 1.0));
+    for (int64_t j = 0; j < R.padded; j += W) storeu(R.pw + j, loadu(R.pw + j) * inv);
 #ifdef __AVX512F__
     int64_t pos = 0;
     for (int64_t b = 0; b < R.packed_blocks; ++b) {
@@ -365,7 +409,7 @@ void finish(Row& R, int64_t d) {
 #endif
     for (int64_t j = R.packed_blocks * W; j < d; ++j) out[j] = 0.0f;
     for (int64_t j = R.packed_n; j < R.n; ++j) out[R.idx[j]] = R.pw[j];
-    R.t += R.newton;
+    R.t = moved;
 }
 
 // The start's offsets: two on short rows (where counting costs as much as a pass), four on
@@ -547,7 +591,7 @@ int64_t structattn_entmax_bisect_f32(const float* z, const double* slack, int64_
     std::vector<uint16_t> masks(batch * (d / W + 1));
     std::vector<Row> state(batch, Row{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
                                       nullptr, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, Exponent(1.0),
-                                      Exponent(1.0), Sums{0, 0, 0}, vf{}, vf{}, 0, 0, 0, false, false});
+                                      Exponent(1.0), Sums{0, 0, 0}, 0.0f, vf{}, vf{}, 0, 0, 0, false, false});
     for (int64_t b = 0; b < batch; ++b) {
         Row& R = state[b];
         R.cand = buffer.data() + 3 * b * stride;
