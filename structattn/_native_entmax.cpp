@@ -68,6 +68,42 @@ inline float hmax(vf v) {
     return m0 > m1 ? m0 : m1;
 }
 
+#if defined(__clang__) || __GNUC__ >= 12
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, vi{__VA_ARGS__})
+#endif
+
+// The sums of W = 16 vectors at once, by a transposing tree (15 shuffle pairs instead of 16
+// separate reductions): lane b of the result is the sum of v[b]'s lanes.
+inline vf reduce_lanes(const vf* v) {
+    static_assert(W == 16, "reduce_lanes is written for 16 lanes");
+    vf u[8], w[4], q[2];
+    for (int i = 0; i < 8; ++i) {
+        u[i] = SHUFFLE(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+             + SHUFFLE(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    }
+    for (int j = 0; j < 4; ++j) {
+        w[j] = SHUFFLE(u[2 * j], u[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+             + SHUFFLE(u[2 * j], u[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    }
+    for (int k = 0; k < 2; ++k) {
+        q[k] = SHUFFLE(w[2 * k], w[2 * k + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
+             + SHUFFLE(w[2 * k], w[2 * k + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    }
+    return SHUFFLE(q[0], q[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+         + SHUFFLE(q[0], q[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// Lane b: the sum of rows[b].lanes[slot] (rows of a batch of at most W that left their sums
+// in vectors; rows past count add nothing).
+template <class T>
+inline vf reduce_rows(const T* rows, int64_t count, int slot) {
+    vf v[W];
+    for (int b = 0; b < W; ++b) v[b] = b < count ? rows[b].lanes[slot] : vf{};
+    return reduce_lanes(v);
+}
+
 // An exponent e split as e_hi + e_lo with e_hi * k exact for |k| < 2^8.
 struct Exponent {
     float e, hi, lo;
@@ -128,8 +164,10 @@ struct LaneExponent {
 struct Sums { double p, q, r; };
 
 // Sums over candidates x (padded with -inf to a multiple of W) of gap^e, gap^(e-1), gap^(e-2)
-// at gap = x - tau; the powers go to pw and gap^(e-1) to wt.
-Sums evaluate(const float* x, int64_t n, double tau, const Exponent& ex, float* pw, float* wt) {
+// at gap = x - tau; the powers go to pw and gap^(e-1) to wt.  With lanes (at most 16 W
+// candidates), the three sums are left there as vectors for reduce_rows.
+Sums evaluate(const float* x, int64_t n, double tau, const Exponent& ex, float* pw, float* wt,
+              vf* lanes = nullptr) {
     float th = (float)tau;
     float tl = (float)(tau - (double)th);
     Sums s{0, 0, 0};
@@ -147,8 +185,10 @@ Sums evaluate(const float* x, int64_t n, double tau, const Exponent& ex, float* 
             storeu(pw + i, p);
             storeu(wt + i, w);
         }
+        if (lanes) { lanes[0] = sp; lanes[1] = sq; lanes[2] = sr; return s; }
         s.p += hsum(sp); s.q += hsum(sq); s.r += hsum(sr);
     }
+    if (lanes) lanes[0] = lanes[1] = lanes[2] = vf{};
     return s;
 }
 
@@ -168,22 +208,24 @@ inline double power_minus_one(double u, double s, const Exponent& es) {
 // pass) for every row of the batch in turn, so that the long dependency chains of one row
 // (the per-row arithmetic between passes) overlap with the work of the next.
 struct Row {
-    const float* z;
-    float* out;
-    float* cand;   // the candidate keys' x, packed, padded with -inf to a multiple of W
-    float* pw;     // their powers gap^e at the last threshold
-    float* wt;     // and gap^(e-1)
-    int32_t* idx;  // the keys of the candidates not packed by the vector loop
-    uint16_t* masks;
-    int64_t n, padded, packed_blocks, packed_n;
-    double s, e, step_limit, t, lo, hi, newton;
-    Exponent ex, es;
-    Sums sums;
-    float cut;  // the candidates are the keys with x > cut
-    vf counts, totals;  // keys above each start offset, and their sum
-    float mx, sf;
-    int used;
-    bool done, converged;
+    const float* z = nullptr;
+    float* out = nullptr;
+    float* cand = nullptr;     // the candidate keys' x, packed, padded with -inf to W
+    float* pw = nullptr;       // their powers gap^e at the last threshold
+    float* wt = nullptr;       // and gap^(e-1)
+    int32_t* idx = nullptr;    // the keys of the candidates not packed by the vector loop
+    uint16_t* masks = nullptr; // which keys of each W-block are candidates (AVX-512 packing)
+    int64_t n = 0, padded = 0, packed_blocks = 0, packed_n = 0;
+    double s = -1.0, e = 0.0, step_limit = 0.0, t = 0.0, lo = 0.0, hi = 0.0, newton = 0.0;
+    Exponent ex{1.0}, es{1.0};
+    Sums sums{0, 0, 0};
+    double total = 0.0;        // the sum of the final powers (phase 3)
+    vf lanes[8] = {};          // partial sums left in vectors for reduce_rows (short rows)
+    vf counts{}, totals{};     // keys above each start offset, and their sum
+    float cut = 0.0f;          // the candidates are the keys with x > cut
+    float mx = 0.0f, sf = 0.0f;
+    int used = 0;
+    bool done = false, converged = false;
 };
 
 // Phase 3 moves the threshold by the last step delta through a second-order expansion of
@@ -233,29 +275,43 @@ void find_max(Row& R, int64_t d) {
 // P(t) >= n (m - t)^e (Jensen), so t = m - n^-s has P(t) >= 1; the best over the offsets (and
 // -1, the maximum alone).  First the counts and sums (lane k of R.counts and R.totals) ...
 template <int NOFF>
-void count_above(Row& R, int64_t d, const float (&offsets)[NOFF]) {
+void count_above(Row& R, int64_t d, const float (&offsets)[NOFF], bool lanes) {
     const float* z = R.z;
     const float mx = R.mx;
     const float sf = R.sf;
-    int64_t i = 0;
     vf cnt[NOFF], sum[NOFF];
     for (int k = 0; k < NOFF; ++k) { cnt[k] = vf{}; sum[k] = vf{}; }
-    for (; i + W <= d; i += W) {
-        vf x = (loadu(z + i) - mx) * sf;
+    for (int64_t i = 0; i < d; i += W) {
+        vf v;
+        if (i + W <= d) v = loadu(z + i);
+        else {
+            float tail[W];
+            for (int j = 0; j < W; ++j) tail[j] = i + j < d ? z[i + j] : -INFINITY;
+            v = loadu(tail);
+        }
+        vf x = (v - mx) * sf;
         for (int k = 0; k < NOFF; ++k) {
             vi above = x > offsets[k];
             cnt[k] += above ? splat(1.0f) : splat(0.0f);
             sum[k] += above ? x : splat(0.0f);
         }
     }
-    vf nv = splat(1.0f), mv = splat(0.0f);
-    for (int k = 0; k < NOFF; ++k) { nv[k] = hsum(cnt[k]); mv[k] = hsum(sum[k]); }
-    for (; i < d; ++i) {
-        float x = (z[i] - mx) * sf;
-        for (int k = 0; k < NOFF; ++k) if (x > offsets[k]) { nv[k] += 1; mv[k] += x; }
+    if (lanes) {
+        for (int k = 0; k < NOFF; ++k) { R.lanes[2 * k] = cnt[k]; R.lanes[2 * k + 1] = sum[k]; }
+        return;
     }
-    R.counts = nv;
-    R.totals = mv;
+    for (int k = 0; k < NOFF; ++k) { R.counts[k] = hsum(cnt[k]); R.totals[k] = hsum(sum[k]); }
+}
+
+// (The counts of a batch of short rows, from the vectors count_above left.)
+void reduce_counts(Row* rows, int64_t count, int noff) {
+    for (int k = 0; k < noff; ++k) {
+        vf counts = reduce_rows(rows, count, 2 * k), totals = reduce_rows(rows, count, 2 * k + 1);
+        for (int64_t b = 0; b < count; ++b) {
+            rows[b].counts[k] = counts[b];
+            rows[b].totals[k] = totals[b];
+        }
+    }
 }
 
 // ... then the bound, and the candidates x > bound (the support is among them), packed.
@@ -331,9 +387,19 @@ void pack(Row& R, int64_t d) {
 // first-order correction of phase 3.
 // (The sums of every row of a batch are taken first, then every row's step: interleaved, the
 // scalar arithmetic of a step stalled the vector work of the next row's pass.)
-void sum_powers(Row& R) {
-    R.sums = evaluate(R.cand, R.padded, R.t, R.ex, R.pw, R.wt);
+void sum_powers(Row& R, bool lanes) {
+    R.sums = evaluate(R.cand, R.padded, R.t, R.ex, R.pw, R.wt, lanes ? R.lanes : nullptr);
     ++R.used;
+}
+
+// (The sums of a batch of short rows, from the vectors sum_powers left; rows that are done
+// keep theirs.)
+void reduce_sums(Row* rows, int64_t count) {
+    vf p = reduce_rows(rows, count, 0), q = reduce_rows(rows, count, 1);
+    vf r = reduce_rows(rows, count, 2);
+    for (int64_t b = 0; b < count; ++b) {
+        if (!rows[b].done) rows[b].sums = Sums{p[b], q[b], r[b]};
+    }
 }
 
 void step(Row& R) {
@@ -359,11 +425,12 @@ void step(Row& R) {
     R.t = next;
 }
 
-// Phase 3: p = (gap - delta)^e ~ gap^e - e delta gap^(e-1) for Newton's step delta,
-// renormalised and put back in place (zeros elsewhere).
-void finish(Row& R, int64_t d) {
-    float* out = R.out;
-    if (R.n == 0) { std::memset(out, 0, sizeof(float) * d); return; }
+// Phase 3: the candidates' powers at the threshold moved by the last step (see
+// set_step_limits) and their sum ...
+void finish_powers(Row& R, bool lanes) {
+    R.total = 0.0;
+    if (lanes) R.lanes[0] = vf{};
+    if (R.n == 0) return;
     // A row stopped by max_passes keeps its last threshold (the expansion needs a small step).
     if (!R.converged) R.newton = 0.0;
     const double delta = R.newton, e = R.e;
@@ -395,8 +462,18 @@ void finish(Row& R, int64_t d) {
             storeu(R.pw + j, p);
             acc += p;
         }
+        if (lanes) { R.lanes[0] = acc; break; }  // (at most 16 W candidates)
         total += hsum(acc);
     }
+    R.total = total;
+    R.t = moved;
+}
+
+// ... and renormalised and put back in place (zeros elsewhere).
+void finish(Row& R, int64_t d) {
+    float* out = R.out;
+    if (R.n == 0) { std::memset(out, 0, sizeof(float) * d); return; }
+    const double total = R.total;
     const float inv = (float)(1.0 / (total > 0 ? total : 1.0));
     for (int64_t j = 0; j < R.padded; j += W) storeu(R.pw + j, loadu(R.pw + j) * inv);
 #ifdef __AVX512F__
@@ -409,7 +486,6 @@ void finish(Row& R, int64_t d) {
 #endif
     for (int64_t j = R.packed_blocks * W; j < d; ++j) out[j] = 0.0f;
     for (int64_t j = R.packed_n; j < R.n; ++j) out[R.idx[j]] = R.pw[j];
-    R.t = moved;
 }
 
 // The start's offsets: two on short rows (where counting costs as much as a pass), four on
@@ -449,6 +525,7 @@ struct Back {
     int64_t n;      // the support's size
     double s, tau, sw, sgw;
     float mx, p_max, k;
+    vf lanes[5];  // partial sums left in vectors for reduce_rows (short rows)
 };
 
 // k = p^(1 - s) / w = (-tau) p_max^(-s) for the rows of a batch (one power for all): p^s =
@@ -468,7 +545,7 @@ void set_power_scales(Back* rows, int64_t count) {
 
 // Sweep 1: the weights w (into grad_z), their sum, <g, w> and the largest probability; for
 // the alpha gradient also (p, g, w) of the support packed (3-25x fewer keys for its sweep).
-void backward_weights(Back& B, int64_t d) {
+void backward_weights(Back& B, int64_t d, bool lanes) {
     const float* z = B.z;
     const float* probs = B.probs;
     const float* grad = B.grad;
@@ -522,6 +599,7 @@ void backward_weights(Back& B, int64_t d) {
 #endif
             }
         }
+        if (lanes) { B.lanes[0] = aw; B.lanes[1] = agw; break; }  // (at most 16 W keys)
         sw += hsum(aw); sgw += hsum(agw);
     }
     // Padding: p = 0 adds nothing to any of the alpha gradient's sums.
@@ -532,27 +610,38 @@ void backward_weights(Back& B, int64_t d) {
     B.p_max = hmax(vmax);
 }
 
-// Sweep 2: grad_z = w (g - centre); then the alpha gradient's row sums over the support.
-void backward_finish(Back& B, int64_t d) {
+// Sweep 2: grad_z = w (g - centre).
+void backward_scores(Back& B, int64_t d) {
     const float* grad = B.grad;
     float* grad_z = B.grad_z;
     const float centre = (float)(B.sw > 0 ? B.sgw / B.sw : 0.0);
     int64_t i = 0;
     for (; i + W <= d; i += W) storeu(grad_z + i, loadu(grad_z + i) * (loadu(grad + i) - centre));
     for (; i < d; ++i) grad_z[i] = grad_z[i] * (grad[i] - centre);
-    if (!B.grad_alpha) return;
-    const double s = B.s;
-    const float sf = (float)s;
+}
+
+// The alpha gradient from its five row sums <p, l>, <p, gamma>, <g, p>, <g, p l>, <g, p gamma>.
+void alpha_gradient(Back& B, const double* sums) {
+    const double s = B.s, ml = sums[0], mg = sums[1], gp = sums[2], gpl = sums[3], gpg = sums[4];
+    const double centred = mg * gp - gpg;
+    const double cross = mg * gpl - ml * gpg;
+    *B.grad_alpha = (centred - s * cross) / (1.0 - s * ml + s * s * mg);
+}
+
+// Sweep 3, for the alpha gradient: those sums over the support (packed by sweep 1); with
+// lanes, left in vectors for reduce_rows.
+void backward_alpha_sums(Back& B, int64_t d, bool lanes) {
+    const float sf = (float)B.s;
     const float k = B.k;
-    const float inv_s2 = (float)(1.0 / (s * s));
+    const float inv_s2 = (float)(1.0 / (B.s * B.s));
     const int64_t stride = d + W;
     const float* pp = B.packed;
     const float* pg = pp + stride;
     const float* pw = pg + stride;
-    double ml = 0, mg = 0, gp = 0, gpl = 0, gpg = 0;
-    for (int64_t start = 0; start < B.n; start += 16 * W) {
+    double sums[5] = {0, 0, 0, 0, 0};
+    for (int64_t start = 0; start == 0 || start < B.n; start += 16 * W) {
         const int64_t stop = start + 16 * W < B.n ? start + 16 * W : B.n;
-        vf a_ml = vf{}, a_mg = vf{}, a_gp = vf{}, a_gpl = vf{}, a_gpg = vf{};
+        vf acc[5] = {};
         for (int64_t j = start; j < stop; j += W) {
             vf p = loadu(pp + j), g = loadu(pg + j), w = loadu(pw + j);
             vi pos = p > 0.0f;
@@ -563,14 +652,28 @@ void backward_finish(Back& B, int64_t d) {
             vf direct = (w * k - p + p * t) * inv_s2;
             vf pgamma = pos ? (small ? p * l * l * series : direct) : splat(0.0f);
             vf pl = p * l;
-            a_ml += pl; a_mg += pgamma; a_gp += g * p; a_gpl += g * pl; a_gpg += g * pgamma;
+            acc[0] += pl; acc[1] += pgamma; acc[2] += g * p; acc[3] += g * pl; acc[4] += g * pgamma;
         }
-        ml += hsum(a_ml); mg += hsum(a_mg); gp += hsum(a_gp); gpl += hsum(a_gpl);
-        gpg += hsum(a_gpg);
+        if (lanes) { for (int m = 0; m < 5; ++m) B.lanes[m] = acc[m]; return; }
+        for (int m = 0; m < 5; ++m) sums[m] += hsum(acc[m]);
     }
-    const double centred = mg * gp - gpg;
-    const double cross = mg * gpl - ml * gpg;
-    *B.grad_alpha = (centred - s * cross) / (1.0 - s * ml + s * s * mg);
+    alpha_gradient(B, sums);
+}
+
+// (For a batch of short rows: the sums of sweep 1 or of sweep 3 from their vectors.)
+void reduce_weights(Back* rows, int64_t count) {
+    vf sw = reduce_rows(rows, count, 0), sgw = reduce_rows(rows, count, 1);
+    for (int64_t b = 0; b < count; ++b) { rows[b].sw = sw[b]; rows[b].sgw = sgw[b]; }
+}
+
+void reduce_alpha_sums(Back* rows, int64_t count) {
+    vf sums[5];
+    for (int m = 0; m < 5; ++m) sums[m] = reduce_rows(rows, count, m);
+    for (int64_t b = 0; b < count; ++b) {
+        double row[5];
+        for (int m = 0; m < 5; ++m) row[m] = sums[m][b];
+        alpha_gradient(rows[b], row);
+    }
 }
 
 }  // namespace
@@ -589,9 +692,7 @@ int64_t structattn_entmax_bisect_f32(const float* z, const double* slack, int64_
     std::vector<float> buffer(3 * batch * stride);
     std::vector<int32_t> idx(batch * stride);
     std::vector<uint16_t> masks(batch * (d / W + 1));
-    std::vector<Row> state(batch, Row{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                                      nullptr, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, Exponent(1.0),
-                                      Exponent(1.0), Sums{0, 0, 0}, 0.0f, vf{}, vf{}, 0, 0, 0, false, false});
+    std::vector<Row> state(batch);
     for (int64_t b = 0; b < batch; ++b) {
         Row& R = state[b];
         R.cand = buffer.data() + 3 * b * stride;
@@ -602,6 +703,9 @@ int64_t structattn_entmax_bisect_f32(const float* z, const double* slack, int64_
     }
     int64_t unconverged = 0;
     bool changed = true;
+    // Short rows (a batch of W, at most 16 W candidates each) leave their sums in vectors, and
+    // each batch reduces them together (reduce_rows).
+    const bool lanes = batch == W;
     for (int64_t r0 = 0; r0 < rows; r0 += batch) {
         const int64_t count = rows - r0 < batch ? rows - r0 : batch;
         for (int64_t b = 0; b < count; ++b) {
@@ -620,23 +724,33 @@ int64_t structattn_entmax_bisect_f32(const float* z, const double* slack, int64_
         changed = false;
         for (int64_t b = 0; b < count; ++b) {
             Row& R = state[b];
-            if (R.done) continue;
-            if (d <= SHORT_ROW) count_above(R, d, SHORT_OFFSETS);
-            else count_above(R, d, LONG_OFFSETS);
+            if (R.done) { for (vf& lane : R.lanes) lane = vf{}; continue; }
+            if (d <= SHORT_ROW) count_above(R, d, SHORT_OFFSETS, lanes);
+            else count_above(R, d, LONG_OFFSETS, lanes);
         }
-        set_lower_bounds(state.data(), count, d <= SHORT_ROW ? NSHORT : NLONG);
+        const int noff = d <= SHORT_ROW ? NSHORT : NLONG;
+        if (lanes) reduce_counts(state.data(), count, noff);
+        set_lower_bounds(state.data(), count, noff);
         for (int64_t b = 0; b < count; ++b) {
             if (!state[b].done) pack(state[b], d);
         }
         for (int pass = 0; pass < max_passes; ++pass) {
             bool active = false;
             for (int64_t b = 0; b < count; ++b) {
-                if (!state[b].done) { sum_powers(state[b]); active = true; }
+                Row& R = state[b];
+                if (!R.done) { sum_powers(R, lanes); active = true; }
+                else if (lanes) { for (vf& lane : R.lanes) lane = vf{}; }
             }
+            if (!active) break;
+            if (lanes) reduce_sums(state.data(), count);
             for (int64_t b = 0; b < count; ++b) {
                 if (!state[b].done) step(state[b]);
             }
-            if (!active) break;
+        }
+        for (int64_t b = 0; b < count; ++b) finish_powers(state[b], lanes);
+        if (lanes) {
+            vf totals = reduce_rows(state.data(), count, 0);
+            for (int64_t b = 0; b < count; ++b) state[b].total = totals[b];
         }
         for (int64_t b = 0; b < count; ++b) {
             Row& R = state[b];
@@ -658,6 +772,7 @@ void structattn_entmax_bisect_backward_f32(const float* z, const float* probs, c
                                            float* grad_z, double* grad_alpha, int64_t rows,
                                            int64_t d) {
     const int64_t batch = batch_rows(d);
+    const bool lanes = batch == W;  // (as in the forward pass)
     std::vector<Back> state(batch);
     std::vector<float> scratch(grad_alpha ? batch * 3 * (d + 2 * W) : 0);
     for (int64_t r0 = 0; r0 < rows; r0 += batch) {
@@ -667,11 +782,15 @@ void structattn_entmax_bisect_backward_f32(const float* z, const float* probs, c
             state[b] = Back{z + r * d, probs + r * d, grad + r * d, grad_z + r * d,
                             grad_alpha ? grad_alpha + r : nullptr,
                             grad_alpha ? scratch.data() + b * 3 * (d + 2 * W) : nullptr, 0,
-                            slack[r * slack_stride], tau[r], 0.0, 0.0, shift[r], 0.0f, 0.0f};
-            backward_weights(state[b], d);
+                            slack[r * slack_stride], tau[r], 0.0, 0.0, shift[r], 0.0f, 0.0f, {}};
+            backward_weights(state[b], d, lanes);
         }
-        if (grad_alpha) set_power_scales(state.data(), count);
-        for (int64_t b = 0; b < count; ++b) backward_finish(state[b], d);
+        if (lanes) reduce_weights(state.data(), count);
+        for (int64_t b = 0; b < count; ++b) backward_scores(state[b], d);
+        if (!grad_alpha) continue;
+        set_power_scales(state.data(), count);
+        for (int64_t b = 0; b < count; ++b) backward_alpha_sums(state[b], d, lanes);
+        if (lanes) reduce_alpha_sums(state.data(), count);
     }
 }
 

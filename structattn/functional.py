@@ -805,14 +805,20 @@ def _native_applies(z: Tensor, tol: float | None) -> bool:
     )
 
 
-def _native_covers(z: Tensor, alpha: Tensor | float, tol: float | None) -> bool:
-    """Whether the CPU kernel takes every row of ``z`` at ``alpha`` (a number or ``(rows, 1)``)."""
+def _native_covers(
+    z: Tensor, alpha: Tensor | float, tol: float | None,
+    extremes: tuple[float, float] | None = None,
+) -> bool:
+    """Whether the CPU kernel takes every row of ``z`` at ``alpha`` (a number or ``(rows, 1)``,
+    whose ``(min, max)`` are ``extremes`` when known)."""
     if not _native_applies(z, tol):
         return False
     if isinstance(alpha, float):
         return _native.MIN_SLACK <= alpha - 1.0 <= _native.MAX_SLACK
-    low, high = torch.aminmax(alpha.detach())
-    return _native.MIN_SLACK <= float(low) - 1.0 and float(high) - 1.0 <= _native.MAX_SLACK
+    if extremes is None:
+        extremes = tuple(float(v) for v in torch.aminmax(alpha.detach()))
+    low, high = extremes
+    return _native.MIN_SLACK <= low - 1.0 and high - 1.0 <= _native.MAX_SLACK
 
 
 class _NativeEntmaxBisectFunction(torch.autograd.Function):
@@ -918,9 +924,11 @@ class _EntmaxBisectFunction(torch.autograd.Function):
 def _check_finite_scores(scores: Tensor, mask: Tensor | None) -> None:
     """Raise on NaN or infinite valid scores.  A finite sum proves there are none, and costs
     a tenth of an elementwise check; only a non-finite sum pays for the exact check."""
-    valid = scores if mask is None else torch.where(mask, scores, 0.0)
-    total = valid.sum(dtype=torch.float32 if scores.dtype in _HALF_DTYPES else None)
-    if not bool(torch.isfinite(total)):
+    with torch.no_grad():
+        valid = scores if mask is None else torch.where(mask, scores, 0.0)
+        total = valid.sum(dtype=torch.float32 if scores.dtype in _HALF_DTYPES else None)
+        finite = bool(torch.isfinite(total))
+    if not finite:
         check_finite(scores, "scores", mask)
 
 
@@ -946,18 +954,21 @@ def _prepare(scores: Tensor, dim: int, mask: Tensor | None) -> tuple[int, Tensor
 
 def _to_rows(scores: Tensor, dim: int, mask: Tensor | None) -> Tensor:
     """``scores`` as ``(rows, keys)`` in the work dtype, masked keys set to -inf."""
-    z = scores.movedim(dim, -1)
+    # (Each reshape is an autograd node for scores that require grad: only where needed.)
+    z = scores if dim == scores.dim() - 1 else scores.movedim(dim, -1)
     if mask is not None:
         z = z.masked_fill(~mask.expand(scores.shape).movedim(dim, -1), float("-inf"))
     if z.dtype in _HALF_DTYPES:
         z = z.float()
-    return z.reshape(-1, z.shape[-1])
+    return z if z.dim() == 2 else z.reshape(-1, z.shape[-1])
 
 
 def _from_rows(probs: Tensor, scores: Tensor, dim: int) -> Tensor:
     """Inverse of :func:`_to_rows`: back to ``scores``' shape, layout of ``dim`` and dtype."""
-    shape = scores.movedim(dim, -1).shape
-    return probs.reshape(shape).movedim(-1, dim).to(scores.dtype)
+    if scores.dim() != 2 or dim != 1:
+        shape = scores.movedim(dim, -1).shape
+        probs = probs.reshape(shape).movedim(-1, dim)
+    return probs if probs.dtype == scores.dtype else probs.to(scores.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1033,8 +1044,11 @@ def entmax15(scores: Tensor, dim: int = -1, mask: Tensor | None = None) -> Tenso
     return _from_rows(probs, scores, dim)
 
 
-def _alpha_rows(alpha: float | Tensor, scores: Tensor, dim: int) -> Tensor | float:
-    """Validate ``alpha`` and return it as a float or as ``(rows, 1)`` in the work dtype."""
+def _alpha_rows(
+    alpha: float | Tensor, scores: Tensor, dim: int
+) -> tuple[Tensor | float, tuple[float, float] | None]:
+    """Validate ``alpha`` and return it as a float or as ``(rows, 1)`` in the work dtype, with
+    its ``(min, max)`` when validation computed them (else None)."""
     checking = validation_enabled()
     if not isinstance(alpha, Tensor):
         # Checked even with validation off: float("1.5") would silently accept a string.
@@ -1043,24 +1057,38 @@ def _alpha_rows(alpha: float | Tensor, scores: Tensor, dim: int) -> Tensor | flo
             raise ValueError(f"alpha must be >= 1 (1 = softmax, 2 = sparsemax), got {alpha}")
         if checking and alpha == float("inf"):
             raise ValueError("alpha must be finite, got inf")
-        return alpha
+        return alpha, (alpha, alpha)
     reduced = list(scores.shape)
     reduced[dim] = 1
+    extremes = None
     if checking:
         if not alpha.is_floating_point():
             raise ValueError(f"alpha must be a float or a floating-point tensor, got {alpha.dtype}")
-        check_broadcasts_to(alpha.shape, reduced, "alpha",
-                            f"the scores' shape with dim {dim} reduced to 1,")
-        if not bool(torch.isfinite(alpha).all()):
-            raise ValueError("alpha contains NaN or infinite values")
-        if not bool((alpha >= 1).all()):
-            raise ValueError(
-                f"alpha must be >= 1 everywhere (1 = softmax, 2 = sparsemax), got minimum "
-                f"{alpha.min().item()}"
-            )
+        if list(alpha.shape) != reduced:
+            check_broadcasts_to(alpha.shape, reduced, "alpha",
+                                f"the scores' shape with dim {dim} reduced to 1,")
+        if alpha.numel() > 0:
+            # One reduction for both checks (NaN propagates into it).
+            with torch.no_grad():
+                low, high = (float(v) for v in torch.aminmax(alpha.detach()))
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise ValueError("alpha contains NaN or infinite values")
+            if not low >= 1:
+                raise ValueError(
+                    f"alpha must be >= 1 everywhere (1 = softmax, 2 = sparsemax), got minimum "
+                    f"{low}"
+                )
+            extremes = (low, high)
     work_dtype = torch.float32 if scores.dtype in _HALF_DTYPES else scores.dtype
-    rows = alpha.to(work_dtype).expand(reduced).movedim(dim, -1)
-    return rows.reshape(-1, 1)
+    # (Each reshape below would be an autograd node for a learned alpha: only where needed.)
+    rows = alpha if alpha.dtype == work_dtype else alpha.to(work_dtype)
+    if list(rows.shape) != reduced:
+        rows = rows.expand(reduced)
+    if dim != scores.dim() - 1:
+        rows = rows.movedim(dim, -1)
+    if rows.dim() != 2:
+        rows = rows.reshape(-1, 1)
+    return rows, extremes
 
 
 def entmax_bisect(
@@ -1118,7 +1146,7 @@ def entmax_bisect(
         check_positive_int(n_iter, "n_iter")
         if tol is not None and not check_real_number(tol, "tol") > 0:
             raise ValueError(f"tol must be positive, got {tol!r}")
-    alpha_rows = _alpha_rows(alpha, scores, dim)
+    alpha_rows, extremes = _alpha_rows(alpha, scores, dim)
     if isinstance(alpha_rows, float):
         if alpha_rows == 1.0:
             return masked_softmax(scores, dim, mask)
@@ -1128,7 +1156,7 @@ def entmax_bisect(
             return sparsemax(scores, dim, mask)
     z = _to_rows(scores, dim, mask)
     use_triton = _use_triton(z, tol)
-    if not use_triton and _native_covers(z, alpha_rows, tol):
+    if not use_triton and _native_covers(z, alpha_rows, tol, extremes):
         if isinstance(alpha_rows, float):
             alpha_rows = torch.full((1, 1), alpha_rows, dtype=z.dtype)
         probs = _NativeEntmaxBisectFunction.apply(z, alpha_rows, n_iter)
