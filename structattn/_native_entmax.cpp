@@ -49,8 +49,17 @@ typedef float vf8 __attribute__((vector_size(32)));
 typedef float vf4 __attribute__((vector_size(16)));
 // Sums and maxima across lanes by halving (a chain of 16 dependent adds costs ~60 cycles).
 inline bool any(vi m) {
-    for (int j = 0; j < W; ++j) if (m[j]) return true;
+#ifdef __AVX512F__
+    return _mm512_test_epi32_mask((__m512i)m, (__m512i)m) != 0;
+#else
+    typedef int32_t vi8 __attribute__((vector_size(32)));
+    vi8 a, b;
+    std::memcpy(&a, &m, 32);
+    std::memcpy(&b, (const char*)&m + 32, 32);
+    a |= b;
+    for (int j = 0; j < 8; ++j) if (a[j]) return true;
     return false;
+#endif
 }
 inline float hsum(vf v) {
     vf8 a, b; std::memcpy(&a, &v, 32); std::memcpy(&b, (const char*)&v + 32, 32);
@@ -241,7 +250,7 @@ void set_step_limits(Row* rows, int64_t count) {
     for (int64_t b = 0; b < count; ++b) {
         const double e = rows[b].e;
         const double c = 1.5 * std::fabs(e * (e - 1.0) * (e - 2.0)) / 6.0;
-        base[b] = c > 0 ? (float)(std::ldexp(1.0, -25) / c) : 1.0f;
+        base[b] = c > 0 ? (float)(0x1p-25 / c) : 1.0f;
         ex.set((int)b, e >= 3.0 ? 1.0 / 3.0 : 1.0 / e);
         ex8.set((int)b, e >= 3.0 ? 0.0 : (3.0 - e) / e);
     }
@@ -377,7 +386,7 @@ void pack(Row& R, int64_t d) {
     }
     R.n = n;
     R.padded = (n + W - 1) / W * W;
-    for (int64_t j = n; j < R.padded; ++j) R.cand[j] = -INFINITY;
+    storeu(R.cand + n, splat(-INFINITY));  // (the buffer holds d + W)
     R.t = R.lo = lower;
     R.hi = 0.0;
 }
@@ -405,20 +414,24 @@ void reduce_sums(Row* rows, int64_t count) {
 void step(Row& R) {
     const Sums& S = R.sums;
     const double s = R.s, e = R.e, u = S.p - 1.0;
+    // (Three divisions, independent of each other: they dominated this step's time.)
+    const double inv_eq = S.q > 0 ? 1.0 / (e * S.q) : 0.0;
+    const double inv_p = 1.0 / S.p;
     // Newton's step on P - 1, refined to second order: phase 3 applies it to the powers.
-    const double first = S.q > 0 ? u / (e * S.q) : 0.0;
-    R.newton = S.q > 0 ? (u + 0.5 * e * (e - 1.0) * first * first * S.r) / (e * S.q) : 0.0;
+    const double first = u * inv_eq;
+    R.newton = (u + 0.5 * e * (e - 1.0) * first * first * S.r) * inv_eq;
     if (std::fabs(R.newton) <= R.step_limit && R.t + R.newton > R.cut) {
         R.done = R.converged = true;
         return;
     }
     double value = power_minus_one(u, s, R.es);
     if (value >= 0) R.lo = R.t; else R.hi = R.t;
-    double scale = (1.0 + value) / S.p;  // P^(s-1)
+    double scale = (1.0 + value) * inv_p;  // P^(s-1)
     double slope = -scale * S.q;
-    double curv = scale * ((s - 1.0) * e * S.q * S.q / S.p + (e - 1.0) * S.r);
+    double curv = scale * ((s - 1.0) * e * S.q * S.q * inv_p + (e - 1.0) * S.r);
     double den = 2.0 * slope * slope - value * curv;
-    double move = (value >= 0 && den > 0) ? -2.0 * value * slope / den : -value / slope;
+    const bool halley = value >= 0 && den > 0;
+    double move = (halley ? -2.0 * value * slope : -value) / (halley ? den : slope);
     double next = R.t + move;
     if (!(next > R.lo && next < R.hi)) next = 0.5 * (R.lo + R.hi);
     if (next == R.t) { R.newton = 0.0; R.done = R.converged = true; return; }
