@@ -30,11 +30,12 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["MIN_SLACK", "MAX_SLACK", "available", "library", "forward", "backward"]
+__all__ = ["MIN_SLACK", "MAX_SLACK", "Forward", "available", "library", "forward", "backward"]
 
 #: The range of ``alpha - 1`` the kernel handles (its powers lose accuracy as alpha -> 1).
 MIN_SLACK = 0.1
@@ -131,7 +132,8 @@ def load(path: Path) -> ctypes.CDLL:
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     lib.structattn_entmax_bisect_f32.restype = ctypes.c_int64
     lib.structattn_entmax_bisect_f32.argtypes = [
-        pointer, pointer, size, pointer, pointer, pointer, pointer, size, size, ctypes.c_int32]
+        pointer, pointer, size, pointer, pointer, pointer, pointer, size, size, ctypes.c_int32,
+        pointer]
     lib.structattn_entmax_bisect_backward_f32.restype = None
     lib.structattn_entmax_bisect_backward_f32.argtypes = [
         pointer, pointer, pointer, pointer, pointer, size, pointer, pointer, pointer, size, size]
@@ -189,14 +191,23 @@ def _address(tensor: Tensor, row: int) -> int:
     return tensor.data_ptr() + row * tensor.stride(0) * tensor.element_size()
 
 
-def forward(z: Tensor, slack: Tensor, max_passes: int, lib: ctypes.CDLL | None = None
-            ) -> tuple[Tensor, Tensor, Tensor, int]:
-    """alpha-entmax of rows ``z: (rows, keys)`` float32 with ``slack = alpha - 1: (rows, 1)``
-    float64 in ``[MIN_SLACK, MAX_SLACK]``.
+class Forward(NamedTuple):
+    """:func:`forward`'s results."""
 
-    Returns ``(probs (rows, keys), shift (rows, 1) float32, tau (rows, 1) float64,
-    unconverged rows)``: the row maximum and the threshold on ``x = (z - shift)(alpha - 1)``
-    are what the general path's backward reads too.
+    probs: Tensor  #: (rows, keys)
+    shift: Tensor  #: (rows, 1) float32, the row maximum
+    tau: Tensor  #: (rows, 1) float64, the threshold on x = (z - shift)(alpha - 1)
+    unconverged: int  #: rows not converged within max_passes
+    nonfinite: int  #: rows holding NaN or +-inf scores
+
+
+def forward(z: Tensor, slack: Tensor, max_passes: int, lib: ctypes.CDLL | None = None
+            ) -> Forward:
+    """alpha-entmax of rows ``z: (rows, keys)`` float32 with ``slack = alpha - 1: (rows, 1)``
+    (or one value for every row) in ``[MIN_SLACK, MAX_SLACK]``.
+
+    The row maximum and the threshold it returns are what the general path's backward reads
+    too; rows with non-finite scores are counted (the caller's validation raises on them).
     """
     lib = library() if lib is None else lib
     z = z.contiguous()
@@ -206,22 +217,24 @@ def forward(z: Tensor, slack: Tensor, max_passes: int, lib: ctypes.CDLL | None =
     probs = torch.empty_like(z)
     shift = torch.empty(rows, 1, dtype=z.dtype)
     tau = torch.empty(rows, 1, dtype=torch.float64)
-    unconverged = [0]
+    counts = []
 
     def call(start: int, stop: int) -> None:
-        unconverged.append(lib.structattn_entmax_bisect_f32(
+        nonfinite = ctypes.c_int64(0)
+        unconverged = lib.structattn_entmax_bisect_f32(
             _address(z, start), _address(slack, start * slack_stride), slack_stride,
             _address(probs, start), _address(shift, start), _address(tau, start), None,
-            stop - start, keys, max_passes))
+            stop - start, keys, max_passes, ctypes.byref(nonfinite))
+        counts.append((unconverged, nonfinite.value))
 
     _run([functools.partial(call, a, b) for a, b in _chunks(rows, z.numel())])
-    return probs, shift, tau, sum(unconverged)
+    return Forward(probs, shift, tau, sum(c[0] for c in counts), sum(c[1] for c in counts))
 
 
 def backward(z: Tensor, probs: Tensor, shift: Tensor, slack: Tensor, tau: Tensor, grad: Tensor,
              alpha_grad: bool, lib: ctypes.CDLL | None = None) -> tuple[Tensor, Tensor | None]:
     """The gradients of :func:`forward`'s output against ``grad: (rows, keys)``: with respect
-    to the scores, and (if ``alpha_grad``) to each row's alpha as ``(rows, 1)`` float64."""
+    to the scores, and (if ``alpha_grad``) to each row's alpha as ``(rows, 1)`` float32."""
     lib = library() if lib is None else lib
     z, probs, grad = z.contiguous(), probs.contiguous(), grad.contiguous().to(z.dtype)
     rows, keys = z.shape
@@ -229,7 +242,7 @@ def backward(z: Tensor, probs: Tensor, shift: Tensor, slack: Tensor, tau: Tensor
     slack_stride = 1 if slack.numel() > 1 else 0
     shift, tau = shift.contiguous(), tau.contiguous()
     grad_z = torch.empty_like(z)
-    grad_alpha = torch.empty(rows, 1, dtype=torch.float64) if alpha_grad else None
+    grad_alpha = torch.empty(rows, 1, dtype=z.dtype) if alpha_grad else None
 
     def call(start: int, stop: int) -> None:
         lib.structattn_entmax_bisect_backward_f32(

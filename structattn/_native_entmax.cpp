@@ -235,6 +235,7 @@ struct Row {
     float mx = 0.0f, sf = 0.0f;
     int used = 0;
     bool done = false, converged = false;
+    bool finite = true;        // every key of the row finite (checked by find_max)
 };
 
 // Phase 3 moves the threshold by the last step delta through a second-order expansion of
@@ -265,10 +266,20 @@ void set_step_limits(Row* rows, int64_t count) {
 void find_max(Row& R, int64_t d) {
     const float* z = R.z;
     vf vm = splat(-INFINITY);
+    vi finite = splati(-1);  // v - v is 0 for finite v, NaN for NaN and +-inf
     int64_t i = 0;
-    for (; i + W <= d; i += W) { vf v = loadu(z + i); vm = v > vm ? v : vm; }
+    for (; i + W <= d; i += W) {
+        vf v = loadu(z + i);
+        vm = v > vm ? v : vm;
+        finite &= (v - v) == 0.0f;
+    }
     float mx = hmax(vm);
-    for (; i < d; ++i) mx = z[i] > mx ? z[i] : mx;
+    bool all_finite = !any(~finite);
+    for (; i < d; ++i) {
+        mx = z[i] > mx ? z[i] : mx;
+        all_finite = all_finite && std::isfinite(z[i]);
+    }
+    R.finite = all_finite;
     R.used = 0;
     R.newton = 0.0;
     R.done = R.converged = false;
@@ -533,7 +544,7 @@ struct Back {
     const float* probs;
     const float* grad;
     float* grad_z;
-    double* grad_alpha;
+    float* grad_alpha;
     float* packed;  // scratch, 3 (d + W): the support's p, g and w, packed (alpha gradient)
     int64_t n;      // the support's size
     double s, tau, sw, sgw;
@@ -638,7 +649,7 @@ void alpha_gradient(Back& B, const double* sums) {
     const double s = B.s, ml = sums[0], mg = sums[1], gp = sums[2], gpl = sums[3], gpg = sums[4];
     const double centred = mg * gp - gpg;
     const double cross = mg * gpl - ml * gpg;
-    *B.grad_alpha = (centred - s * cross) / (1.0 - s * ml + s * s * mg);
+    *B.grad_alpha = (float)((centred - s * cross) / (1.0 - s * ml + s * s * mg));
 }
 
 // Sweep 3, for the alpha gradient: those sums over the support (packed by sweep 1); with
@@ -695,11 +706,13 @@ extern "C" {
 
 // alpha-entmax of rows z: (rows, d) float32, slack = alpha - 1 in (0, 1] per row (float64,
 // stride 0 or 1).  Writes out (rows, d), shift (rows,) float32 (the row maximum), tau (rows,)
-// float64 (the threshold on x = (z - shift)(alpha - 1)) and, if not null, the passes per row.
-// Returns the number of rows not converged within max_passes.
+// float64 (the threshold on x = (z - shift)(alpha - 1)) and, if not null, the passes per row
+// and (added to *nonfinite) the number of rows holding NaN or +-inf.  Returns the number of
+// rows not converged within max_passes.
 int64_t structattn_entmax_bisect_f32(const float* z, const double* slack, int64_t slack_stride,
                                      float* out, float* shift, double* tau, int32_t* passes,
-                                     int64_t rows, int64_t d, int32_t max_passes) {
+                                     int64_t rows, int64_t d, int32_t max_passes,
+                                     int64_t* nonfinite) {
     const int64_t batch = batch_rows(d);
     const int64_t stride = d + W;
     std::vector<float> buffer(3 * batch * stride);
@@ -772,17 +785,18 @@ int64_t structattn_entmax_bisect_f32(const float* z, const double* slack, int64_
             tau[r0 + b] = R.t;
             if (passes) passes[r0 + b] = R.used;
             unconverged += !R.converged;
+            if (nonfinite) *nonfinite += !R.finite;
         }
     }
     return unconverged;
 }
 
 // The backward pass of structattn_entmax_bisect_f32 from its outputs: grad_z (rows, d) and, if
-// grad_alpha (rows,) float64 is not null, the gradient with respect to each row's alpha.
+// grad_alpha (rows,) float32 is not null, the gradient with respect to each row's alpha.
 void structattn_entmax_bisect_backward_f32(const float* z, const float* probs, const float* grad,
                                            const float* shift, const double* slack,
                                            int64_t slack_stride, const double* tau,
-                                           float* grad_z, double* grad_alpha, int64_t rows,
+                                           float* grad_z, float* grad_alpha, int64_t rows,
                                            int64_t d) {
     const int64_t batch = batch_rows(d);
     const bool lanes = batch == W;  // (as in the forward pass)

@@ -826,20 +826,22 @@ class _NativeEntmaxBisectFunction(torch.autograd.Function):
     ``(1, 1)`` (one alpha for every row) with ``alpha - 1`` in the kernel's range."""
 
     @staticmethod
-    def forward(ctx: Any, z: Tensor, alpha: Tensor, n_iter: int) -> Tensor:
+    def forward(ctx: Any, z: Tensor, alpha: Tensor, n_iter: int, check_values: bool) -> Tensor:
+        """``check_values``: raise on NaN or infinite scores, which the kernel counts as it
+        reads them (cheaper than a separate check; the scores carry no mask)."""
         slack = alpha.detach().to(torch.float64) - 1.0
-        probs, shift, tau, _ = _native.forward(z.detach(), slack, n_iter)
-        ctx.save_for_backward(z.detach(), probs, shift, slack, tau)
-        return probs
+        result = _native.forward(z.detach(), slack, n_iter)
+        if check_values and result.nonfinite:
+            check_finite(z, "scores")
+        ctx.save_for_backward(z.detach(), result.probs, result.shift, slack, result.tau)
+        return result.probs
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         z, probs, shift, slack, tau = ctx.saved_tensors
         grad_z, grad_alpha = _native.backward(
             z, probs, shift, slack, tau, grad, bool(ctx.needs_input_grad[1]))
-        if grad_alpha is not None:
-            grad_alpha = grad_alpha.to(grad.dtype)
-        return (grad_z if ctx.needs_input_grad[0] else None), grad_alpha, None
+        return (grad_z if ctx.needs_input_grad[0] else None), grad_alpha, None, None
 
 
 def _native_rows(z: Tensor, slack: Tensor, tol: float | None) -> Tensor | None:
@@ -855,26 +857,23 @@ def _native_rows(z: Tensor, slack: Tensor, tol: float | None) -> Tensor | None:
 
 def _solve_rows(
     z: Tensor, slack: Tensor, n_iter: int, tol: float | None
-) -> tuple[Tensor, Tensor, Tensor, bool]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """alpha-entmax of rows ``z`` with ``slack = alpha - 1 > 0: (rows, 1)`` float64:
-    ``(probs, shift, tau, all rows native)``, each row by the CPU kernel where it applies
-    and by :func:`_entmax_bisect_rows` otherwise (both give the threshold and row shift in
-    the same form, which the backward kernels read)."""
+    ``(probs, shift, tau)``, the rows in the CPU kernel's range by the kernel and the others by
+    :func:`_entmax_bisect_rows` (both give the threshold and row shift in the form the general
+    backward reads).  (Inputs whose rows are all in range take the kernel's own Function.)"""
     native = _native_rows(z, slack, tol)
     if native is None:
-        return (*_entmax_bisect_rows(z, slack, n_iter, tol), False)
-    if bool(native.all()):
-        probs, shift, tau, _ = _native.forward(z, slack, n_iter)
-        return probs, shift, tau, True
+        return _entmax_bisect_rows(z, slack, n_iter, tol)
     inside, outside = native.nonzero().squeeze(1), (~native).nonzero().squeeze(1)
     slack = slack.expand(z.shape[0], 1)
-    probs, shift, tau, _ = _native.forward(z[inside], slack[inside], n_iter)
+    probs, shift, tau, *_ = _native.forward(z[inside], slack[inside], n_iter)
     rest = _entmax_bisect_rows(z[outside], slack[outside], n_iter, tol)
     merged = []
     for part, other in zip((probs, shift, tau), rest, strict=True):
         whole = part.new_empty((z.shape[0], *part.shape[1:]))
         merged.append(whole.index_copy_(0, inside, part).index_copy_(0, outside, other))
-    return (*merged, False)
+    return merged[0], merged[1], merged[2]
 
 
 class _EntmaxBisectFunction(torch.autograd.Function):
@@ -885,7 +884,7 @@ class _EntmaxBisectFunction(torch.autograd.Function):
         z = z.detach()
         slack = (alpha.detach() - 1.0).to(torch.float64)
         softmax_rows = slack == 0
-        probs, shift, tau, ctx.native = _solve_rows(
+        probs, shift, tau = _solve_rows(
             z, torch.where(softmax_rows, 1.0, slack), n_iter, tol
         )
         if bool(softmax_rows.any()):
@@ -899,13 +898,7 @@ class _EntmaxBisectFunction(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         z, probs, shift, slack, tau, alpha = ctx.saved_tensors
         grad_z = grad_alpha = None
-        # (The Triton kernel's Function reuses this backward without setting ctx.native.)
-        if getattr(ctx, "native", False):
-            grad_z, grad_alpha = _native.backward(
-                z, probs, shift, slack, tau, grad, bool(ctx.needs_input_grad[1]))
-            if not ctx.needs_input_grad[0]:
-                grad_z = None
-        elif ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
             grad_z, grad_alpha = _bisect_backward_with_alpha(z, probs, shift, slack, tau, grad)
         elif ctx.needs_input_grad[0]:
             grad_z = _bisect_backward(z, probs, shift, slack, tau, grad)
@@ -932,8 +925,11 @@ def _check_finite_scores(scores: Tensor, mask: Tensor | None) -> None:
         check_finite(scores, "scores", mask)
 
 
-def _prepare(scores: Tensor, dim: int, mask: Tensor | None) -> tuple[int, Tensor | None]:
-    """Validate (when enabled) and return ``(dim as a non-negative index, bool mask)``."""
+def _prepare(
+    scores: Tensor, dim: int, mask: Tensor | None, check_values: bool = True
+) -> tuple[int, Tensor | None]:
+    """Validate (when enabled) and return ``(dim as a non-negative index, bool mask)``;
+    ``check_values=False`` leaves the check for NaN and infinite scores to the caller."""
     if not isinstance(scores, Tensor):
         raise ValueError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
     if validation_enabled():
@@ -944,7 +940,8 @@ def _prepare(scores: Tensor, dim: int, mask: Tensor | None) -> tuple[int, Tensor
         mask = broadcast_mask(mask, scores.shape)
         if mask is not None:
             check_some_valid(mask.expand(scores.shape), dim)
-        _check_finite_scores(scores, mask)
+        if check_values:
+            _check_finite_scores(scores, mask)
         return dim, mask
     dim = dim % scores.dim()
     if mask is not None and mask.dtype != torch.bool:
@@ -1141,8 +1138,9 @@ def entmax_bisect(
             ``alpha`` that is not a real number >= 1 or a floating tensor of them that
             broadcasts, ``n_iter`` not a positive int, ``tol`` not a positive number.
     """
-    dim, mask = _prepare(scores, dim, mask)
-    if validation_enabled():
+    dim, mask = _prepare(scores, dim, mask, check_values=False)
+    checking = validation_enabled()
+    if checking:
         check_positive_int(n_iter, "n_iter")
         if tol is not None and not check_real_number(tol, "tol") > 0:
             raise ValueError(f"tol must be positive, got {tol!r}")
@@ -1156,10 +1154,16 @@ def entmax_bisect(
             return sparsemax(scores, dim, mask)
     z = _to_rows(scores, dim, mask)
     use_triton = _use_triton(z, tol)
-    if not use_triton and _native_covers(z, alpha_rows, tol, extremes):
+    native = not use_triton and _native_covers(z, alpha_rows, tol, extremes)
+    # The CPU kernel counts non-finite scores as it reads them; with a mask (masked keys are
+    # -inf by then) or on any other path, the check runs first.
+    if checking and not (native and mask is None):
+        _check_finite_scores(scores, mask)
+    if native:
         if isinstance(alpha_rows, float):
             alpha_rows = torch.full((1, 1), alpha_rows, dtype=z.dtype)
-        probs = _NativeEntmaxBisectFunction.apply(z, alpha_rows, n_iter)
+        probs = _NativeEntmaxBisectFunction.apply(
+            z, alpha_rows, n_iter, checking and mask is None)
         return _from_rows(probs, scores, dim)
     if isinstance(alpha_rows, float):
         alpha_rows = torch.full_like(z[:, :1], alpha_rows)

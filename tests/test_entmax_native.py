@@ -110,9 +110,9 @@ def test_masked_keys_get_exactly_zero_and_ties_are_kept(native_calls):
 def test_a_row_of_minus_infinity_gives_zeros_not_nan():
     z = torch.full((3, 20), float("-inf"))
     z[1, 4] = 0.0
-    probs, shift, tau, unconverged = _native.forward(z, torch.tensor([[0.5]], dtype=torch.float64),
-                                                     50)
-    assert unconverged == 0
+    probs, shift, tau, unconverged, nonfinite = _native.forward(
+        z, torch.tensor([[0.5]], dtype=torch.float64), 50)
+    assert unconverged == 0 and nonfinite == 3  # every row holds -inf
     assert bool((probs[0] == 0).all()) and bool((probs[2] == 0).all())
     assert probs[1, 4] == 1.0 and float(probs[1].sum()) == 1.0
     assert bool(torch.isfinite(shift).all()) and bool(torch.isfinite(tau).all())
@@ -120,7 +120,8 @@ def test_a_row_of_minus_infinity_gives_zeros_not_nan():
 
 def test_one_pass_still_gives_a_distribution():
     z = random_scores(50, 300, seed=2, dtype=torch.float32)
-    probs, _, _, unconverged = _native.forward(z, torch.tensor([[0.3]], dtype=torch.float64), 1)
+    probs, _, _, unconverged, _ = _native.forward(z, torch.tensor([[0.3]], dtype=torch.float64),
+                                                  1)
     assert unconverged > 0
     assert bool((probs >= 0).all()) and bool(torch.isfinite(probs).all())
     torch.testing.assert_close(probs.sum(-1), torch.ones(50), atol=1e-6, rtol=0)
@@ -206,7 +207,7 @@ def test_a_portable_build_without_march_native_gives_the_same_answers(tmp_path):
     lib = _native.load(_native.build(flags, directory=tmp_path))
     scores = random_scores(29, 77, scale=3.0, seed=11, dtype=torch.float32)
     slack = torch.full((29, 1), 0.35, dtype=torch.float64)
-    probs, shift, tau, unconverged = _native.forward(scores, slack, 50, lib)
+    probs, shift, tau, unconverged, _ = _native.forward(scores, slack, 50, lib)
     assert unconverged == 0
     assert_close_to_reference(probs, reference(scores, 1.35))
     cotangent = random_scores(29, 77, seed=12, dtype=torch.float32)
@@ -291,3 +292,20 @@ def test_the_kernel_under_address_and_undefined_behaviour_sanitizers(target, tmp
     run = subprocess.run([str(binary)], capture_output=True, text=True, check=False, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "0 failures" in run.stdout
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_scores_are_refused_by_name_on_the_kernel_path(bad, native_calls):
+    scores = random_scores(5, 40, seed=3, dtype=torch.float32)
+    scores[3, 17] = bad
+    with pytest.raises(ValueError, match="scores contains"):
+        entmax_bisect(scores, 1.3)
+    assert native_calls == [5]  # found by the kernel as it read the scores
+    # With a mask the check runs before (masked keys are -inf inside): a bad valid key.
+    mask = torch.ones(5, 40, dtype=torch.bool)
+    mask[0, 0] = False
+    with pytest.raises(ValueError, match="scores contains"):
+        entmax_bisect(scores, 1.3, mask=mask)
+    # A bad score at a masked position is fine.
+    mask[3, 17] = False
+    assert bool(torch.isfinite(entmax_bisect(scores, 1.3, mask=mask)).all())

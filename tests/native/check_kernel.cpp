@@ -22,7 +22,8 @@ int main() {
                 for (int passes : {1, 50}) {
                     std::vector<float> z(rows * d), out(rows * d), shift(rows), grad(rows * d);
                     std::vector<float> grad_z(rows * d);
-                    std::vector<double> tau(rows), slack(per_row ? rows : 1), grad_alpha(rows);
+                    std::vector<double> tau(rows), slack(per_row ? rows : 1);
+                    std::vector<float> grad_alpha(rows);
                     std::vector<int32_t> used(rows);
                     for (auto& v : z) v = normal(generator);
                     for (auto& v : grad) v = normal(generator);
@@ -33,7 +34,7 @@ int main() {
                         for (int64_t i = 0; i < d; ++i) z[2 * d + i] = -INFINITY;  // an empty row
                     structattn_entmax_bisect_f32(z.data(), slack.data(), per_row ? 1 : 0,
                                                  out.data(), shift.data(), tau.data(),
-                                                 used.data(), rows, d, passes);
+                                                 used.data(), rows, d, passes, nullptr);
                     for (int with_alpha = 0; with_alpha < 2; ++with_alpha) {
                         structattn_entmax_bisect_backward_f32(
                             z.data(), out.data(), grad.data(), shift.data(), slack.data(),
