@@ -244,22 +244,35 @@ struct Row {
 // c delta^3 g^(e-3) with c = 1.5 |e (e-1) (e-2)| / 6 for g >= 8 |delta| (and g <= 1): at most
 // c delta^3 for e >= 3, and c 8^(e-3) delta^e for e < 3.  The step is taken where that is
 // below 2^-25, and never above 1e-3.  For the rows of a batch at once (one power for all).
+double step_limit(double s) {
+    const double e = 1.0 / s;
+    const double c = 1.5 * std::fabs(e * (e - 1.0) * (e - 2.0)) / 6.0;
+    if (c == 0.0) return 1e-3;
+    // (2^-25 / c)^(1/3), or (2^-25 / c 8^(e-3))^(1/e).
+    const double limit = e >= 3.0 ? std::cbrt(0x1p-25 / c)
+                                  : std::pow(0x1p-25 / (c * std::pow(8.0, e - 3.0)), 1.0 / e);
+    return std::fmin(1e-3, limit);
+}
+
+// The limit at alpha - 1 in [0.1, 1] (the kernel's range) from a table, the smaller of the two
+// grid values around it less 1% (the limit varies by far less than that between them), which
+// spares the powers on every row when each row has its own alpha.
+double tabled_step_limit(double s) {
+    constexpr int N = 1024;
+    constexpr double LOW = 0.1, HIGH = 1.0;
+    static const std::vector<double> table = [] {
+        std::vector<double> values(N + 1);
+        for (int i = 0; i <= N; ++i) values[i] = step_limit(LOW + (HIGH - LOW) * i / N);
+        return values;
+    }();
+    if (!(s >= LOW && s <= HIGH)) return step_limit(s);
+    const double position = (s - LOW) / (HIGH - LOW) * N;
+    const int i = position >= N ? N - 1 : (int)position;
+    return 0.99 * std::fmin(table[i], table[i + 1]);
+}
+
 void set_step_limits(Row* rows, int64_t count) {
-    // (2^-25 / c)^(1/3), or (2^-25 / c)^(1/e) 8^((3-e)/e): two powers with an exponent per row.
-    vf base = splat(1.0f);
-    LaneExponent ex{splat(1.0f), splat(1.0f), vf{}}, ex8{splat(1.0f), splat(1.0f), vf{}};
-    for (int64_t b = 0; b < count; ++b) {
-        const double e = rows[b].e;
-        const double c = 1.5 * std::fabs(e * (e - 1.0) * (e - 2.0)) / 6.0;
-        base[b] = c > 0 ? (float)(0x1p-25 / c) : 1.0f;
-        ex.set((int)b, e >= 3.0 ? 1.0 / 3.0 : 1.0 / e);
-        ex8.set((int)b, e >= 3.0 ? 0.0 : (3.0 - e) / e);
-    }
-    vf limit = power(base, splati(-1), ex) * power(splat(8.0f), splati(-1), ex8);
-    for (int64_t b = 0; b < count; ++b) {
-        const double c = 1.5 * std::fabs(rows[b].e * (rows[b].e - 1.0) * (rows[b].e - 2.0)) / 6.0;
-        rows[b].step_limit = c > 0 ? std::fmin(1e-3, 0.999 * (double)limit[b]) : 1e-3;
-    }
+    for (int64_t b = 0; b < count; ++b) rows[b].step_limit = tabled_step_limit(rows[b].s);
 }
 
 // Phase 1: the row maximum, a lower bound on the threshold, and the candidate keys above it.
@@ -499,17 +512,18 @@ void finish(Row& R, int64_t d) {
     if (R.n == 0) { std::memset(out, 0, sizeof(float) * d); return; }
     const double total = R.total;
     const float inv = (float)(1.0 / (total > 0 ? total : 1.0));
-    for (int64_t j = 0; j < R.padded; j += W) storeu(R.pw + j, loadu(R.pw + j) * inv);
 #ifdef __AVX512F__
+    const __m512 scale = _mm512_set1_ps(inv);
     int64_t pos = 0;
     for (int64_t b = 0; b < R.packed_blocks; ++b) {
         __mmask16 m = (__mmask16)R.masks[b];
-        _mm512_storeu_ps(out + b * W, _mm512_maskz_expand_ps(m, _mm512_loadu_ps(R.pw + pos)));
+        __m512 p = _mm512_mul_ps(_mm512_loadu_ps(R.pw + pos), scale);
+        _mm512_storeu_ps(out + b * W, _mm512_maskz_expand_ps(m, p));
         pos += __builtin_popcount((unsigned)m);
     }
 #endif
     for (int64_t j = R.packed_blocks * W; j < d; ++j) out[j] = 0.0f;
-    for (int64_t j = R.packed_n; j < R.n; ++j) out[R.idx[j]] = R.pw[j];
+    for (int64_t j = R.packed_n; j < R.n; ++j) out[R.idx[j]] = R.pw[j] * inv;
 }
 
 // The start's offsets: two on short rows (where counting costs as much as a pass), four on
