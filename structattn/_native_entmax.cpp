@@ -126,15 +126,20 @@ struct Exponent {
 // g^e for lanes with g > 0 normal (others: pass 1 and mask with keep); 0 below 2^-126.
 // log2 g = k + log2(m), m in [sqrt(1/2), sqrt(2)), by a degree-9 polynomial in m - 1
 // (absolute error 2e-8); 2^f, |f| <= 1/2, by a degree-6 polynomial (relative error 2e-8).
-template <class E>
+// (coarse: degree-5 and degree-4 polynomials instead, to about 2e-5 relative: enough for a
+// start or a step far from the root, at two thirds of the cost.)
+template <bool coarse = false, class E>
 inline vf power(vf g, vi keep, const E& ex) {
     vi bits = as_i(g);
     vi k = (bits - splati(0x3F3504F3)) >> 23;
     vf t = as_f(bits - (k << 23)) - 1.0f;
-    vf l = t * (1.4426950216293335f + t * (-0.7213473320007324f + t * (0.4808982312679291f
-        + t * (-0.3606966435909271f + t * (0.2885674238204956f + t * (-0.23961740732192993f
-        + t * (0.20460057258605957f + t * (-0.19106268882751465f + t * (0.18617519736289978f
-        + t * -0.10994996875524521f)))))))));
+    vf l = coarse
+        ? t * (1.4427015781402588f + t * (-0.7212063670158386f + t * (0.47981181740760803f
+            + t * (-0.3664915859699249f + t * (0.3182002604007721f + t * -0.20619216561317444f)))))
+        : t * (1.4426950216293335f + t * (-0.7213473320007324f + t * (0.4808982312679291f
+            + t * (-0.3606966435909271f + t * (0.2885674238204956f + t * (-0.23961740732192993f
+            + t * (0.20460057258605957f + t * (-0.19106268882751465f + t * (0.18617519736289978f
+            + t * -0.10994996875524521f)))))))));
     vf kf = __builtin_convertvector(k, vf);
     vf a = ex.hi * kf;
     vf b = ex.lo * kf + ex.e * l;
@@ -146,9 +151,12 @@ inline vf power(vf g, vi keep, const E& ex) {
     vf n = (y + magic) - magic;
 #endif
     vf f = (a - n) + b;
-    vf q = 1.0f + f * (0.6931471824645996f + f * (0.24022646248340607f
-        + f * (0.05550328642129898f + f * (0.009618488140404224f
-        + f * (0.0013399934396147728f + f * 0.00015346014697570354f)))));
+    vf q = coarse
+        ? 0.9999992847442627f + f * (0.6931217908859253f + f * (0.24024741351604462f
+            + f * (0.055917881429195404f + f * 0.00957027543336153f)))
+        : 1.0f + f * (0.6931471824645996f + f * (0.24022646248340607f
+            + f * (0.05550328642129898f + f * (0.009618488140404224f
+            + f * (0.0013399934396147728f + f * 0.00015346014697570354f)))));
 #ifdef __AVX512F__
     // q 2^n in one instruction, zero where masked or below 2^-126 (subnormals are slow).
     __mmask16 ok = _mm512_test_epi32_mask((__m512i)keep, (__m512i)keep)
@@ -209,7 +217,7 @@ inline double power_minus_one(double u, double s, const Exponent& es) {
         double v = s * l;
         return v * (1.0 + v * (0.5 + v * (1.0 / 6 + v * (1.0 / 24 + v * (1.0 / 120 + v / 720)))));
     }
-    vf p = power(splat((float)(1.0 + u)), splati(-1), es);
+    vf p = power<true>(splat((float)(1.0 + u)), splati(-1), es);
     return (double)p[0] - 1.0;
 }
 
@@ -348,8 +356,8 @@ void reduce_counts(Row* rows, int64_t count, int noff) {
 }
 
 // ... then the bound, and the candidates x > bound (the support is among them), packed.
-// (n^-s for W / noff rows per power, in float: a start needs no more; pushed down by 1e-6
-// relative against rounding.)
+// (n^-s for W / noff rows per power, coarse: a start needs no more; pushed down by 1e-4
+// relative against its error.)
 void set_lower_bounds(Row* rows, int64_t count, int noff) {
     const int per = W / noff;
     for (int64_t first = 0; first < count; first += per) {
@@ -366,7 +374,7 @@ void set_lower_bounds(Row* rows, int64_t count, int noff) {
                 keep[lane] = -1;
             }
         }
-        vf bounds = mean - power(n, keep, ex) * 1.000001f;
+        vf bounds = mean - power<true>(n, keep, ex) * 1.0001f;
         for (int64_t b = first; b < count && b < first + per; ++b) {
             double lower = -1.0;
             for (int k = 0; k < noff; ++k) {
