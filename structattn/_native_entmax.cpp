@@ -649,7 +649,7 @@ void backward_weights(Back& B, int64_t d, bool lanes) {
         sw += hsum(aw); sgw += hsum(agw);
     }
     // Padding: p = 0 adds nothing to any of the alpha gradient's sums.
-    if (pack) for (int64_t j = n; j < n + W; ++j) pp[j] = pg[j] = pw[j] = 0.0f;
+    if (pack) { storeu(pp + n, vf{}); storeu(pg + n, vf{}); storeu(pw + n, vf{}); }
     B.n = n;
     B.sw = sw;
     B.sgw = sgw;
