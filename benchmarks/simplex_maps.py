@@ -17,7 +17,11 @@ on ``fwd+bwd`` (the training cost); each entmax_bisect row says PASS or FAIL on 
     python benchmarks/simplex_maps.py --no-entmax --alphas 1.3,1.7   # the issue-12 targets
     python benchmarks/simplex_maps.py --breakdown   # entmax_bisect's compiled calls, one by one
 
-``--breakdown`` times each compiled call of entmax_bisect's forward and backward alone (the
+float32 CPU rows of ``entmax_bisect`` run the C++ kernel of ``structattn._native`` (the header
+line says whether it is built); ``STRUCTATTN_NATIVE=0 python benchmarks/simplex_maps.py``
+times the general, compiled-PyTorch path instead, for comparison.
+
+``--breakdown`` times each compiled call of the general path's forward and backward alone (the
 fused forward, its start, one root-finding pass, the probability pass, the call that
 continues the rows left unproven, both backward kernels) against softmax's forward, and
 counts the rows each alpha leaves to the continuation.
@@ -34,7 +38,7 @@ from functools import partial
 
 import torch
 
-from structattn import functional
+from structattn import _native, functional
 
 DEFAULT_SHAPES = ((4096, 64), (1024, 512), (256, 4096))
 CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
@@ -162,6 +166,7 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()[0]:.2f} (other processes slow every row)")
     print(
         f"torch {torch.__version__}, threads={args.threads}, compile={functional.COMPILE}, "
+        f"native CPU kernel={'built' if _native.available() else 'off'}, "
         f"repeats={repeats}, scores ~ N(0, {args.scale:g}^2), median ms ({args.clock} time)"
     )
     header = (
