@@ -98,14 +98,21 @@ def test_learned_alpha_gradient_float32_within_1e3_of_float64(keys, scale):
     generator = torch.Generator().manual_seed(keys)
     base = 1.2 + 0.6 * torch.rand(rows, 1, generator=generator, dtype=torch.float64)
     base[: rows // 4] = 1.0 + 1e-5
-    scores = random_scores(rows, keys, scale=scale, seed=7)
-    cotangent = random_scores(rows, keys, seed=8)
+    assert_float32_gradients_within_1e3_of_float64(
+        random_scores(rows, keys, scale=scale, seed=7), base, random_scores(rows, keys, seed=8))
+
+
+def assert_float32_gradients_within_1e3_of_float64(
+    scores: torch.Tensor, alpha: torch.Tensor, cotangent: torch.Tensor
+) -> None:
+    """entmax_bisect's gradients (alpha's and the scores') in float32 within 1e-3 of the
+    largest float64 gradient."""
     gradients = {}
     for dtype in (torch.float32, torch.float64):
-        alpha = base.to(dtype).requires_grad_(True)
+        learned = alpha.to(dtype).requires_grad_(True)
         leaf = scores.to(dtype).requires_grad_(True)
-        entmax_bisect(leaf, alpha).backward(cotangent.to(dtype))
-        gradients[dtype] = (alpha.grad.double(), leaf.grad.double())
+        entmax_bisect(leaf, learned).backward(cotangent.to(dtype))
+        gradients[dtype] = (learned.grad.double(), leaf.grad.double())
     for ours, exact in zip(gradients[torch.float32], gradients[torch.float64], strict=True):
         assert (ours - exact).abs().max() <= 1e-3 * exact.abs().max()
 

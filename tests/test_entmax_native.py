@@ -11,7 +11,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_entmax_bisect import assert_float32_gradients_within_1e3_of_float64
 from test_functional import random_scores
+from test_functional import reference_entmax as reference
 
 from structattn import _native, functional
 from structattn.functional import entmax_bisect
@@ -21,22 +23,6 @@ FLOAT32_EPS = torch.finfo(torch.float32).eps
 pytestmark = pytest.mark.skipif(
     _native._compiler() is None, reason="no C++ compiler: the kernel cannot be built here"
 )
-
-
-def reference(scores: torch.Tensor, alpha: torch.Tensor | float, steps: int = 200) -> torch.Tensor:
-    """alpha-entmax by plain bisection in float64; ``alpha`` a number or ``(rows, 1)``."""
-    alpha = torch.as_tensor(alpha, dtype=torch.float64)
-    x = scores.double() * (alpha - 1)
-    x = x - x.amax(-1, keepdim=True)
-    lower = torch.full_like(x[..., :1], -1.0)
-    upper = torch.zeros_like(lower)
-    for _ in range(steps):
-        middle = (lower + upper) / 2
-        total = ((x - middle).clamp(min=0.0) ** (1 / (alpha - 1))).sum(-1, keepdim=True)
-        lower = torch.where(total >= 1, middle, lower)
-        upper = torch.where(total >= 1, upper, middle)
-    probs = (x - lower).clamp(min=0.0) ** (1 / (alpha - 1))
-    return probs / probs.sum(-1, keepdim=True)
 
 
 @pytest.fixture
@@ -132,17 +118,9 @@ def test_gradients_match_float64_autograd_of_the_general_path(keys, native_calls
     rows = 24
     generator = torch.Generator().manual_seed(keys)
     base = 1.15 + 0.8 * torch.rand(rows, 1, generator=generator, dtype=torch.float64)
-    scores = random_scores(rows, keys, scale=3.0, seed=7)
-    cotangent = random_scores(rows, keys, seed=8)
-    gradients = {}
-    for dtype in (torch.float32, torch.float64):
-        alpha = base.to(dtype).requires_grad_(True)
-        leaf = scores.to(dtype).requires_grad_(True)
-        entmax_bisect(leaf, alpha).backward(cotangent.to(dtype))
-        gradients[dtype] = (alpha.grad.double(), leaf.grad.double())
+    assert_float32_gradients_within_1e3_of_float64(
+        random_scores(rows, keys, scale=3.0, seed=7), base, random_scores(rows, keys, seed=8))
     assert native_calls == [rows]  # float32 only: float64 is the general path's
-    for ours, exact in zip(gradients[torch.float32], gradients[torch.float64], strict=True):
-        assert (ours - exact).abs().max() <= 1e-3 * exact.abs().max()
 
 
 def test_scores_gradient_alone_and_alpha_gradient_alone(native_calls):

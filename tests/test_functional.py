@@ -72,8 +72,11 @@ def reference_entmax15(scores: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def reference_entmax(scores: torch.Tensor, alpha: float, steps: int = 200) -> torch.Tensor:
-    """alpha-entmax by plain bisection in float64 on [max - 1, max]."""
+def reference_entmax(
+    scores: torch.Tensor, alpha: float | torch.Tensor, steps: int = 200
+) -> torch.Tensor:
+    """alpha-entmax by plain bisection in float64 on [max - 1, max]; ``alpha`` a number or
+    ``(rows, 1)``."""
     x = scores.double() * (alpha - 1)
     x = x - x.amax(-1, keepdim=True)
     lower = torch.full_like(x[..., :1], -1.0)
