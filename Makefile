@@ -47,7 +47,11 @@ wheel-check: $(STAMP)
 	assert 'matplotlib' not in sys.modules; \
 	z = sa.CategoricalAlignment(logits=torch.randn(2, 3, 4)); \
 	assert torch.allclose(z.attention.sum(-1), torch.ones(2, 3)); \
-	print('wheel', sa.__version__, 'from', sa.__file__)"
+	from structattn import _native; \
+	assert _native.available() or _native._compiler() is None, 'the wheel lacks the kernel source'; \
+	p = sa.entmax_bisect(torch.randn(4, 30), 1.3); \
+	assert torch.allclose(p.sum(-1), torch.ones(4)); \
+	print('wheel', sa.__version__, 'from', sa.__file__, 'native kernel', _native.available())"
 
 clean:
 	rm -rf $(VENV) runs site .pytest_cache build

@@ -34,7 +34,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -827,19 +827,32 @@ def _native_covers(
     return _native.MIN_SLACK <= low - 1.0 and high - 1.0 <= _native.MAX_SLACK
 
 
+class _NativeResult(NamedTuple):
+    probs: Tensor
+    shift: Tensor
+    slack: Tensor
+    tau: Tensor
+
+
+def _native_forward(z: Tensor, alpha: Tensor, n_iter: int, check_values: bool) -> _NativeResult:
+    """The CPU kernel's forward on rows ``z`` at ``alpha: (rows, 1)`` or ``(1, 1)``;
+    ``check_values``: raise on NaN or infinite scores, which the kernel counts as it reads them
+    (cheaper than a separate check; the scores carry no mask)."""
+    slack = alpha.detach().to(torch.float64) - 1.0
+    result = _native.forward(z.detach(), slack, n_iter)
+    if check_values and result.nonfinite:
+        check_finite(z, "scores")
+    return _NativeResult(result.probs, result.shift, slack, result.tau)
+
+
 class _NativeEntmaxBisectFunction(torch.autograd.Function):
     """alpha-entmax of rows ``z: (rows, keys)`` by the CPU kernel, ``alpha: (rows, 1)`` or
     ``(1, 1)`` (one alpha for every row) with ``alpha - 1`` in the kernel's range."""
 
     @staticmethod
     def forward(ctx: Any, z: Tensor, alpha: Tensor, n_iter: int, check_values: bool) -> Tensor:
-        """``check_values``: raise on NaN or infinite scores, which the kernel counts as it
-        reads them (cheaper than a separate check; the scores carry no mask)."""
-        slack = alpha.detach().to(torch.float64) - 1.0
-        result = _native.forward(z.detach(), slack, n_iter)
-        if check_values and result.nonfinite:
-            check_finite(z, "scores")
-        ctx.save_for_backward(z.detach(), result.probs, result.shift, slack, result.tau)
+        result = _native_forward(z, alpha, n_iter, check_values)
+        ctx.save_for_backward(z.detach(), result.probs, result.shift, result.slack, result.tau)
         return result.probs
 
     @staticmethod
@@ -1170,8 +1183,11 @@ def entmax_bisect(
     if native:
         if isinstance(alpha_rows, float):
             alpha_rows = torch.full((1, 1), alpha_rows, dtype=z.dtype)
-        probs = _NativeEntmaxBisectFunction.apply(
-            z, alpha_rows, n_iter, checking and mask is None)
+        check_values = checking and mask is None
+        if torch.is_grad_enabled() and (z.requires_grad or alpha_rows.requires_grad):
+            probs = _NativeEntmaxBisectFunction.apply(z, alpha_rows, n_iter, check_values)
+        else:  # (no graph to build: the kernel alone, without an autograd Function's cost)
+            probs = _native_forward(z, alpha_rows, n_iter, check_values).probs
         return _from_rows(probs, scores, dim)
     if isinstance(alpha_rows, float):
         alpha_rows = torch.full_like(z[:, :1], alpha_rows)
