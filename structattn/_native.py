@@ -51,6 +51,7 @@ _SPLIT_NUMEL = 1 << 15
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
+_pool_pid = 0
 
 
 def enabled() -> bool:
@@ -174,14 +175,15 @@ def _chunks(rows: int, numel: int) -> list[tuple[int, int]]:
 
 def _run(calls: list) -> None:
     """Run the per-chunk calls, across threads when there are several."""
-    global _pool, _pool_size
+    global _pool, _pool_size, _pool_pid
     if len(calls) == 1:
         calls[0]()
         return
     with _lock:
-        if _pool is None or _pool_size < len(calls):
+        # A forked child inherits the pool object but not its threads: it makes its own.
+        if _pool is None or _pool_size < len(calls) or _pool_pid != os.getpid():
             _pool = ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="structattn")
-            _pool_size = len(calls)
+            _pool_size, _pool_pid = len(calls), os.getpid()
         pool = _pool
     for future in [pool.submit(call) for call in calls]:
         future.result()

@@ -287,3 +287,27 @@ def test_non_finite_scores_are_refused_by_name_on_the_kernel_path(bad, native_ca
     # A bad score at a masked position is fine.
     mask[3, 17] = False
     assert bool(torch.isfinite(entmax_bisect(scores, 1.3, mask=mask)).all())
+
+
+def test_a_forked_child_splits_rows_across_its_own_threads(tmp_path):
+    """The thread pool is per process: a child forked after the parent used it must not wait
+    on the parent's threads (it would hang)."""
+    import multiprocessing
+
+    scores = random_scores(512, 300, seed=9, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = entmax_bisect(scores, 1.3)  # creates the pool in this process
+        context = multiprocessing.get_context("fork")
+        with context.Pool(1) as pool:
+            result = pool.apply_async(_entmax_in_two_threads, (scores,))
+            probs = result.get(timeout=60)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(probs, expected)
+
+
+def _entmax_in_two_threads(scores: torch.Tensor) -> torch.Tensor:
+    torch.set_num_threads(2)
+    return entmax_bisect(scores, 1.3)
