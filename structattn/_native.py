@@ -108,7 +108,8 @@ def build(flags: tuple[str, ...] = FLAGS, directory: Path | None = None) -> Path
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError:
-        directory = Path(tempfile.gettempdir()) / f"structattn-{os.getuid()}"
+        user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+        directory = Path(tempfile.gettempdir()) / f"structattn-{user}"
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / target.name
         if target.exists():
