@@ -4,7 +4,8 @@ One program per row loads the row once, finds the threshold on chip with a fixed
 passes (bisection, then safeguarded Newton steps) and writes the renormalised probabilities:
 one kernel launch and no host synchronisation, where the general path launches several
 compiled passes and syncs with the host after each.  The backward pass is the general path's
-(:class:`structattn.functional._EntmaxBisectFunction`), fed with the same saved tensors.
+(:class:`structattn.functional._EntmaxBisectFunction`), fed with the same saved tensors;
+the autograd Function around this kernel lives in :mod:`structattn.functional`.
 
 The threshold is parameterised as ``tau = -1 + (alpha - 1) u`` (``x = (alpha - 1)(z - max)``
 as in the general path), so that ``gap = x - tau = 1 + (alpha - 1)(y - u)`` with
@@ -34,9 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from structattn import functional as F
-
-__all__ = ["MAX_KEYS", "TritonEntmaxBisectFunction", "entmax_bisect_rows"]
+__all__ = ["MAX_KEYS", "entmax_bisect_rows"]
 
 #: The longest row the kernel takes (it holds a whole row in registers); longer rows use the
 #: general path.
@@ -205,20 +204,3 @@ def entmax_bisect_rows(
                 num_warps=_num_warps(block),
             )
     return probs, shift, slack, tau
-
-
-class TritonEntmaxBisectFunction(torch.autograd.Function):
-    """alpha-entmax of rows ``z: (rows, keys)`` with ``alpha: (rows, 1)`` by the fused
-    forward kernel (one launch); the backward pass is the general path's."""
-
-    @staticmethod
-    def forward(ctx: Any, z: Tensor, alpha: Tensor) -> Tensor:
-        z = z.detach()
-        probs, shift, slack, tau = entmax_bisect_rows(z, alpha.detach())
-        ctx.save_for_backward(z, probs, shift, slack, tau, alpha)
-        return probs
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        grad_z, grad_alpha, _, _ = F._EntmaxBisectFunction.backward(ctx, grad)
-        return grad_z, grad_alpha

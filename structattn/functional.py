@@ -928,6 +928,26 @@ class _EntmaxBisectFunction(torch.autograd.Function):
         return grad_z, grad_alpha, None, None
 
 
+class _TritonEntmaxBisectFunction(torch.autograd.Function):
+    """alpha-entmax of rows ``z: (rows, keys)`` with ``alpha: (rows, 1)`` by the fused Triton
+    forward kernel of :mod:`structattn._triton_entmax` (one launch); the backward pass is the
+    general path's."""
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, alpha: Tensor) -> Tensor:
+        from structattn import _triton_entmax  # (Triton is optional: imported on first use)
+
+        z = z.detach()
+        probs, shift, slack, tau = _triton_entmax.entmax_bisect_rows(z, alpha.detach())
+        ctx.save_for_backward(z, probs, shift, slack, tau, alpha)
+        return probs
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        grad_z, grad_alpha, _, _ = _EntmaxBisectFunction.backward(ctx, grad)
+        return grad_z, grad_alpha
+
+
 # --------------------------------------------------------------------------------------------
 # Shared plumbing: validation, moving ``dim`` last, masking, dtype
 # --------------------------------------------------------------------------------------------
@@ -1192,9 +1212,7 @@ def entmax_bisect(
     if isinstance(alpha_rows, float):
         alpha_rows = torch.full_like(z[:, :1], alpha_rows)
     if use_triton:
-        from structattn._triton_entmax import TritonEntmaxBisectFunction
-
-        probs = TritonEntmaxBisectFunction.apply(z, alpha_rows)
+        probs = _TritonEntmaxBisectFunction.apply(z, alpha_rows)
     else:
         probs = _EntmaxBisectFunction.apply(z, alpha_rows, n_iter, tol)
     return _from_rows(probs, scores, dim)

@@ -33,13 +33,13 @@ def route_entmax_to_triton(monkeypatch):
 
         monkeypatch.setattr(functional, "TRITON_DEVICES", devices)
         calls = []
-        original = _triton_entmax.TritonEntmaxBisectFunction.apply
+        original = _triton_entmax.entmax_bisect_rows
 
-        def counting(*args):
+        def counting(*args, **kwargs):
             calls.append(args[0].shape)
-            return original(*args)
+            return original(*args, **kwargs)
 
-        monkeypatch.setattr(_triton_entmax.TritonEntmaxBisectFunction, "apply", counting)
+        monkeypatch.setattr(_triton_entmax, "entmax_bisect_rows", counting)
         return calls
 
     return route
