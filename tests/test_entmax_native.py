@@ -311,3 +311,16 @@ def test_a_forked_child_splits_rows_across_its_own_threads(tmp_path):
 def _entmax_in_two_threads(scores: torch.Tensor) -> torch.Tensor:
     torch.set_num_threads(2)
     return entmax_bisect(scores, 1.3)
+
+
+def test_the_module_builds_the_kernel_ahead_of_time_and_checks_it():
+    import re
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "structattn._native"], capture_output=True,
+                         text=True, check=False, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "kernel: " in run.stdout
+    difference = float(re.search(r"general path in float64: (\S+)", run.stdout).group(1))
+    assert difference <= 5 * FLOAT32_EPS
