@@ -5,16 +5,21 @@
 // Forward, per row: the row maximum; a lower bound on the threshold tau of
 // x = (alpha - 1)(z - max) from the keys above a few offsets; the keys above that bound packed
 // (the candidates: the support is among them, and for alpha >= 1.3 on N(0, 1) rows they are
-// 4-54% of the keys); Halley's method on P(tau)^(alpha - 1) - 1, P = sum [x - tau]_+^e,
+// 4-60% of the keys); Halley's method on P(tau)^(alpha - 1) - 1, P = sum [x - tau]_+^e,
 // e = 1 / (alpha - 1), over the candidates only, until Newton's step on P - 1 is so small that
-// its first-order effect on the powers, applied directly (p ~ gap^e - e delta gap^(e-1)), is
-// exact to float32 precision; then the powers renormalised and put back in place.  Powers are
-// 2^(e log2 gap) from polynomials accurate to 2e-8 (no libm call per key).  Rows are worked on
-// in batches, one phase at a time for every row of the batch, so that one row's dependency
-// chains overlap with the next row's work.
+// a second-order expansion of each power in it (keys next to the threshold computed exactly)
+// is exact to float32 precision (set_step_limits); then the powers renormalised and put back
+// in place.  Powers are 2^(e log2 gap) from polynomials accurate to 2e-8 (no libm call per
+// key).  Rows are worked on in batches, one phase at a time for every row of the batch, so
+// that one row's dependency chains overlap with the next row's work; batches of W short rows
+// reduce their sums together (reduce_rows).
 //
-// Written with GCC/Clang vector extensions (W lanes), plus AVX-512 compress/expand where the
-// compiler targets it; no -ffast-math (the rounding trick in power() needs exact arithmetic).
+// Backward, per row: w = p / gap from the forward's threshold, grad_z = w (g - <g, w> / sum w),
+// and for the alpha gradient its row sums over the support, packed.
+//
+// Written with GCC/Clang vector extensions (W lanes), plus AVX-512 compress/expand/scalef
+// where the compiler targets it; no -ffast-math (the rounding trick in power() without
+// AVX-512 needs exact arithmetic, and the threshold's high + low split must not be fused).
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -425,7 +430,7 @@ void pack(Row& R, int64_t d) {
 
 // Phase 2, once per pass: the sums at the threshold, then Halley's step on F(t) = P(t)^s - 1
 // (kept in the bracket [lo, hi]), or done once Newton's step on P - 1 is small enough for the
-// first-order correction of phase 3.
+// second-order finish of phase 3.
 // (The sums of every row of a batch are taken first, then every row's step: interleaved, the
 // scalar arithmetic of a step stalled the vector work of the next row's pass.)
 void sum_powers(Row& R, bool lanes) {
