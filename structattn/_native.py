@@ -1,7 +1,7 @@
 """The CPU kernel of ``entmax_bisect`` for float32 rows: built from ``_native_entmax.cpp`` on
 first use, cached, and called through :mod:`ctypes`.
 
-The C++ file is compiled once per machine (``-O3 -march=native``, about a second) into a cache
+The C++ file is compiled once per machine (``-O3 -march=native``, a few seconds) into a cache
 directory outside the source tree (``$STRUCTATTN_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/structattn``, else ``~/.cache/structattn``; a temporary directory if that is
 not writable), named by a hash of the source, the compiler, its flags and the CPU, and written
@@ -28,6 +28,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -35,7 +36,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["MIN_SLACK", "MAX_SLACK", "Forward", "available", "library", "forward", "backward"]
+__all__ = ["MIN_SLACK", "MAX_SLACK", "Forward", "available", "backward", "forward", "in_range",
+           "library"]
 
 #: The range of ``alpha - 1`` the kernel handles (its powers lose accuracy as alpha -> 1).
 MIN_SLACK = 0.1
@@ -52,6 +54,12 @@ _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _pool_pid = 0
+
+
+def in_range(slack: float | Tensor) -> bool | Tensor:
+    """Whether ``slack = alpha - 1`` (a number, or elementwise for a tensor) is in the range
+    the kernel takes."""
+    return (slack >= MIN_SLACK) & (slack <= MAX_SLACK)
 
 
 def enabled() -> bool:
@@ -194,6 +202,28 @@ def _address(tensor: Tensor, row: int) -> int:
     return tensor.data_ptr() + row * tensor.stride(0) * tensor.element_size()
 
 
+def _rows(z: Tensor, slack: Tensor, **same_shape: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Check the kernel's inputs (it reads raw memory: a wrong dtype or shape would read out of
+    bounds) and return ``(z, slack, slack_stride)`` as it takes them."""
+    if z.dim() != 2 or z.dtype != torch.float32 or z.device.type != "cpu":
+        raise ValueError(f"z must be (rows, keys) float32 on the CPU, got {tuple(z.shape)} "
+                         f"{z.dtype} on {z.device.type}")
+    for name, tensor in same_shape.items():
+        if tensor.shape != z.shape or tensor.device.type != "cpu":
+            raise ValueError(f"{name} must be a CPU tensor of z's shape {tuple(z.shape)}, got "
+                             f"{tuple(tensor.shape)} on {tensor.device.type}")
+    slack = slack.reshape(-1).to(torch.float64).contiguous()
+    if slack.numel() not in (1, z.shape[0]):
+        raise ValueError(f"slack must hold one value or one per row ({z.shape[0]}), got "
+                         f"{slack.numel()}")
+    return z.contiguous(), slack, int(slack.numel() > 1)
+
+
+def _in_chunks(call: Callable[[int, int], None], rows: int, numel: int) -> None:
+    """``call(start, stop)`` over row ranges, across threads for large inputs."""
+    _run([functools.partial(call, a, b) for a, b in _chunks(rows, numel)])
+
+
 class Forward(NamedTuple):
     """:func:`forward`'s results."""
 
@@ -213,10 +243,8 @@ def forward(z: Tensor, slack: Tensor, max_passes: int, lib: ctypes.CDLL | None =
     too; rows with non-finite scores are counted (the caller's validation raises on them).
     """
     lib = library() if lib is None else lib
-    z = z.contiguous()
+    z, slack, slack_stride = _rows(z, slack)
     rows, keys = z.shape
-    slack = slack.reshape(-1).to(torch.float64).contiguous()
-    slack_stride = 1 if slack.numel() > 1 else 0
     probs = torch.empty_like(z)
     shift = torch.empty(rows, 1, dtype=z.dtype)
     tau = torch.empty(rows, 1, dtype=torch.float64)
@@ -230,19 +258,19 @@ def forward(z: Tensor, slack: Tensor, max_passes: int, lib: ctypes.CDLL | None =
             stop - start, keys, max_passes, ctypes.byref(nonfinite))
         counts.append((unconverged, nonfinite.value))
 
-    _run([functools.partial(call, a, b) for a, b in _chunks(rows, z.numel())])
+    _in_chunks(call, rows, z.numel())
     return Forward(probs, shift, tau, sum(c[0] for c in counts), sum(c[1] for c in counts))
 
 
 def backward(z: Tensor, probs: Tensor, shift: Tensor, slack: Tensor, tau: Tensor, grad: Tensor,
              alpha_grad: bool, lib: ctypes.CDLL | None = None) -> tuple[Tensor, Tensor | None]:
-    """The gradients of :func:`forward`'s output against ``grad: (rows, keys)``: with respect
-    to the scores, and (if ``alpha_grad``) to each row's alpha as ``(rows, 1)`` float32."""
+    """The gradients of :func:`forward`'s output ``probs: (rows, keys)`` against
+    ``grad: (rows, keys)``: with respect to the scores ``(rows, keys)``, and (if
+    ``alpha_grad``) to each row's alpha as ``(rows, 1)`` float32."""
     lib = library() if lib is None else lib
-    z, probs, grad = z.contiguous(), probs.contiguous(), grad.contiguous().to(z.dtype)
+    z, slack, slack_stride = _rows(z, slack, probs=probs, grad=grad)
     rows, keys = z.shape
-    slack = slack.reshape(-1).to(torch.float64).contiguous()
-    slack_stride = 1 if slack.numel() > 1 else 0
+    probs, grad = probs.contiguous(), grad.contiguous().to(z.dtype)
     shift, tau = shift.contiguous(), tau.contiguous()
     grad_z = torch.empty_like(z)
     grad_alpha = torch.empty(rows, 1, dtype=z.dtype) if alpha_grad else None
@@ -254,7 +282,7 @@ def backward(z: Tensor, probs: Tensor, shift: Tensor, slack: Tensor, tau: Tensor
             _address(tau, start), _address(grad_z, start),
             None if grad_alpha is None else _address(grad_alpha, start), stop - start, keys)
 
-    _run([functools.partial(call, a, b) for a, b in _chunks(rows, z.numel())])
+    _in_chunks(call, rows, z.numel())
     return grad_z, grad_alpha
 
 

@@ -820,11 +820,11 @@ def _native_covers(
     if not _native_applies(z, tol):
         return False
     if isinstance(alpha, float):
-        return _native.MIN_SLACK <= alpha - 1.0 <= _native.MAX_SLACK
+        return _native.in_range(alpha - 1.0)
     if extremes is None:
         extremes = tuple(float(v) for v in torch.aminmax(alpha.detach()))
     low, high = extremes
-    return _native.MIN_SLACK <= low - 1.0 and high - 1.0 <= _native.MAX_SLACK
+    return _native.in_range(low - 1.0) and _native.in_range(high - 1.0)
 
 
 class _NativeResult(NamedTuple):
@@ -868,7 +868,7 @@ def _native_rows(z: Tensor, slack: Tensor, tol: float | None) -> Tensor | None:
     ``slack = alpha - 1: (rows, 1)``, or None for none of them."""
     if not _native_applies(z, tol):
         return None
-    rows = ((slack >= _native.MIN_SLACK) & (slack <= _native.MAX_SLACK)).reshape(-1)
+    rows = _native.in_range(slack).reshape(-1)
     if slack.shape[0] != z.shape[0]:
         rows = rows.expand(z.shape[0])
     return rows if bool(rows.any()) else None

@@ -324,3 +324,18 @@ def test_the_module_builds_the_kernel_ahead_of_time_and_checks_it():
     assert "kernel: " in run.stdout
     difference = float(re.search(r"general path in float64: (\S+)", run.stdout).group(1))
     assert difference <= 5 * FLOAT32_EPS
+
+
+def test_the_kernel_refuses_inputs_it_would_read_out_of_bounds_by_name():
+    z = torch.randn(4, 9)
+    slack = torch.tensor([[0.3]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="z must be"):
+        _native.forward(z.double(), slack, 50)
+    with pytest.raises(ValueError, match="z must be"):
+        _native.forward(z[0], slack, 50)
+    with pytest.raises(ValueError, match="slack must hold"):
+        _native.forward(z, torch.full((3, 1), 0.3, dtype=torch.float64), 50)
+    probs, shift, tau, *_ = _native.forward(z, slack, 50)
+    with pytest.raises(ValueError, match="grad must be"):
+        _native.backward(z, probs, shift, slack, tau, torch.ones(4, 8), False)
+    assert _native.in_range(0.3) and not _native.in_range(0.05) and not _native.in_range(1.5)
