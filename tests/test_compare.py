@@ -14,7 +14,7 @@ from structattn.app.alignment_baselines import (
     DiagonalBaseline,
     register_alignment_baseline,
 )
-from structattn.app.compare import compare_modes, format_report, mode_descriptions
+from structattn.app.compare import compare_modes, mode_descriptions
 from structattn.app.experiment import (
     ExperimentConfig,
     dev_log_likelihood,
@@ -22,6 +22,7 @@ from structattn.app.experiment import (
     train_mode,
 )
 from structattn.app.plots import disagreement, plot_alignments
+from structattn.app.report import format_report, format_rows
 from structattn.app.tasks import TASKS, G2PTask, Seq2SeqTask, get_task, register_task
 from structattn.models.seq2seq import MODES
 
@@ -127,6 +128,27 @@ def test_config_rejects_bad_values_naming_them():
                          ("mode", "telepathy")):
         with pytest.raises(ValueError, match=field):
             ExperimentConfig(**{field: value})
+
+
+def test_a_replaced_config_stays_an_experiment_config_and_is_checked_again():
+    config = ExperimentConfig(**TINY)
+    changed = config.replace(mode="marginal", steps=9)
+    assert type(changed) is ExperimentConfig and (changed.mode, changed.steps) == ("marginal", 9)
+    assert ExperimentConfig.from_options({"steps": 9, "not_a_field": 1}).steps == 9
+    with pytest.raises(ValueError, match="mode"):
+        config.replace(mode="telepathy")
+    with pytest.raises(ValueError, match="batch_size"):
+        config.replace(batch_size=True)
+
+
+def test_report_tables_align_their_columns_and_mark_missing_values():
+    text = format_rows([{"mode": "soft", "wer": 0.41234, "note": None},
+                        {"mode": "marginal-long-name", "wer": 123.456, "note": "x"}],
+                       ["wer", "note"])
+    header, first, second = text.splitlines()
+    assert header.split() == ["mode", "wer", "note"]
+    assert first.split() == ["soft", "0.412", "-"] and second.split()[1:] == ["123.5", "x"]
+    assert header.index("wer") == first.index("0.412") == second.index("123.5")
 
 
 def test_every_mode_has_a_description_for_the_help():

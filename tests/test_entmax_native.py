@@ -322,8 +322,21 @@ def test_the_module_builds_the_kernel_ahead_of_time_and_checks_it():
                          text=True, check=False, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "kernel: " in run.stdout
-    difference = float(re.search(r"general path in float64: (\S+)", run.stdout).group(1))
-    assert difference <= 5 * FLOAT32_EPS
+    deviation = float(re.search(r"definition in float64: (\S+)", run.stdout).group(1))
+    assert deviation <= 5 * FLOAT32_EPS
+
+
+def test_the_self_check_catches_a_kernel_whose_output_is_off(monkeypatch):
+    real = _native.forward
+
+    def off_by_a_little(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return out._replace(probs=out.probs * (1 + 1e-4))
+
+    path = _native.build()
+    assert _native.self_check(path) <= 5 * FLOAT32_EPS
+    monkeypatch.setattr(_native, "forward", off_by_a_little)
+    assert _native.self_check(path) > 1e-5
 
 
 def test_the_kernel_refuses_inputs_it_would_read_out_of_bounds_by_name():

@@ -16,8 +16,7 @@ from structattn._registry import class_decorator
 if TYPE_CHECKING:
     from torch import nn
 
-    from structattn.app.experiment import ExperimentConfig
-    from structattn.app.tasks import TaskData
+    from structattn.app.config import RunSettings, TaskData
 
 __all__ = ["ARCHITECTURES", "Architecture", "get_architecture", "register_architecture"]
 
@@ -37,7 +36,7 @@ class Architecture(abc.ABC):
         """The modes ``compare`` runs when ``--modes`` is not given."""
 
     @abc.abstractmethod
-    def build(self, config: ExperimentConfig, data: TaskData) -> nn.Module:
+    def build(self, config: RunSettings, data: TaskData) -> nn.Module:
         """A fresh model for ``config.mode`` (the caller seeds torch)."""
 
     def diagnostics(self, model: nn.Module, batch: Any) -> dict[str, Any]:
@@ -47,7 +46,7 @@ class Architecture(abc.ABC):
     #: run options this architecture's models do not read (the comparison says so)
     unread_options: tuple[str, ...] = ()
 
-    def ignored_options(self, config: ExperimentConfig) -> tuple[str, ...]:
+    def ignored_options(self, config: RunSettings) -> tuple[str, ...]:
         """The options in :attr:`unread_options` that ``config`` sets away from their
         defaults: settings the run would otherwise silently drop."""
         from dataclasses import fields

@@ -25,6 +25,7 @@ import torch
 
 from structattn.app.alignment_baselines import ALIGNMENT_BASELINES
 from structattn.app.architectures import get_architecture
+from structattn.app.config import TaskData
 from structattn.app.evaluation import Evaluation, evaluate_mode, gold_target_mask
 from structattn.app.experiment import (
     ExperimentConfig,
@@ -33,10 +34,9 @@ from structattn.app.experiment import (
     load_task,
     train_mode,
 )
+from structattn.app.report import format_report, number
 from structattn.app.stats import (
-    ALIGNMENT_READINGS,
     METRICS,
-    Interval,
     alignment_counts,
     alignment_metrics,
     bootstrap_interval,
@@ -44,10 +44,10 @@ from structattn.app.stats import (
     paired_test,
     seed_spread,
 )
-from structattn.app.tasks import Seq2SeqTask, TaskData, get_task
+from structattn.app.tasks import Seq2SeqTask, get_task
 
-__all__ = ["RESULTS_FORMAT", "Run", "compare_modes", "format_report", "format_rows",
-           "metric_label", "mode_descriptions", "objective_name"]
+__all__ = ["RESULTS_FORMAT", "Run", "compare_modes", "metric_label", "mode_descriptions",
+           "objective_name"]
 
 RESULTS_FORMAT = "structattn.compare"
 SIGNIFICANCE = 0.05
@@ -113,27 +113,13 @@ def _environment(device: str) -> dict[str, Any]:
             "threads": torch.get_num_threads()}
 
 
-def _cell(interval: Interval) -> str:
-    return f"{_number(interval.value)} [{_number(interval.low)}, {_number(interval.high)}]"
-
-
-def _number(value: float) -> str:
-    return f"{value:.1f}" if abs(value) >= 100 else f"{value:.3f}"
-
-
-def _columns(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
-                     .rstrip() for row in rows)
-
-
 def _pooled(runs: Sequence[Run], name: str) -> np.ndarray:
     """Per-example counts of a metric summed over seeds (one corpus of every seed's output)."""
     return np.sum([run.evaluation.counts[name] for run in runs], axis=0)
 
 
 def _run_row(run: Run, metrics: Sequence[str]) -> str:
-    values = ", ".join(f"{name} {_number(run.evaluation.metrics[name])}" for name in metrics
+    values = ", ".join(f"{name} {number(run.evaluation.metrics[name])}" for name in metrics
                        if name in run.evaluation.metrics)
     row = (f"  {run.mode} seed {run.seed}: {values}; best dev step {run.train.best_step}, "
            f"{run.train.ms_per_step:.0f} ms/step")
@@ -193,8 +179,8 @@ def compare_modes(
         print(f"note: arch {base.arch!r} does not read {', '.join(ignored)} (set by the task's "
               "defaults or the command line); its models run without them")
     runs: list[Run] = []
-    for number, mode in enumerate(modes, start=1):
-        print(f"mode {number}/{len(modes)}: {mode} (minimises {objective_name(mode)})",
+    for index, mode in enumerate(modes, start=1):
+        print(f"mode {index}/{len(modes)}: {mode} (minimises {objective_name(mode)})",
               flush=True)
         for offset in range(seeds):
             config = base.replace(mode=mode, seed=base.seed + offset)
@@ -221,7 +207,7 @@ def compare_modes(
         if plots:
             from structattn.app.plots import plot_comparison
 
-            written += plot_comparison(results, runs, base, examples, out)
+            written += plot_comparison(results, runs, base, task, examples, out)
         print("wrote " + ", ".join(str(path) for path in written))
     return results
 
@@ -327,71 +313,3 @@ def _results(base: ExperimentConfig, task: Seq2SeqTask, data: TaskData,
                                     for name in run.evaluation.counts},
         } for run in runs],
     }
-
-
-def format_report(results: dict[str, Any]) -> str:
-    """The printed tables of a ``results.json``: metrics with intervals, tests and the summary."""
-    reference = results["reference_mode"]
-    table, modes = results["table"], results["modes"]
-    level = round(100 * results["statistics"]["confidence"])
-    names = [row["metric"] for row in results["summary"]]
-    plain = [n for n in names if not any(n.endswith(r) for r in ALIGNMENT_READINGS)]
-    lines = []
-    rows = [["metric", "mode", f"value [{level}% CI]", f"- {reference} [{level}% CI]", "p",
-             "seeds mean +- sd"]]
-    for name in plain:
-        for mode in modes:
-            cell = table[mode][name]
-            test = cell.get("vs_" + reference)
-            rows.append([name, mode, _cell(Interval(cell["value"], cell["low"], cell["high"])),
-                         "" if test is None else _cell(Interval(test["difference"], test["low"],
-                                                                test["high"])),
-                         "" if test is None else f"{test['p_value']:.3f}",
-                         f"{_number(cell['seed_mean'])} +- {_number(cell['seed_std'])}"])
-    lines.append(_columns(rows))
-    aligned = [n for n in names if n not in plain]
-    if aligned:
-        lines.append("")
-        lines.append("alignment against the reference links (linked target words only)")
-        rows = [["mode", "reading", f"AER [{level}% CI]", "precision", "recall"]]
-        for mode in modes:
-            for reading in ALIGNMENT_READINGS:
-                cells = [table[mode].get(f"{kind}_{reading}") for kind in
-                         ("aer", "precision", "recall")]
-                if None in cells:
-                    continue
-                rows.append([mode, reading,
-                             _cell(Interval(cells[0]["value"], cells[0]["low"], cells[0]["high"])),
-                             _number(cells[1]["value"]), _number(cells[2]["value"])])
-        for baseline, cells in results.get("baselines", {}).items():
-            rows.append([f"baseline: {baseline}", "links", _cell(Interval(**cells["aer"])),
-                         _number(cells["precision"]["value"]), _number(cells["recall"]["value"])])
-        lines.append(_columns(rows))
-    lines.append("")
-    rows = [["mode", "objective", "ms/step", "train s (dev)", "test s", "best dev step"]]
-    for run in results["runs"]:
-        rows.append([f"{run['mode']} (seed {run['seed']})", run["objective_name"],
-                     f"{run['ms_per_step']:.0f}",
-                     f"{run['train_seconds']:.0f} ({run.get('dev_seconds', 0.0):.0f})",
-                     f"{run['eval_seconds']:.0f}", str(run["best_step"])])
-    lines.append(_columns(rows))
-    lines.append("")
-    lines.append(f"best mode per metric (lead over the runner-up: paired permutation test, "
-                 f"significant at p < {results['statistics']['significance']}):")
-    for row in results["summary"]:
-        text = f"  {row['metric']}: {row['best']} ({_number(row['value'])})"
-        if "runner_up" in row:
-            verdict = "significant" if row["significant"] else "not significant"
-            text += (f", ahead of {row['runner_up']} by {_number(row['lead'])}, "
-                     f"p = {row['p_value']:.3f}: {verdict}")
-        lines.append(text)
-    return "\n".join(lines)
-
-
-def format_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """A plain-text table with one line per row (each row holds a ``"mode"`` key)."""
-    def text(value: Any) -> str:
-        return _number(value) if isinstance(value, float) else "-" if value is None else str(value)
-
-    header = ["mode", *columns]
-    return _columns([header] + [[text(row.get(c)) for c in header] for row in rows])

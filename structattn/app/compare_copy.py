@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from structattn.app.compare import format_rows
 from structattn.app.plots import plot_alignments
+from structattn.app.report import format_rows
 from structattn.data.copy import aligned_copy_batch
 from structattn.models.toy import AlignedCopyModel
 

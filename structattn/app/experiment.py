@@ -13,14 +13,15 @@ import copy
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from structattn.app.architectures import get_architecture
-from structattn.app.tasks import TASKS, Seq2SeqTask, TaskData, get_task
+from structattn.app.config import RunSettings, TaskData
+from structattn.app.tasks import TASKS, Seq2SeqTask, get_task
 from structattn.app.training import Trainer, read_checkpoint
 from structattn.data.batching import Seq2SeqBatches, collate_seq2seq
 from structattn.data.vocab import Vocab
@@ -44,41 +45,9 @@ _MAY_CHANGE = frozenset({"steps", "eval_size", "dev_size", "dev_every", "beam_si
                          "checkpoint_every"})
 
 
-@dataclass
-class ExperimentConfig:
-    """Everything that defines a run (stored in checkpoints and results, so plain data only).
-
-    ``eval_size=None`` evaluates the whole test split; ``dev_size=None`` the whole dev split;
-    ``target_vocab_size=None`` uses ``vocab_size`` on both sides.
-    """
-
-    task: str = "g2p"
-    mode: str = "soft"
-    arch: str = "rnn"
-    steps: int = 3000
-    batch_size: int = 64
-    embed_dim: int = 64
-    hidden: int = 128
-    dropout: float = 0.1
-    lr: float = 2e-3
-    grad_clip: float = 5.0
-    num_samples: int = 4
-    temperature: float = 1.0
-    max_train: int | None = None
-    max_length: int | None = 40
-    eval_size: int | None = None
-    dev_size: int | None = 1000
-    dev_every: int = 250
-    beam_size: int = 5
-    seed: int = 0
-    device: str = "cpu"
-    checkpoint_every: int | None = None
-    vocab_size: int = 8000
-    target_vocab_size: int | None = None
-    lexical_emission: bool = False
-    contextual_emission: bool = True
-    stateful_emission: bool = True
-    batch_vocabulary: bool = False
+class ExperimentConfig(RunSettings):
+    """The settings of one run (:class:`~structattn.app.config.RunSettings`), with ``task``
+    a registered seq2seq task and ``mode`` one of the modes of ``arch``."""
 
     def __post_init__(self) -> None:
         if self.task not in TASKS or not issubclass(TASKS[self.task], Seq2SeqTask):
@@ -88,29 +57,7 @@ class ExperimentConfig:
         if self.mode not in modes:
             raise ValueError(f"mode must be one of {modes} (arch {self.arch!r}), "
                              f"got {self.mode!r}")
-        for name in ("steps", "batch_size", "beam_size", "hidden", "embed_dim", "dev_every",
-                     "vocab_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("eval_size", "dev_size", "max_train", "max_length", "checkpoint_every",
-                     "target_vocab_size"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 1):
-                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-        if self.hidden % 2:
-            raise ValueError(f"hidden must be even (bidirectional encoder), got {self.hidden}")
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any]) -> ExperimentConfig:
-        """A config from resolved options, ignoring keys that are not config fields."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in options.items() if key in names})
-
-    def replace(self, **changes: Any) -> ExperimentConfig:
-        """A copy with ``changes`` applied (validated again)."""
-        return ExperimentConfig(**{**asdict(self), **changes})
+        super().__post_init__()
 
 
 @dataclass

@@ -203,7 +203,7 @@ def disagreement(soft: np.ndarray, hard: np.ndarray) -> float:
     return float(0.5 * np.abs(soft - hard).sum(-1).mean()) if soft.size else 0.0
 
 
-def plot_comparison(results: Mapping[str, Any], runs: Sequence[Any], config: Any,
+def plot_comparison(results: Mapping[str, Any], runs: Sequence[Any], config: Any, task: Any,
                     examples: Sequence[Any], out: Path, count: int = 2) -> list[Path]:
     """Summary, dev curves and example figures of a finished comparison.
 
@@ -212,9 +212,6 @@ def plot_comparison(results: Mapping[str, Any], runs: Sequence[Any], config: Any
     posterior); with them (Bible) one row compares the reference mode's attention, every other
     mode's posterior and the reference links.
     """
-    from structattn.app.tasks import get_task
-
-    task = get_task(config.task)
     paths = [plot_summary(results, out / f"{config.task}_summary.png"),
              plot_dev_curves(results, out / f"{config.task}_dev_curves.png")]
     first = {}

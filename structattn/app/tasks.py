@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from structattn._registry import class_decorator
+from structattn.app.config import TaskData
 
 if TYPE_CHECKING:
-    from structattn.app.experiment import ExperimentConfig
-    from structattn.data.vocab import Vocab
+    from structattn.app.config import RunSettings
 
 __all__ = [
     "TASKS",
@@ -38,19 +37,6 @@ __all__ = [
     "get_task",
     "register_task",
 ]
-
-
-@dataclass
-class TaskData:
-    """A task's splits, vocabularies and sizes (``sizes``: examples per split)."""
-
-    name: str
-    train: Sequence[Any]
-    dev: Sequence[Any]
-    test: Sequence[Any]
-    source_vocab: Vocab
-    target_vocab: Vocab
-    sizes: dict[str, int] = field(default_factory=dict)
 
 
 class Task(abc.ABC):
@@ -116,7 +102,7 @@ class Seq2SeqTask(Task):
         return get_architecture(arch).default_modes()
 
     @abc.abstractmethod
-    def load(self, config: ExperimentConfig) -> TaskData:
+    def load(self, config: RunSettings) -> TaskData:
         """Splits and vocabularies (from installed packages; nothing is downloaded)."""
 
     @abc.abstractmethod
@@ -159,7 +145,7 @@ class G2PTask(Seq2SeqTask):
     quick = {"steps": 300, "max_train": 20000, "eval_size": 1000, "dev_every": 100,
              "dev_size": 500, "beam_size": 3}
 
-    def load(self, config: ExperimentConfig) -> TaskData:
+    def load(self, config: RunSettings) -> TaskData:
         from structattn.data.g2p import load_g2p
         from structattn.data.vocab import Vocab
 
@@ -215,7 +201,7 @@ class BibleTask(Seq2SeqTask):
                       if mode in self.modes(arch) and mode not in modes)
         return modes[:2] + extra + modes[2:]
 
-    def load(self, config: ExperimentConfig) -> TaskData:
+    def load(self, config: RunSettings) -> TaskData:
         from structattn.data.bible import load_bible
         from structattn.data.vocab import Vocab
 
