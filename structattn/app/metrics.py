@@ -29,6 +29,17 @@ Link = tuple[int, int]
 References = Sequence[Sequence[str] | Sequence[Sequence[str]]]
 
 
+def _check_paired(hypotheses: Sequence, references: Sequence, unit: str) -> None:
+    """One reference entry per hypothesis, and at least one ``unit``."""
+    if len(hypotheses) != len(references):
+        raise ValueError(
+            f"hypotheses and references must have the same length, got {len(hypotheses)} "
+            f"and {len(references)}"
+        )
+    if len(hypotheses) == 0:
+        raise ValueError(f"hypotheses must hold at least one {unit}")
+
+
 def perplexity(total_nll: float | torch.Tensor, num_tokens: int | torch.Tensor) -> float:
     """``exp(total_nll / num_tokens)``: perplexity from a summed negative log-likelihood (nats).
 
@@ -135,13 +146,7 @@ def bleu(
             "bleu needs the 'sacrebleu' package: pip install sacrebleu "
             "(or pip install 'structattn[data]')"
         ) from err
-    if len(hypotheses) != len(references):
-        raise ValueError(
-            f"hypotheses and references must have the same length, got {len(hypotheses)} "
-            f"and {len(references)}"
-        )
-    if len(hypotheses) == 0:
-        raise ValueError("hypotheses must hold at least one sentence")
+    _check_paired(hypotheses, references, "sentence")
     pretokenized = not isinstance(hypotheses[0], str)
     hypothesis_lines = [_as_line(item, "hypotheses") for item in hypotheses]
     reference_lines = [_as_line(item, "references") for item in references]
@@ -282,13 +287,7 @@ def _pair_up(
         raise ValueError("hypotheses must be a sequence of symbol sequences")
     if isinstance(references, str) or not isinstance(references, Sequence):
         raise ValueError("references must be a sequence with one entry per hypothesis")
-    if len(hypotheses) != len(references):
-        raise ValueError(
-            f"hypotheses and references must have the same length, got {len(hypotheses)} "
-            f"and {len(references)}"
-        )
-    if len(hypotheses) == 0:
-        raise ValueError("hypotheses must hold at least one item")
+    _check_paired(hypotheses, references, "item")
     alternatives = []
     for index, (hypothesis, reference) in enumerate(zip(hypotheses, references, strict=True)):
         _check_sequence(hypothesis, f"hypotheses[{index}]")

@@ -18,19 +18,29 @@ import numpy as np
 import torch
 
 __all__ = ["disagreement", "plot_alignments", "plot_comparison", "plot_dev_curves",
-           "plot_summary"]
+           "plot_summary", "pyplot", "save_figure"]
 
 # Weights are drawn on a square-root scale, so a 5% weight is visible next to a 90% one.
 _GAMMA = 0.5
 
 
-def _pyplot():
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (files only, no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 100) -> Path:
+    """Write ``fig`` to ``path`` (its folder made if missing), close it, return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
 
 
 def _as_array(matrix: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -67,7 +77,7 @@ def plot_alignments(
     from matplotlib.colors import PowerNorm
     from matplotlib.patches import Rectangle
 
-    plt = _pyplot()
+    plt = pyplot()
     if not alignments:
         raise ValueError("alignments is empty: nothing to draw")
     shapes = {tuple(np.shape(m)) for m in alignments.values()}
@@ -109,11 +119,7 @@ def plot_alignments(
     if text:
         fig.text(0.01, 0.995, text, ha="left", va="top", fontsize=9, family="monospace")
     fig.tight_layout(rect=(0.0, 0.0, 1.0, top))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_summary(results: Mapping[str, Any], path: str | Path) -> Path:
@@ -122,7 +128,7 @@ def plot_summary(results: Mapping[str, Any], path: str | Path) -> Path:
 
     from structattn.app.stats import metric_label
 
-    plt = _pyplot()
+    plt = pyplot()
     table, modes = results["table"], results["modes"]
     names = [row["metric"] for row in results["summary"]]
     if not names:
@@ -157,16 +163,12 @@ def plot_summary(results: Mapping[str, Any], path: str | Path) -> Path:
     fig.suptitle(f"{results['task']}: test metrics with {level}% bootstrap intervals "
                  f"({results['data']['test_evaluated']} examples)", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_dev_curves(results: Mapping[str, Any], path: str | Path) -> Path:
     """Dev perplexity against training steps, one line per run; the selected step marked."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     colors = {mode: f"C{i}" for i, mode in enumerate(results["modes"])}
     for run in results["runs"]:
@@ -188,11 +190,7 @@ def plot_dev_curves(results: Mapping[str, Any], path: str | Path) -> Path:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def disagreement(soft: np.ndarray, hard: np.ndarray) -> float:

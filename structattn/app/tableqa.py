@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from structattn.app.plots import pyplot, save_figure
 from structattn.data.tables import (
     LoadReport,
     Table,
@@ -248,11 +249,9 @@ def plot_tables(
 ) -> None:
     """One row of panels per question, one column per mode: soft cell weights
     ``p(column) * p(cell)`` as shades, the hard selection boxed, gold cells dotted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
+
+    plt = pyplot()
 
     batch = encode_tables(examples, vocab, max_rows=budget.max_rows, max_columns=budget.max_columns)
     fig, axes = plt.subplots(
@@ -306,8 +305,7 @@ def plot_tables(
         "shade = soft weight, red box = hard selection, orange dot = gold cell", fontsize=10
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def _interval(bounds: Sequence[float]) -> str:

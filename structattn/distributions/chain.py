@@ -429,6 +429,22 @@ class LinearChainCRF(StructuredDistribution):
         return parts * mask[..., None, None]
 
 
+class AlignmentChain(LinearChainCRF):
+    """A chain over the source positions that target steps ``0 .. T-1`` read (the monotonic
+    and HMM alignments): its emissions make it the posterior ``p(z | x, y)``, and its
+    ``log_partition`` is ``log p(y | x)``."""
+
+    @property
+    def log_marginal_likelihood(self) -> torch.Tensor:
+        """``log p(y | x)`` with the alignment summed out, shape ``batch_shape``."""
+        return self.log_partition
+
+    @property
+    def target_lengths(self) -> torch.Tensor:
+        """``(*batch,)`` target lengths (the chain's ``lengths``)."""
+        return self.lengths
+
+
 def segmentation_crf(
     scores: torch.Tensor,
     transition: torch.Tensor | None = None,

@@ -32,7 +32,7 @@ from torch.distributions import constraints
 
 from structattn._backend import computation_dtype
 
-from .chain import LinearChainCRF
+from .chain import AlignmentChain, LinearChainCRF
 from .structured import check_lengths, check_potentials, resolve_validation
 
 __all__ = [
@@ -304,7 +304,7 @@ def _take(tensor: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tenso
     return tensor if rows is None or tensor is None else tensor[rows]
 
 
-class HMMAlignment(LinearChainCRF):
+class HMMAlignment(AlignmentChain):
     r"""Posterior (or prior) over HMM word alignments ``z_0 .. z_{T-1}``.
 
     .. math::
@@ -554,16 +554,6 @@ class HMMAlignment(LinearChainCRF):
                 self._log_partition_of(probe).sum(), probe, create_graph=record
             )
         return nodes.reshape(self.batch_shape + shape[1:]).to(self._result_dtype())
-
-    @property
-    def log_marginal_likelihood(self) -> torch.Tensor:
-        """``log p(y | x)`` with the alignment summed out, shape ``batch_shape``."""
-        return self.log_partition
-
-    @property
-    def target_lengths(self) -> torch.Tensor:
-        """``(*batch,)`` target lengths (the chain's ``lengths``)."""
-        return self.lengths
 
     def positions(self, value: torch.Tensor) -> torch.Tensor:
         """Source positions of chain states ``value``: NULL states become ``S``."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.distributions import constraints
 
-from .chain import LinearChainCRF
+from .chain import AlignmentChain
 from .structured import check_lengths, check_potentials, resolve_validation
 
 
@@ -27,7 +27,7 @@ def _monotone_mask(num_sources: int, max_jump: int | None, device) -> torch.Tens
     return allowed
 
 
-class MonotonicAlignment(LinearChainCRF):
+class MonotonicAlignment(AlignmentChain):
     r"""Posterior (or prior) over monotone alignments ``z_0 .. z_{T-1}`` of target steps to
     source positions.
 
@@ -208,16 +208,6 @@ class MonotonicAlignment(LinearChainCRF):
             self.alignment_logits, emission_log_likelihoods, self.target_lengths,
             self.source_lengths, self.max_jump, validate_args=False,
         )
-
-    @property
-    def log_marginal_likelihood(self) -> torch.Tensor:
-        """``log p(y | x)`` with the alignment summed out, shape ``batch_shape``."""
-        return self.log_partition
-
-    @property
-    def target_lengths(self) -> torch.Tensor:
-        """``(*batch,)`` target lengths (the chain's ``lengths``)."""
-        return self.lengths
 
     @constraints.dependent_property(is_discrete=True, event_dim=1)
     def support(self) -> constraints.Constraint:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -17,42 +19,46 @@ def _check_dim(dim: object) -> int:
     return dim
 
 
-class Sparsemax(nn.Module):
-    """Sparsemax along ``dim`` (Martins & Astudillo 2016).
-
-    See :func:`structattn.functional.sparsemax`.
+class _SimplexMap(nn.Module):
+    """A simplex map of :mod:`structattn.functional` along ``dim``, as a module.
 
     ``forward(scores: (..., keys, ...), mask=None) -> (..., keys, ...)`` with ``keys`` along
     ``dim`` and ``mask`` boolean (True = valid key), broadcastable to ``scores``.
     """
+
+    #: the function of :mod:`structattn.functional` applied
+    function: Callable[..., Tensor]
 
     def __init__(self, dim: int = -1):
         super().__init__()
         self.dim = _check_dim(dim)
 
     def forward(self, scores: Tensor, mask: Tensor | None = None) -> Tensor:
-        return sparsemax(scores, dim=self.dim, mask=mask)
+        return type(self).function(scores, dim=self.dim, mask=mask)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
 
 
-class Entmax15(nn.Module):
+class Sparsemax(_SimplexMap):
+    """Sparsemax along ``dim`` (Martins & Astudillo 2016); see
+    :func:`~structattn.functional.sparsemax`.
+
+    ``forward(scores: (..., keys, ...), mask=None) -> (..., keys, ...)`` with ``keys`` along
+    ``dim`` and ``mask`` boolean (True = valid key), broadcastable to ``scores``.
+    """
+
+    function = staticmethod(sparsemax)
+
+
+class Entmax15(_SimplexMap):
     """1.5-entmax along ``dim`` (Peters et al. 2019); see :func:`~structattn.functional.entmax15`.
 
     ``forward(scores: (..., keys, ...), mask=None) -> (..., keys, ...)`` with ``keys`` along
     ``dim`` and ``mask`` boolean (True = valid key), broadcastable to ``scores``.
     """
 
-    def __init__(self, dim: int = -1):
-        super().__init__()
-        self.dim = _check_dim(dim)
-
-    def forward(self, scores: Tensor, mask: Tensor | None = None) -> Tensor:
-        return entmax15(scores, dim=self.dim, mask=mask)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}"
+    function = staticmethod(entmax15)
 
 
 class EntmaxBisect(nn.Module):
