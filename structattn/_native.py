@@ -202,9 +202,12 @@ def _address(tensor: Tensor, row: int) -> int:
     return tensor.data_ptr() + row * tensor.stride(0) * tensor.element_size()
 
 
-def _rows(z: Tensor, slack: Tensor, **same_shape: Tensor) -> tuple[Tensor, Tensor, int]:
+def _rows(z: Tensor, slack: Tensor, **same_shape: Tensor
+          ) -> tuple[Tensor, Tensor, int, int, int]:
     """Check the kernel's inputs (it reads raw memory: a wrong dtype or shape would read out of
-    bounds) and return ``(z, slack, slack_stride)`` as it takes them."""
+    bounds) and return ``(z, slack, slack_stride, rows, keys)`` as it takes them (the sizes as
+    ints, also while ``torch.jit.trace`` records the autograd Function around the kernel, which
+    makes sizes tensors)."""
     if z.dim() != 2 or z.dtype != torch.float32 or z.device.type != "cpu":
         raise ValueError(f"z must be (rows, keys) float32 on the CPU, got {tuple(z.shape)} "
                          f"{z.dtype} on {z.device.type}")
@@ -212,11 +215,12 @@ def _rows(z: Tensor, slack: Tensor, **same_shape: Tensor) -> tuple[Tensor, Tenso
         if tensor.shape != z.shape or tensor.device.type != "cpu":
             raise ValueError(f"{name} must be a CPU tensor of z's shape {tuple(z.shape)}, got "
                              f"{tuple(tensor.shape)} on {tensor.device.type}")
+    rows, keys = (int(size) for size in z.shape)
     slack = slack.reshape(-1).to(torch.float64).contiguous()
-    if slack.numel() not in (1, z.shape[0]):
-        raise ValueError(f"slack must hold one value or one per row ({z.shape[0]}), got "
-                         f"{slack.numel()}")
-    return z.contiguous(), slack, int(slack.numel() > 1)
+    values = int(slack.numel())
+    if values not in (1, rows):
+        raise ValueError(f"slack must hold one value or one per row ({rows}), got {values}")
+    return z.contiguous(), slack, int(values > 1), rows, keys
 
 
 def _in_chunks(call: Callable[[int, int], None], rows: int, numel: int) -> None:
@@ -243,8 +247,7 @@ def forward(z: Tensor, slack: Tensor, max_passes: int, lib: ctypes.CDLL | None =
     too; rows with non-finite scores are counted (the caller's validation raises on them).
     """
     lib = library() if lib is None else lib
-    z, slack, slack_stride = _rows(z, slack)
-    rows, keys = z.shape
+    z, slack, slack_stride, rows, keys = _rows(z, slack)
     probs = torch.empty_like(z)
     shift = torch.empty(rows, 1, dtype=z.dtype)
     tau = torch.empty(rows, 1, dtype=torch.float64)
@@ -258,7 +261,7 @@ def forward(z: Tensor, slack: Tensor, max_passes: int, lib: ctypes.CDLL | None =
             stop - start, keys, max_passes, ctypes.byref(nonfinite))
         counts.append((unconverged, nonfinite.value))
 
-    _in_chunks(call, rows, z.numel())
+    _in_chunks(call, rows, rows * keys)
     return Forward(probs, shift, tau, sum(c[0] for c in counts), sum(c[1] for c in counts))
 
 
@@ -268,8 +271,7 @@ def backward(z: Tensor, probs: Tensor, shift: Tensor, slack: Tensor, tau: Tensor
     ``grad: (rows, keys)``: with respect to the scores ``(rows, keys)``, and (if
     ``alpha_grad``) to each row's alpha as ``(rows, 1)`` float32."""
     lib = library() if lib is None else lib
-    z, slack, slack_stride = _rows(z, slack, probs=probs, grad=grad)
-    rows, keys = z.shape
+    z, slack, slack_stride, rows, keys = _rows(z, slack, probs=probs, grad=grad)
     probs, grad = probs.contiguous(), grad.contiguous().to(z.dtype)
     shift, tau = shift.contiguous(), tau.contiguous()
     grad_z = torch.empty_like(z)
@@ -282,7 +284,7 @@ def backward(z: Tensor, probs: Tensor, shift: Tensor, slack: Tensor, tau: Tensor
             _address(tau, start), _address(grad_z, start),
             None if grad_alpha is None else _address(grad_alpha, start), stop - start, keys)
 
-    _in_chunks(call, rows, z.numel())
+    _in_chunks(call, rows, rows * keys)
     return grad_z, grad_alpha
 
 

@@ -19,6 +19,19 @@ def validation_enabled() -> bool:
     return bool(Distribution._validate_args)
 
 
+def refuse_jit_tracing(what: str) -> None:
+    """Raise while ``torch.jit.trace`` records (also under Pyro's ``Jit*`` ELBOs): ``what``
+    chooses its computation from the values of its inputs, which a trace would freeze and then
+    replay, silently, on inputs it does not suit."""
+    if torch.jit.is_tracing():
+        raise RuntimeError(
+            f"{what} cannot be recorded by torch.jit.trace (nor by Pyro's JitTrace_ELBO, "
+            "JitTraceGraph_ELBO or JitTraceEnum_ELBO): its dynamic programs choose their steps "
+            "from the input values, which a trace would freeze. Use Trace_ELBO, "
+            "TraceGraph_ELBO or TraceEnum_ELBO (or torch.compile) instead."
+        )
+
+
 def normalize_dim(tensor: torch.Tensor, dim: int, name: str = "dim") -> int:
     """Return ``dim`` as a non-negative index into ``tensor``'s shape, or raise."""
     if not isinstance(dim, int):

@@ -1195,7 +1195,10 @@ def entmax_bisect(
             return sparsemax(scores, dim, mask)
     z = _to_rows(scores, dim, mask)
     use_triton = _use_triton(z, tol)
-    native = not use_triton and _native_covers(z, alpha_rows, tol, extremes)
+    # (Whether a tensor alpha suits the CPU kernel depends on its values, which a torch.jit
+    # trace would freeze: traced, it takes the general Function, which splits rows itself.)
+    native = (not use_triton and not (torch.jit.is_tracing() and isinstance(alpha_rows, Tensor))
+              and _native_covers(z, alpha_rows, tol, extremes))
     # The CPU kernel counts non-finite scores as it reads them; with a mask (masked keys are
     # -inf by then) or on any other path, the check runs first.
     if checking and not (native and mask is None):
@@ -1204,7 +1207,9 @@ def entmax_bisect(
         if isinstance(alpha_rows, float):
             alpha_rows = torch.full((1, 1), alpha_rows, dtype=z.dtype)
         check_values = checking and mask is None
-        if torch.is_grad_enabled() and (z.requires_grad or alpha_rows.requires_grad):
+        # A torch.jit trace records the Function (replayed on new inputs), not the kernel call.
+        if (torch.is_grad_enabled() and (z.requires_grad or alpha_rows.requires_grad)
+                or torch.jit.is_tracing()):
             probs = _NativeEntmaxBisectFunction.apply(z, alpha_rows, n_iter, check_values)
         else:  # (no graph to build: the kernel alone, without an autograd Function's cost)
             probs = _native_forward(z, alpha_rows, n_iter, check_values).probs

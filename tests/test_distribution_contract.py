@@ -242,3 +242,37 @@ def test_conditioning_on_a_zero_table_gives_back_the_same_distribution(spec):
     torch.testing.assert_close(conditioned, dist.attention)
     torch.testing.assert_close(marginal_log_likelihood(dist, table),
                                torch.zeros_like(marginal_log_likelihood(dist, table)))
+
+
+#: the classes that torch.jit.trace (and Pyro's Jit* ELBOs) must support; any other may instead
+#: refuse while tracing, by name
+TRACEABLE = {"categorical", "sparsemax", "relaxed"}
+
+
+def test_a_trace_replays_eagers_answers_on_other_parameters_or_refuses_by_name(spec):
+    """A trace freezes the Python decisions taken on the values it was made with: replayed on
+    parameters 30x larger (other supports, other branches) it must still give eager's
+    ``log_prob`` and ``.attention``, or the class must refuse to be traced."""
+    import warnings
+
+    first = spec.params((2,))
+    other = {name: 30 * tensor for name, tensor in spec.params((2,)).items()}
+    names = sorted(first)
+    value = spec.build(**other).sample()
+
+    def fn(value, *tensors):
+        dist = spec.build(**dict(zip(names, tensors, strict=True)))
+        return dist.log_prob(value), dist.attention
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings about the frozen validation checks
+        try:
+            traced = torch.jit.trace(fn, (value, *(first[n] for n in names)), check_trace=False)
+        except RuntimeError as error:
+            assert "cannot be recorded by torch.jit.trace" in str(error), error
+            assert spec.name not in TRACEABLE
+            return
+    replayed = traced(value, *(other[n] for n in names))
+    eager = fn(value, *(other[n] for n in names))
+    for got, expected in zip(replayed, eager, strict=True):
+        torch.testing.assert_close(got, expected)

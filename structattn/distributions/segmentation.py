@@ -22,11 +22,18 @@ marginals are :attr:`SegmentationAlignment.marginals`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 
-from structattn._validation import broadcast_mask, check_finite, check_some_valid
+from structattn._validation import (
+    broadcast_mask,
+    check_finite,
+    check_some_valid,
+    refuse_jit_tracing,
+)
 from structattn.distributions.chain import LinearChainCRF, segmentation_crf
 from structattn.distributions.structured import resolve_validation
 
@@ -64,6 +71,10 @@ class SegmentationAlignment(TorchDistribution):
     arg_constraints = {"scores": constraints.real}
     has_rsample = False
     has_enumerate_support = False
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> SegmentationAlignment:
+        refuse_jit_tracing(cls.__name__)  # (as StructuredDistribution: a chain inside)
+        return super().__new__(cls)
 
     def __init__(
         self,

@@ -18,13 +18,19 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from pyro.distributions import TorchDistribution
 from torch.distributions.kl import register_kl
 
 from structattn._backend import computation_dtype
-from structattn._validation import check_broadcasts_to, check_finite, validation_enabled
+from structattn._validation import (
+    check_broadcasts_to,
+    check_finite,
+    refuse_jit_tracing,
+    validation_enabled,
+)
 
 
 def check_potentials(potentials: torch.Tensor, name: str, event_dims: int, validate: bool) -> None:
@@ -112,6 +118,11 @@ class StructuredDistribution(TorchDistribution):
     potential_event_dims: int = 0
     #: attributes with leading batch dims that ``expand`` broadcasts
     _batched_attributes: tuple[str, ...] = ("potentials", "lengths")
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> StructuredDistribution:
+        # (Every way of making one passes here: constructors, expand, unpickling.)
+        refuse_jit_tracing(cls.__name__)
+        return super().__new__(cls)
 
     def __init__(
         self,
