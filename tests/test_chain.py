@@ -513,3 +513,20 @@ def test_segmentation_crf_accepts_non_contiguous_scores():
     torch.testing.assert_close(ours.partition, reference.partition)
     torch.testing.assert_close(ours.node_marginals, reference.node_marginals)
     torch.testing.assert_close(ours.entropy(), reference.entropy())
+
+
+def test_max_and_cross_entropy_match_brute_force_and_max_differentiates_to_the_argmax():
+    crf, other = random_crf(seed=0), random_crf(seed=1)
+    for index in range(3):
+        values, log_p = enumerate_sequences(crf, index)
+        _, log_q = enumerate_sequences(other, index)
+        scores = crf.score(values.unsqueeze(1).expand(-1, 3, -1))[:, index]
+        torch.testing.assert_close(crf.max[index], scores.max())
+        torch.testing.assert_close(crf.cross_entropy(other)[index], -(log_p.exp() * log_q).sum())
+    torch.testing.assert_close(crf.cross_entropy(crf), crf.entropy())
+    phi = crf.potentials.detach().requires_grad_()
+    tied = LinearChainCRF(phi, lengths=crf.lengths, initial_potentials=crf.initial_potentials)
+    (grad,) = torch.autograd.grad(tied.max.sum(), phi)
+    torch.testing.assert_close(grad, tied.to_parts(tied.argmax).to(grad.dtype))
+    with pytest.raises(ValueError, match="lengths"):
+        crf.cross_entropy(random_crf(with_lengths=False))

@@ -266,3 +266,14 @@ def test_float32_length_1024_is_finite_and_matches_float64(scale):
         evidence.double(), double.log_marginal_likelihood, rtol=1e-5, atol=1e-3
     )
     torch.testing.assert_close(marginals.double(), double.node_marginals, rtol=0, atol=1e-3)
+
+
+def test_max_and_cross_entropy_match_brute_force():
+    dist, other = make(seed=0), make(seed=1)
+    for index in range(3):
+        paths, scores, log_evidence = enumerate_paths(dist, index)
+        other_paths, other_scores, other_evidence = enumerate_paths(other, index)
+        assert torch.equal(paths, other_paths)
+        torch.testing.assert_close(dist.max[index], scores.max())
+        log_p, log_q = scores - log_evidence, other_scores - other_evidence
+        torch.testing.assert_close(dist.cross_entropy(other)[index], -(log_p.exp() * log_q).sum())

@@ -354,3 +354,15 @@ def test_expand_broadcasts_batch_dims(cls):
     assert expanded.batch_shape == (3, 1) and expanded.multiroot is False
     torch.testing.assert_close(expanded.partition, crf.partition.expand(3, 1))
     assert expanded.sample((2,)).shape == (2, 3, 1, 4)
+
+
+@pytest.mark.parametrize("cls", [NonProjectiveDependencyCRF, ProjectiveDependencyCRF])
+@pytest.mark.parametrize("multiroot", [False, True])
+def test_max_and_cross_entropy_match_brute_force(cls, multiroot):
+    crf, other = make(cls, multiroot, seed=0), make(cls, multiroot, seed=1)
+    for index in range(3):
+        values, log_p = enumerate_trees(crf, index)
+        _, log_q = enumerate_trees(other, index)
+        scores = crf.score(values.unsqueeze(1).expand(-1, 3, -1))[:, index]
+        torch.testing.assert_close(crf.max[index], scores.max())
+        torch.testing.assert_close(crf.cross_entropy(other)[index], -(log_p.exp() * log_q).sum())

@@ -232,6 +232,12 @@ class StructuredDistribution(TorchDistribution):
         """Alias of ``argmax``."""
         return self.argmax
 
+    @property
+    def max(self) -> torch.Tensor:
+        """The highest structure score ``max_z score(z)``, shape ``batch_shape`` (torch-struct's
+        ``max``; differentiable, its gradient is the argmax's parts)."""
+        return self.score(self.argmax)
+
     def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
         """Exact samples, ``sample_shape + batch_shape + event_shape`` (int64)."""
         sample_shape = torch.Size(sample_shape)
@@ -299,8 +305,18 @@ class StructuredDistribution(TorchDistribution):
         potentials, lengths = self._flat()
         return self._unflatten(self._entropy_flat(potentials, lengths)).to(self._result_dtype())
 
+    def cross_entropy(self, other: StructuredDistribution) -> torch.Tensor:
+        """``-E_self[log other(z)]`` for a distribution of the same type, shapes and lengths,
+        shape ``batch_shape`` (differentiable in both)."""
+        self._check_comparable(other)
+        return other.log_partition - self.expected_score(other)
+
     def kl_divergence(self, other: StructuredDistribution) -> torch.Tensor:
         """``KL(self || other)`` for a distribution of the same type, shapes and lengths."""
+        self._check_comparable(other)
+        return self.cross_entropy(other) - self.cross_entropy(self)
+
+    def _check_comparable(self, other: StructuredDistribution) -> None:
         if type(other) is not type(self):
             raise ValueError(f"other must be a {type(self).__name__}, got {type(other).__name__}")
         if other.potentials.shape != self.potentials.shape:
@@ -310,12 +326,6 @@ class StructuredDistribution(TorchDistribution):
             )
         if not torch.equal(other.lengths, self.lengths):
             raise ValueError("other must have the same lengths as self")
-        return (
-            self.expected_score(self)
-            - self.log_partition
-            - self.expected_score(other)
-            + other.log_partition
-        )
 
     def expand(self, batch_shape: torch.Size, _instance=None) -> StructuredDistribution:
         """Broadcast to ``batch_shape`` (views only; nothing is recomputed or copied)."""
