@@ -1,4 +1,4 @@
-"""Every bad input to rel's public functions and classes is a ValueError naming the argument.
+"""Every bad input to structattn's public functions and classes is a ValueError naming the argument.
 
 One table: each row is a call that must fail and a pattern that the message must contain
 (the argument's name, and where useful what is wrong with it).  A new public entry point
@@ -16,7 +16,15 @@ from structattn.data.bible import read_ztext
 from structattn.data.copy import aligned_copy_batch
 from structattn.data.text import load_parallel_text
 from structattn.data.vocab import Vocab
-from structattn.distributions import CategoricalAlignment, RelaxedAlignment, SparsemaxAlignment
+from structattn.distributions import (
+    CategoricalAlignment,
+    HMMAlignment,
+    NonProjectiveDependencyCRF,
+    ProjectiveDependencyCRF,
+    RelaxedAlignment,
+    SegmentationAlignment,
+    SparsemaxAlignment,
+)
 from structattn.infer import gather
 from structattn.nn.simplex import Entmax15, EntmaxBisect, Sparsemax
 
@@ -166,6 +174,23 @@ ROWS = _map_rows() + [
      "values must be floating"),
     ("gather-1d-values", lambda: gather(torch.ones(4), torch.zeros(2, dtype=torch.long)),
      "values must be"),
+    # structured distributions' settings
+    ("segmentation-scale-str",
+     lambda: SegmentationAlignment(torch.randn(2, 3), scale="wide"), "scale must be a real"),
+    ("segmentation-scale-nan",
+     lambda: SegmentationAlignment(torch.randn(2, 3), scale=float("nan")), "scale must be"),
+    ("segmentation-transition-int",
+     lambda: SegmentationAlignment(torch.randn(2, 3), transition=torch.ones(2, 2, dtype=int)),
+     "transition must be a \\(2, 2\\) floating"),
+    ("tree-multiroot-str",
+     lambda: NonProjectiveDependencyCRF(torch.randn(2, 3, 3), multiroot="no"),
+     "multiroot must be True or False"),
+    ("tree-multiroot-int",
+     lambda: ProjectiveDependencyCRF(torch.randn(2, 3, 3), multiroot=1),
+     "multiroot must be True or False"),
+    ("hmm-null-nan",
+     lambda: HMMAlignment(torch.randn(5), torch.randn(3, 4), null_probability=float("nan")),
+     "null_probability must lie strictly between 0 and 1"),
 ]
 
 

@@ -276,3 +276,56 @@ def test_a_trace_replays_eagers_answers_on_other_parameters_or_refuses_by_name(s
     eager = fn(value, *(other[n] for n in names))
     for got, expected in zip(replayed, eager, strict=True):
         torch.testing.assert_close(got, expected)
+
+
+#: constructors whose signature is not the built class's own
+CONSTRUCTORS = {"segmentation": sd.segmentation_crf}
+#: real-valued arguments that the specs leave at their defaults, and a valid value of each
+OPTIONAL_VALUES = {
+    "probs": lambda b: torch.rand(*b, KEYS, dtype=DTYPE) + 0.1,
+    "logits": lambda b: _randn(*b, KEYS),
+    "initial_potentials": lambda b: _randn(*b, STATES),
+    "transition": lambda b: _randn(2, 2),
+    "null_probability": lambda b: 0.3,
+    "alpha": lambda b: 1.5,
+    "smoothing": lambda b: 0.1,
+    "temperature": lambda b: 0.7,
+    "scale": lambda b: 2.0,
+    "emission_log_likelihoods": lambda b: _randn(*b, LENGTH, KEYS),
+}
+#: arguments that are not real-valued (flags, masks, lengths, sizes)
+NOT_REAL = {"mask", "lengths", "target_lengths", "source_lengths", "max_jump", "multiroot",
+            "straight_through", "validate_args"}
+#: arguments that exclude one another (exactly one of them is given)
+EXCLUSIVE = {"probs": "logits", "logits": "scores"}
+
+
+def _real_arguments(spec):
+    import inspect
+
+    made = CONSTRUCTORS.get(spec.name) or type(spec.build(**spec.params((2,))))
+    target = made if inspect.isfunction(made) else made.__init__
+    names = [p.name for p in inspect.signature(target).parameters.values()
+             if p.name != "self" and p.name not in NOT_REAL]
+    return made, names
+
+
+def test_nan_in_any_real_argument_is_a_value_error_naming_it(spec):
+    """Range checks written as 'reject outside [a, b]' let NaN through (it compares False
+    with everything): every real-valued argument of every class, given a NaN, must be refused
+    by name instead of turning into NaN probabilities."""
+    made, names = _real_arguments(spec)
+    for name in names:
+        params = spec.params((2,))
+        if name in params:
+            value = params[name].clone()
+            value.view(-1)[0] = float("nan")
+        else:
+            value = OPTIONAL_VALUES[name]((2,))  # a new argument: add a valid value above
+            value = float("nan") if isinstance(value, float) else value.index_fill(
+                -1, torch.tensor([0]), float("nan"))
+            params.pop(EXCLUSIVE.get(name, ""), None)
+            if name == "logits":
+                params.pop("scores", None)
+        with pytest.raises(ValueError, match=name):
+            made(**{**params, name: value})

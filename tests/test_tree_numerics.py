@@ -200,10 +200,15 @@ def test_marginals_are_distributions_and_log_z_bounds_the_best_tree(
     words = torch.arange(size) < lengths.unsqueeze(-1)
     sums = marginals.sum(-2).double()
     torch.testing.assert_close(sums, words.double(), atol=1e-5, rtol=0)
-    best = crf.score(crf.argmax).double()
-    # log Z is the log of a sum that contains the best tree
-    slack = 1e-9 if float64 else 1e-6
-    assert bool((log_z.double() >= best - slack * best.abs().clamp(min=1.0)).all())
+    # log Z is the log of a sum that contains the best tree.  The best tree's score is summed
+    # exactly (float64, from the same scores); log Z in the work dtype may be off by a few eps
+    # of the scores it sums, which can be far larger than the total (they cancel): at scale
+    # 131, float32 scores of a few hundred sum to 2.9.
+    exact = cls(scores.double(), lengths=lengths, multiroot=multiroot)
+    best = exact.score(crf.argmax)
+    eps = torch.finfo(dtype).eps
+    slack = 16 * eps * (best.abs() + size * float(scores.abs().max())) + 1e-12
+    assert bool((log_z.double() >= best - slack).all())
 
 
 @pytest.mark.parametrize("cls, multiroot", CASES)

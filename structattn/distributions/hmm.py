@@ -75,8 +75,9 @@ def check_jump_scores(jump_scores: torch.Tensor, validate: bool) -> int:
 def _log_probability(value: float | torch.Tensor, like: torch.Tensor, name: str):
     """``(log p, log (1 - p))`` of a probability in ``(0, 1)`` as tensors like ``like``."""
     value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
-    if bool(((value <= 0) | (value >= 1)).any()):
-        raise ValueError(f"{name} must lie strictly between 0 and 1")
+    # (Written as "inside" so that NaN, which compares False with everything, is refused.)
+    if not bool(((value > 0) & (value < 1)).all()):
+        raise ValueError(f"{name} must lie strictly between 0 and 1 (no NaN)")
     return value.log(), torch.log1p(-value)
 
 

@@ -22,6 +22,7 @@ marginals are :attr:`SegmentationAlignment.marginals`.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from torch.distributions import constraints
 from structattn._validation import (
     broadcast_mask,
     check_finite,
+    check_real_number,
     check_some_valid,
     refuse_jit_tracing,
 )
@@ -91,12 +93,16 @@ class SegmentationAlignment(TorchDistribution):
             raise ValueError(
                 f"scores must be (..., queries, keys) with keys >= 1, got {tuple(scores.shape)}"
             )
-        if not scale > 0:
-            raise ValueError(f"scale must be positive, got {scale!r}")
+        scale = check_real_number(scale, "scale")
+        if not 0 < scale < math.inf:
+            raise ValueError(f"scale must be positive and finite, got {scale!r}")
         if transition is None:
             transition = scores.new_zeros(2, 2)
-        elif not isinstance(transition, torch.Tensor) or transition.shape != (2, 2):
-            raise ValueError("transition must be a (2, 2) tensor [z_next, z_prev]")
+        elif (not isinstance(transition, torch.Tensor) or not transition.is_floating_point()
+              or transition.shape != (2, 2)):
+            raise ValueError("transition must be a (2, 2) floating tensor [z_next, z_prev]")
+        elif validate:
+            check_finite(transition, "transition")
         full_mask = broadcast_mask(mask, scores.shape)
         if full_mask is None:
             full_mask = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)

@@ -802,7 +802,9 @@ class _DependencyCRF(StructuredDistribution):
                 f"([b, head, dependent], root scores on the diagonal), got "
                 f"{tuple(arc_scores.shape)}"
             )
-        self.multiroot = bool(multiroot)
+        if not isinstance(multiroot, bool):  # bool("no") is True: take no truthy stand-ins
+            raise ValueError(f"multiroot must be True or False, got {multiroot!r}")
+        self.multiroot = multiroot
         self.num_words = size
         batch_shape = arc_scores.shape[:-2]
         lengths = check_lengths(lengths, batch_shape, size, validate, device=arc_scores.device)
