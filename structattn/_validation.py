@@ -133,3 +133,15 @@ def check_positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
+
+
+def check_vectors(tensor: object, name: str, size: int, layout: str = "(..., length, size)"
+                  ) -> None:
+    """Raise unless ``tensor`` is a floating-point tensor of at least two dims whose last one
+    is ``size`` (vectors of that size along a sequence); ``layout`` names the dims."""
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ValueError(f"{name} must be a floating-point tensor {layout}, got {kind}")
+    if tensor.dim() < 2 or tensor.shape[-1] != size:
+        raise ValueError(f"{name} must be {layout} with size={size}, got shape "
+                         f"{tuple(tensor.shape)}")

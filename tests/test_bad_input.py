@@ -26,6 +26,7 @@ from structattn.distributions import (
     SparsemaxAlignment,
 )
 from structattn.infer import gather
+from structattn.nn import LatentAttention, TransformerDecoderLayer, TransformerEncoderLayer
 from structattn.nn.simplex import Entmax15, EntmaxBisect, Sparsemax
 
 X = torch.randn(3, 4)
@@ -188,6 +189,24 @@ ROWS = _map_rows() + [
     ("tree-multiroot-int",
      lambda: ProjectiveDependencyCRF(torch.randn(2, 3, 3), multiroot=1),
      "multiroot must be True or False"),
+    # layers check their inputs' feature sizes and dtypes (torch's errors would not name them)
+    ("latent-query-size",
+     lambda: LatentAttention(4, 6)(torch.randn(2, 3, 5), torch.randn(2, 3, 6)), "query must be"),
+    ("latent-keys-int",
+     lambda: LatentAttention(4, 6)(torch.randn(2, 3, 4), torch.ones(2, 3, 6, dtype=torch.long)),
+     "keys must be a floating"),
+    ("latent-batch-mismatch",
+     lambda: LatentAttention(4, 6)(torch.randn(2, 3, 4), torch.randn(3, 5, 6)),
+     "broadcastable batch"),
+    ("encoder-layer-size",
+     lambda: TransformerEncoderLayer(8, 2, 16)(torch.randn(2, 5, 9)), "x must be"),
+    ("encoder-layer-int",
+     lambda: TransformerEncoderLayer(8, 2, 16)(torch.ones(2, 5, 8, dtype=torch.long)),
+     "x must be a floating"),
+    ("decoder-layer-memory-size",
+     lambda: TransformerDecoderLayer(8, 2, 16)(torch.randn(2, 5, 8), torch.randn(2, 4, 7)),
+     "memory must be"),
+    ("layer-feedforward-zero", lambda: TransformerEncoderLayer(8, 2, 0), "dim_feedforward must"),
     ("hmm-null-nan",
      lambda: HMMAlignment(torch.randn(5), torch.randn(3, 4), null_probability=float("nan")),
      "null_probability must lie strictly between 0 and 1"),

@@ -177,6 +177,10 @@ def test_bad_arguments_raise_value_errors_naming_them():
         layer(x, x, x, attn_mask=torch.zeros(KEYS, KEYS + 1, dtype=torch.bool))
     with pytest.raises(ValueError, match="embed_dim"):
         layer(x[..., :-1], x, x)
+    with pytest.raises(ValueError, match="query must be a floating-point tensor"):
+        layer(x.long(), x, x)
+    with pytest.raises(ValueError, match="value must be a floating-point tensor"):
+        layer(x, x, x.tolist())
     with pytest.raises(ValueError, match="alpha"):
         HeadwiseEntmaxNormalizer(HEADS, alpha=2.5)
     mixed = MultiheadAttention(EMBED, HEADS, batch_first=True, normalizer=["softmax"] * HEADS)

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from structattn._validation import check_vectors
 from structattn.nn.normalizers import Normalizer, make_normalizer
 from structattn.nn.scorers import make_scorer
 
@@ -49,11 +50,19 @@ class LatentAttention(nn.Module):
         self.normalizer = make_normalizer(normalizer, **normalizer_kwargs)
         self.scorer = make_scorer(score, query_dim, key_dim, **(scorer_kwargs or {}))
         self.multihead = score == "multihead"
+        self.query_dim, self.key_dim = query_dim, key_dim
 
     def scores(
         self, query: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Raw scores ``(..., queries, keys)`` and the key mask broadcast to them."""
+        check_vectors(query, "query", self.query_dim, "(..., queries, query_dim)")
+        check_vectors(keys, "keys", self.key_dim, "(..., keys, key_dim)")
+        try:
+            torch.broadcast_shapes(query.shape[:-2], keys.shape[:-2])
+        except RuntimeError as error:
+            raise ValueError(f"query {tuple(query.shape)} and keys {tuple(keys.shape)} must have "
+                             "broadcastable batch dims") from error
         scores = self.scorer(query, keys)
         mask = None
         if key_mask is not None:

@@ -457,6 +457,10 @@ class MultiheadAttention(nn.Module):
         keys)`` or ``(batch * heads, queries, keys)``; bool True = not allowed, float = added
         to the scores (``-inf`` = not allowed).
         """
+        for name, tensor in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+                kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                raise ValueError(f"{name} must be a floating-point tensor, got {kind}")
         if query.dim() not in (2, 3):
             raise ValueError(f"query must be 2-D (unbatched) or 3-D, got {query.dim()}-D")
         if key.dim() != query.dim() or value.dim() != query.dim():

@@ -18,6 +18,7 @@ import torch.nn.functional as F  # noqa: N812 (PyTorch's convention)
 from torch import nn
 
 from structattn._registry import class_decorator
+from structattn._validation import check_positive_int, check_vectors
 from structattn.nn.multihead import MultiheadAttention
 
 __all__ = [
@@ -121,6 +122,8 @@ class _Block(nn.Module):
                              f"got {activation!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout!r}")
+        check_positive_int(dim_feedforward, "dim_feedforward")
+        self.d_model = check_positive_int(d_model, "d_model")
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.activation = _ACTIVATIONS[activation]
@@ -163,6 +166,7 @@ class TransformerEncoderLayer(_Block):
         self.self_attn = _attention(d_model, nhead, dropout, normalizer, normalizer_kwargs)
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        check_vectors(x, "x", self.d_model, "(batch, S, d_model)")
         blocked = None if padding_mask is None else ~padding_mask
 
         def attend(h):
@@ -192,6 +196,8 @@ class TransformerDecoderLayer(_Block):
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor,
                 memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+        check_vectors(x, "x", self.d_model, "(batch, T, d_model)")
+        check_vectors(memory, "memory", self.d_model, "(batch, S, d_model)")
         blocked = None if memory_mask is None else ~memory_mask
 
         def attend_self(h):
