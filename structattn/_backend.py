@@ -270,6 +270,13 @@ class BlockedProbabilityScan(ChainScanKernel):
         return messages, torch.cat([start_top, scale], 1)
 
 
+def _shift_of(scores: torch.Tensor, dims: int | tuple[int, ...]) -> torch.Tensor:
+    """The maximum over ``dims`` (kept) to shift log scores by, 0 where every score is -inf
+    (a shift of -inf would turn the ruled-out scores into NaN)."""
+    top = scores.amax(dims, keepdim=True)
+    return torch.where(top > -torch.inf, top, 0.0)
+
+
 class BlockedLogScan(ChainScanKernel):
     """Two-level scan in log space (any scale); wins only at two states."""
 
@@ -297,12 +304,12 @@ class BlockedLogScan(ChainScanKernel):
             matrices = torch.cat([matrices, filler], 1)
         blocks = matrices.view(batch, num_blocks, block, num_states, num_states)
         prefix = blocks[:, :, 0]
-        shift = prefix.amax((-1, -2), keepdim=True)
+        shift = _shift_of(prefix, (-1, -2))
         prefix = prefix - shift
         prefixes, shifts = [prefix], [shift]
         for j in range(1, block):
             prefix = semiring.matmul(blocks[:, :, j], prefix)
-            top = prefix.amax((-1, -2), keepdim=True)
+            top = _shift_of(prefix, (-1, -2))
             prefix = prefix - top
             shift = shift + top
             prefixes.append(prefix)
@@ -310,23 +317,23 @@ class BlockedLogScan(ChainScanKernel):
         within = torch.stack(prefixes, 2)
         within_shift = torch.stack(shifts, 2).reshape(batch, num_blocks, block)
         # boundary messages stay shifted to a maximum of zero; the shifts add up separately
-        boundary_top = start.amax(-1, keepdim=True)
+        boundary_top = _shift_of(start, -1)
         boundary = start - boundary_top
         boundaries, boundary_scales = [boundary], [boundary_top]
         for k in range(num_blocks - 1):
             boundary = semiring.matvec(within[:, k, -1], boundary)
-            local = boundary.amax(-1, keepdim=True)
+            local = _shift_of(boundary, -1)
             boundary = boundary - local
             boundary_top = boundary_top + local + within_shift[:, k, -1, None]
             boundaries.append(boundary)
             boundary_scales.append(boundary_top)
         entry = torch.stack(boundaries, 1)[:, :, None, None, :]
         messages = semiring.sum(within + entry, -1)
-        local = messages.amax(-1, keepdim=True)
+        local = _shift_of(messages, -1)
         messages = (messages - local).reshape(batch, size, num_states)[:, :num_steps]
         scale = local.squeeze(-1) + within_shift + torch.cat(boundary_scales, 1).unsqueeze(-1)
         scale = scale.reshape(batch, size)[:, :num_steps]
-        start_top = start.amax(-1, keepdim=True)
+        start_top = _shift_of(start, -1)
         messages = torch.cat([(start - start_top).unsqueeze(1), messages], 1)
         return messages, torch.cat([start_top, scale], 1)
 

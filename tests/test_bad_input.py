@@ -25,7 +25,7 @@ from structattn.distributions import (
     SegmentationAlignment,
     SparsemaxAlignment,
 )
-from structattn.infer import gather
+from structattn.infer import gather, gather_along
 from structattn.nn import LatentAttention, TransformerDecoderLayer, TransformerEncoderLayer
 from structattn.nn.simplex import Entmax15, EntmaxBisect, Sparsemax
 
@@ -207,6 +207,8 @@ ROWS = _map_rows() + [
      lambda: TransformerDecoderLayer(8, 2, 16)(torch.randn(2, 5, 8), torch.randn(2, 4, 7)),
      "memory must be"),
     ("layer-feedforward-zero", lambda: TransformerEncoderLayer(8, 2, 0), "dim_feedforward must"),
+    ("gather-along-index-range",
+     lambda: gather_along(torch.randn(2, 3), torch.tensor([[5]])), "index must lie in"),
     ("hmm-null-nan",
      lambda: HMMAlignment(torch.randn(5), torch.randn(3, 4), null_probability=float("nan")),
      "null_probability must lie strictly between 0 and 1"),

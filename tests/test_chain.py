@@ -530,3 +530,20 @@ def test_max_and_cross_entropy_match_brute_force_and_max_differentiates_to_the_a
     torch.testing.assert_close(grad, tied.to_parts(tied.argmax).to(grad.dtype))
     with pytest.raises(ValueError, match="lengths"):
         crf.cross_entropy(random_crf(with_lengths=False))
+
+
+@pytest.mark.parametrize("nodes, states", [(4, 4), (3, 2), (30, 2), (30, 4), (40, 8)])
+def test_ruled_out_steps_give_minus_infinity_not_nan_in_every_scan_kernel(nodes, states):
+    """-inf potentials (allowed with validation off, and made by exact inference from an
+    impossible emission) rule structures out: a chain with none left has log Z = -inf (a
+    shift of -inf used to give NaN), a chain with some left keeps their sum. The sizes reach
+    each scan kernel (sequential, blocked log space, probability space)."""
+    generator = torch.Generator().manual_seed(0)
+    phi = torch.randn(3, nodes - 1, states, states, generator=generator, dtype=torch.float64)
+    phi[0] = float("-inf")  # every transition
+    phi[1, nodes // 2] = float("-inf")  # one whole step
+    phi[2, 0, :, 1] = float("-inf")  # some transitions: structures remain
+    log_z = LinearChainCRF(phi, validate_args=False).log_partition
+    assert log_z[0] == float("-inf") and log_z[1] == float("-inf")
+    floored = phi[2:].clamp(min=-1e4)  # exp(-1e4) is 0 in float64: the same sum
+    torch.testing.assert_close(log_z[2:], LinearChainCRF(floored).log_partition)

@@ -244,6 +244,32 @@ def test_conditioning_on_a_zero_table_gives_back_the_same_distribution(spec):
                                torch.zeros_like(marginal_log_likelihood(dist, table)))
 
 
+def test_exact_inference_refuses_a_bad_emission_table_by_name(spec):
+    """Every prior with a conditioner: a NaN, +inf or integer table, or a mask that does not
+    fit the queries, is a ValueError naming it; a table that rules out every alignment has
+    log p(y | x) = -inf, and its posterior, undefined, is refused rather than NaN."""
+    from structattn.infer import marginal_log_likelihood, posterior
+
+    dist = spec.build(**spec.params((2,)))
+    table = torch.zeros_like(dist.attention)
+    try:
+        posterior(dist, table)
+    except ValueError as err:
+        assert "no conditioner" in str(err)
+        return
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="emission_log_prob contains NaN or"):
+            marginal_log_likelihood(dist, table.index_fill(-1, torch.tensor([0]), bad))
+    with pytest.raises(ValueError, match="emission_log_prob must be a floating"):
+        posterior(dist, table.long())
+    with pytest.raises(ValueError, match="mask"):
+        posterior(dist, table, mask=torch.ones(table.shape[:-2] + (7,), dtype=torch.bool))
+    impossible = torch.full_like(table, float("-inf"))
+    assert bool((marginal_log_likelihood(dist, impossible) == float("-inf")).any())
+    with pytest.raises(ValueError, match="rules out every alignment"):
+        posterior(dist, impossible)
+
+
 #: the classes that torch.jit.trace (and Pyro's Jit* ELBOs) must support; any other may instead
 #: refuse while tracing, by name
 TRACEABLE = {"categorical", "sparsemax", "relaxed"}

@@ -66,6 +66,8 @@ class Semiring(abc.ABC):
         precision of one step instead of the whole prefix.
         """
         shift = message.detach().amax(-1)
+        # a message that rules out every state (all -inf) stays so, instead of -inf - -inf = NaN
+        shift = torch.where(shift > -torch.inf, shift, 0.0)
         return message - shift.unsqueeze(-1), shift
 
     @classmethod

@@ -23,6 +23,8 @@ from __future__ import annotations
 import pyro
 import torch
 
+from structattn._validation import validation_enabled
+
 __all__ = ["broadcast_cat", "gather_along", "observe_alignment_emission"]
 
 
@@ -57,8 +59,8 @@ def gather_along(tensor: torch.Tensor, index: torch.Tensor, dim: int = -1) -> to
         this is a view of ``tensor`` (a transpose); its backward is cheap.
 
     Raises:
-        ValueError: ``dim`` out of range, a non-integer ``index``, or batch axes that do not
-            broadcast.
+        ValueError: ``dim`` out of range, a non-integer ``index`` or one out of range, or
+            batch axes that do not broadcast.
     """
     if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
         raise ValueError("tensor must be a torch.Tensor with at least one dimension")
@@ -77,6 +79,9 @@ def gather_along(tensor: torch.Tensor, index: torch.Tensor, dim: int = -1) -> to
             f"the axes of tensor left of dim {tuple(head)} and index {tuple(index.shape)} do "
             "not broadcast"
         ) from err
+    if validation_enabled() and index.numel() and bool(((index < 0) | (index >= size)).any()):
+        raise ValueError(f"index must lie in [0, {size}) (the size of tensor along dim), got "
+                         f"values from {int(index.min())} to {int(index.max())}")
     axis = _enumerated_axis(index, size)
     if axis is not None and len(batch) == index.dim() and len(head) < index.dim():
         # the enumerated axis lies left of every axis of tensor: moving K there is a view

@@ -25,6 +25,7 @@ import functools
 
 import torch
 
+from structattn._validation import check_broadcasts_to, validation_enabled
 from structattn.distributions.categorical import CategoricalAlignment
 from structattn.distributions.chain import LinearChainCRF
 from structattn.distributions.monotonic import MonotonicAlignment
@@ -53,6 +54,10 @@ class Conditioned(abc.ABC):
     @abc.abstractmethod
     def attention(self) -> torch.Tensor:
         """Posterior marginals, shaped like the prior's ``.attention``."""
+
+    def impossible(self) -> bool:
+        """Whether ``log p(y | x) = -inf`` somewhere (the posterior is undefined there)."""
+        return bool((self.log_marginal == -torch.inf).any())
 
 
 class _PerQuery(Conditioned):
@@ -83,6 +88,10 @@ class _ThroughDistribution(Conditioned):
     @property
     def attention(self) -> torch.Tensor:
         return self.posterior.attention
+
+    def impossible(self) -> bool:
+        # (the posterior's partition alone: the prior's is finite)
+        return bool((self.posterior.log_partition == -torch.inf).any())
 
 
 @functools.singledispatch
@@ -144,19 +153,27 @@ def _condition_tree(prior, table):
 
 
 def _checked_table(table, mask: torch.Tensor | None) -> torch.Tensor:
-    if not isinstance(table, torch.Tensor):
-        raise ValueError(f"emission_log_prob must be a tensor, got {type(table).__name__}")
-    if mask is None:
-        return table
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise ValueError("mask must be a boolean tensor (True = real query)")
-    if mask.dim() >= table.dim():
-        raise ValueError(
-            f"mask {tuple(mask.shape)} must cover the queries of emission_log_prob "
-            f"{tuple(table.shape)} (one dim fewer)"
-        )
-    # padded queries: a zero emission leaves the prior's marginal there untouched
-    return masked(table, mask.reshape(mask.shape + (1,) * (table.dim() - mask.dim())))
+    """The emission table with padded queries zeroed, after checking it (a floating tensor,
+    no NaN or +inf where a query is real; -inf rules a key out) and ``mask``."""
+    if not isinstance(table, torch.Tensor) or not table.is_floating_point():
+        kind = table.dtype if isinstance(table, torch.Tensor) else type(table).__name__
+        raise ValueError(f"emission_log_prob must be a floating-point tensor, got {kind}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise ValueError("mask must be a boolean tensor (True = real query)")
+        if mask.dim() >= table.dim():
+            raise ValueError(
+                f"mask {tuple(mask.shape)} must cover the queries of emission_log_prob "
+                f"{tuple(table.shape)} (one dim fewer)"
+            )
+        check_broadcasts_to(mask.shape, table.shape[:-1], "mask",
+                            "the queries of emission_log_prob,")
+        # padded queries: a zero emission leaves the prior's marginal there untouched
+        table = masked(table, mask.reshape(mask.shape + (1,) * (table.dim() - mask.dim())))
+    if validation_enabled() and bool((table.isnan() | (table == torch.inf)).any()):
+        raise ValueError("emission_log_prob contains NaN or +inf (log-probabilities are finite, "
+                         "or -inf for an impossible emission)")
+    return table
 
 
 def condition(prior, emission_log_prob: torch.Tensor,
@@ -189,8 +206,19 @@ def marginal_log_likelihood(
 
 def posterior(prior, emission_log_prob: torch.Tensor,
               mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Exact posterior marginals ``p(z_t = k | x, y)``, shaped like ``prior.attention``."""
-    return condition(prior, emission_log_prob, mask).attention
+    """Exact posterior marginals ``p(z_t = k | x, y)``, shaped like ``prior.attention``.
+
+    Raises:
+        ValueError: besides bad arguments, when the emissions rule out every alignment that
+            the prior allows for some query or structure (``log p(y | x) = -inf``): the
+            posterior is undefined there.
+    """
+    conditioned = condition(prior, emission_log_prob, mask)
+    attention = conditioned.attention
+    if validation_enabled() and (bool(attention.isnan().any()) or conditioned.impossible()):
+        raise ValueError("emission_log_prob rules out every alignment the prior allows for some "
+                         "query (log p(y | x) = -inf): the posterior is undefined there")
+    return attention
 
 
 def exact_elbo(
