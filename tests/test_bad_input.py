@@ -249,3 +249,51 @@ def test_float16_relaxed_alignment_accepts_its_own_samples():
         log_prob = dist.log_prob(value)
         assert log_prob.dtype == torch.float16 and log_prob.shape == (3, 5)
         assert torch.isfinite(log_prob).all()
+
+
+def _seq2seq_batch(**changes):
+    from structattn.data.batching import Seq2SeqBatch
+
+    generator = torch.Generator().manual_seed(0)
+    fields = dict(source=torch.randint(3, 10, (2, 4), generator=generator),
+                  source_mask=torch.ones(2, 4, dtype=torch.bool),
+                  target=torch.randint(3, 12, (2, 5), generator=generator),
+                  target_mask=torch.ones(2, 5, dtype=torch.bool), indices=torch.arange(2))
+    fields.update(changes)
+    return Seq2SeqBatch(**fields)
+
+
+BAD_BATCHES = {
+    "source-id-too-large": (dict(source=torch.full((2, 4), 10)), "source holds token ids"),
+    "source-id-negative": (dict(source=torch.full((2, 4), -1)), "source holds token ids"),
+    "source-float": (dict(source=torch.ones(2, 4)), "source must hold integer"),
+    "target-id-too-large": (dict(target=torch.full((2, 5), 12)), "target holds token ids"),
+    "source-mask-shape": (dict(source_mask=torch.ones(2, 3, dtype=torch.bool)),
+                          "source_mask must have the shape"),
+    "source-mask-float": (dict(source_mask=torch.ones(2, 4)), "source_mask must be a bool"),
+    "source-empty-row": (dict(source_mask=torch.tensor([[True] * 4, [False] * 4])),
+                         "empty source sequence"),
+    "target-only-bos": (dict(target=torch.ones(2, 1, dtype=torch.long),
+                             target_mask=torch.ones(2, 1, dtype=torch.bool)), "T >= 2"),
+    "target-mask-shape": (dict(target_mask=torch.ones(2, 4, dtype=torch.bool)),
+                          "target_mask must have the shape"),
+    "target-count": (dict(target=torch.randint(3, 12, (3, 5)),
+                          target_mask=torch.ones(3, 5, dtype=torch.bool)), "same number"),
+}
+
+
+@pytest.mark.parametrize("model", ["rnn", "transformer"])
+@pytest.mark.parametrize("case", list(BAD_BATCHES))
+def test_every_sequence_model_names_a_bad_batch(model, case):
+    """One check of ids, masks and shapes serves every sequence model (the Transformer once
+    passed bad ids to its embedding: an IndexError)."""
+    from structattn.models import Seq2Seq, TransformerSeq2Seq
+
+    built = Seq2Seq(10, 12) if model == "rnn" else TransformerSeq2Seq(10, 12)
+    changes, message = BAD_BATCHES[case]
+    with pytest.raises(ValueError, match=message):
+        built.loss(_seq2seq_batch(**changes))
+    if "source" in case:
+        batch = _seq2seq_batch(**changes)
+        with pytest.raises(ValueError, match=message):
+            built.beam_search(batch.source, batch.source_mask, beam_size=2, max_length=3)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from structattn.models._inputs import check_batch, check_ids, check_source
 from structattn.models.modes import SEQ2SEQ_MODES, DecodeStep, ModeOptions, Pieces, make_mode
 from structattn.nn.heads import EmissionHead
 from structattn.nn.normalizers import Normalizer
@@ -41,17 +42,6 @@ __all__ = ["MODES", "Seq2Seq"]
 
 #: the attention modes registered when this module is imported (see :class:`Seq2Seq`)
 MODES = tuple(SEQ2SEQ_MODES)
-
-
-def _check_ids(ids: torch.Tensor, vocab_size: int, name: str) -> None:
-    """Token ids must be integers in ``[0, vocab_size)``."""
-    if ids.is_floating_point() or ids.dtype == torch.bool:
-        raise ValueError(f"{name} must hold integer token ids, got {ids.dtype}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(
-            f"{name} holds token ids outside [0, {vocab_size}) (the vocabulary size): "
-            f"min {int(ids.min())}, max {int(ids.max())}"
-        )
 
 
 class Seq2Seq(nn.Module):
@@ -178,10 +168,7 @@ class Seq2Seq(nn.Module):
     def encode(self, source: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
         """Source states ``(batch, S, hidden)`` the decoder attends to
         (``(batch, S, hidden + embed_dim)`` with ``lexical_emission``)."""
-        _check_ids(source, self.source_vocab_size, "source")
-        lengths = source_mask.sum(-1)
-        if bool((lengths == 0).any()):
-            raise ValueError("source_mask has an empty source sequence")
+        check_source(source, source_mask, self.source_vocab_size)
         embedded = self.dropout(self.src_embed(source))
         enc = self.encoder(embedded, source_mask)
         if self.lexical_emission:
@@ -190,7 +177,7 @@ class Seq2Seq(nn.Module):
 
     def decode(self, inputs: torch.Tensor, state=None):
         """Decoder states ``(batch, T, hidden)`` for input ids ``(batch, T)``, and the state."""
-        _check_ids(inputs, self.target_vocab_size, "target")
+        check_ids(inputs, self.target_vocab_size, "target")
         outputs, state = self.decoder(self.dropout(self.tgt_embed(inputs)), state)
         return self.dropout(outputs), state
 
@@ -215,7 +202,7 @@ class Seq2Seq(nn.Module):
 
     def pieces(self, batch) -> Pieces:
         """Encode and decode a batch: what every mode's objective reads."""
-        _check_ids(batch.target, self.target_vocab_size, "target")
+        check_batch(batch, self.source_vocab_size, self.target_vocab_size)
         enc = self.encode(batch.source, batch.source_mask)
         states, _ = self.decode(batch.target[:, :-1])
         targets, target_mask = batch.target[:, 1:], batch.target_mask[:, 1:]

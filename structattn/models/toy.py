@@ -16,6 +16,7 @@ from structattn.data.copy import CopyBatch
 from structattn.infer.exact import marginal_log_likelihood, posterior
 from structattn.infer.readout import gather
 from structattn.infer.sites import sample_alignment
+from structattn.models._inputs import check_ids
 from structattn.nn.attention import LatentAttention
 from structattn.nn.heads import EmissionHead
 from structattn.nn.normalizers import Normalizer
@@ -54,20 +55,14 @@ class AlignedCopyModel(nn.Module):
         self.attention = LatentAttention(hidden, hidden, score="bilinear", normalizer=normalizer)
         self.head = EmissionHead(hidden, hidden, hidden, vocab_size)
 
-    def _check_ids(self, ids: torch.Tensor, name: str) -> None:
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
-            raise ValueError(
-                f"{name} holds token ids outside [0, {self.vocab_size}) (vocab_size)"
-            )
-
     def encode(self, batch: CopyBatch) -> torch.Tensor:
         """Source states ``(batch, S, H)``."""
-        self._check_ids(batch.src, "batch.src")
+        check_ids(batch.src, self.vocab_size, "batch.src")
         return self.encoder(self.src_embed(batch.src), batch.src_mask)
 
     def decode(self, batch: CopyBatch) -> torch.Tensor:
         """Decoder states ``(batch, T, H)`` from the previous target tokens."""
-        self._check_ids(batch.tgt, "batch.tgt")
+        check_ids(batch.tgt, self.vocab_size, "batch.tgt")
         bos = torch.full_like(batch.tgt[:, :1], self.vocab_size)
         inputs = self.tgt_embed(torch.cat([bos, batch.tgt[:, :-1]], 1))
         states, _ = self.decoder(inputs)

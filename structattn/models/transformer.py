@@ -28,6 +28,7 @@ from structattn._registry import class_decorator
 from structattn.infer.estimators import AlignmentTerms, ExactEstimator, make_estimator
 from structattn.infer.exact import marginal_log_likelihood, posterior
 from structattn.infer.readout import gather
+from structattn.models._inputs import check_batch, check_ids, check_source
 from structattn.nn.inference import InferenceNetwork
 from structattn.nn.multihead import HeadwiseEntmaxNormalizer, MultiheadAttention
 from structattn.nn.normalizers import Normalizer, make_normalizer
@@ -249,7 +250,7 @@ class TransformerSeq2Seq(nn.Module):
         self.mode = mode
         self.strategy = TRANSFORMER_MODES[mode](num_samples)
         self.d_model = d_model
-        self.target_vocab_size = target_vocab_size
+        self.source_vocab_size, self.target_vocab_size = source_vocab_size, target_vocab_size
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
         self.src_embed = nn.Embedding(source_vocab_size, d_model, padding_idx=pad_id)
         self.tgt_embed = nn.Embedding(target_vocab_size, d_model, padding_idx=pad_id)
@@ -279,13 +280,13 @@ class TransformerSeq2Seq(nn.Module):
 
     def encode(self, source: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
         """Source states ``(batch, S, d_model)``."""
-        if bool((source_mask.sum(-1) == 0).any()):
-            raise ValueError("source_mask has an empty source sequence")
+        check_source(source, source_mask, self.source_vocab_size)
         return self.encoder(self._embed(self.src_embed, source), source_mask)
 
     def decode(self, inputs: torch.Tensor, memory: torch.Tensor,
                source_mask: torch.Tensor) -> torch.Tensor:
         """Decoder states ``(batch, T, d_model)`` for input ids ``(batch, T)``."""
+        check_ids(inputs, self.target_vocab_size, "target")
         return self.decoder(self._embed(self.tgt_embed, inputs), memory, source_mask)
 
     def alignment(self, states: torch.Tensor, memory: torch.Tensor, source_mask: torch.Tensor):
@@ -319,6 +320,7 @@ class TransformerSeq2Seq(nn.Module):
 
     def pieces(self, batch) -> dict:
         """Everything a mode needs for one batch: states, prior, values, targets, masks."""
+        check_batch(batch, self.source_vocab_size, self.target_vocab_size)
         memory = self.encode(batch.source, batch.source_mask)
         states = self.decode(batch.target[:, :-1], memory, batch.source_mask)
         prior, values = self.alignment(states, memory, batch.source_mask)
