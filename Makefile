@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q --timeout=900
 
 compare: $(STAMP)
-	$(BIN)/structattn compare --out runs/compare
+	$(BIN)/structattn compare --out runs/compare --overwrite
 
 lint: $(STAMP)
 	$(BIN)/ruff check structattn tests benchmarks examples

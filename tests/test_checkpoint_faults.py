@@ -690,3 +690,80 @@ def test_cli_refuses_a_resume_with_other_settings_unless_allowed(tmp_path, capsy
                      *CLI_RUN, *out])
     assert code == 0
     assert read_checkpoint(tmp_path / CHECKPOINT_NAME)["step"] == 2
+
+
+# ------------------------------------- an earlier run's results are never replaced silently
+
+
+def test_a_fresh_run_into_a_directory_with_a_checkpoint_is_refused_unless_told(tmp_path):
+    from structattn.app.training import RunExistsError
+
+    make_trainer(checkpoint_dir=tmp_path).fit()
+    before = (tmp_path / CHECKPOINT_NAME).read_bytes()
+    with pytest.raises(RunExistsError, match=r"resume it \(--resume\), replace it"):
+        make_trainer(checkpoint_dir=tmp_path, lr=0.5).fit()
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before  # the earlier run is intact
+    assert make_trainer(checkpoint_dir=tmp_path, max_steps=5, resume=True).fit().step == 5
+    assert make_trainer(checkpoint_dir=tmp_path, overwrite=True).fit().step == 3
+
+
+def test_the_train_command_refuses_to_replace_an_earlier_run(tmp_path, capsys):
+    from structattn.app.cli import main
+
+    args = ["train", "--task", "g2p", "--steps", "2", "--batch-size", "4", "--hidden", "8",
+            "--embed-dim", "4", "--max-train", "40", "--dev-size", "4", "--dev-every", "2",
+            "--beam-size", "1", "--out", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    before = (tmp_path / CHECKPOINT_NAME).read_bytes()
+    assert main(args) != 0
+    assert "already holds the checkpoint of an earlier run" in capsys.readouterr().err
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before
+    assert main([*args, "--overwrite"]) == 0
+
+
+def test_a_comparison_refuses_a_folder_with_earlier_results_before_any_work(tmp_path,
+                                                                            monkeypatch):
+    from structattn.app import compare, tableqa
+    from structattn.app.experiment import ExperimentConfig
+    from structattn.app.outputs import RESULTS_NAME
+    from structattn.app.training import RunExistsError
+
+    (tmp_path / RESULTS_NAME).write_text("{}")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the comparison started working in a refused folder")
+
+    monkeypatch.setattr(compare, "load_task", no_work)
+    monkeypatch.setattr(tableqa, "build_splits", no_work)
+    config = ExperimentConfig(task="g2p", steps=2)
+    with pytest.raises(RunExistsError, match="--overwrite"):
+        compare.compare_modes(config, ["soft"], tmp_path, progress=False)
+    with pytest.raises(RunExistsError, match="--overwrite"):
+        tableqa.run_tableqa_comparison(["soft"], tmp_path, quick=True, progress=None)
+    assert (tmp_path / RESULTS_NAME).read_text() == "{}"
+    with pytest.raises(AssertionError, match="started working"):  # allowed: it starts
+        compare.compare_modes(config, ["soft"], tmp_path, progress=False, overwrite=True)
+
+
+def test_a_comparison_refuses_a_folder_another_live_run_holds(tmp_path):
+    from structattn.app.compare import compare_modes
+    from structattn.app.experiment import ExperimentConfig
+
+    holder = start_holder(tmp_path)
+    try:
+        with pytest.raises(RunLockedError, match="in use by another run"):
+            compare_modes(ExperimentConfig(task="g2p", steps=2), ["soft"], tmp_path,
+                          progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_results_are_written_whole_or_not_at_all(tmp_path):
+    from structattn.app.outputs import write_json
+
+    path = write_json(tmp_path / "results.json", {"ppl": 1.25})
+    with pytest.raises(TypeError):
+        write_json(path, {"ppl": object()})  # fails halfway through the dump
+    assert path.read_text() == '{\n "ppl": 1.25\n}'
+    assert [entry.name for entry in tmp_path.iterdir()] == ["results.json"]

@@ -185,7 +185,12 @@ def _compare_options(compare: argparse.ArgumentParser) -> None:
                          help="a short run for options you did not set: 300 steps, beam 3, "
                          "1000 test words (g2p) / 200 verses (bible); copy task 60 steps")
     compare.add_argument("--out", type=Path, default=None,
-                         help="folder for results.json, figures and checkpoints")
+                         help="folder for results.json, figures and checkpoints (table QA: "
+                         "runs/tableqa when not given); one that holds an earlier "
+                         "comparison's results is refused unless --overwrite")
+    compare.add_argument("--overwrite", action="store_true",
+                         help="replace the results (and checkpoints) of an earlier comparison "
+                         "in --out")
 
 
 def _train_options(train: argparse.ArgumentParser) -> None:
@@ -205,6 +210,10 @@ def _train_options(train: argparse.ArgumentParser) -> None:
                        help="steps between checkpoints (default 500)")
     train.add_argument("--resume", action="store_true",
                        help="continue from --out/checkpoint.pt if it exists")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start afresh even though --out holds an earlier run's checkpoint, "
+                       "replacing it (without --resume or --overwrite such a folder is "
+                       "refused)")
     train.add_argument("--allow-config-change", action="store_true",
                        help="with --resume: continue even if settings (mode, lr, seed, batch "
                        "size, ...) differ from the checkpoint's (refused otherwise)")
@@ -247,7 +256,8 @@ def _compare(args: argparse.Namespace) -> int:
     options = task.options(_given(args), quick=args.quick)
     if not isinstance(task, Seq2SeqTask):
         modes = args.modes or list(task.default_modes())
-        task.compare(modes, args.out, options, args.seeds, args.quick, not args.no_progress)
+        task.compare(modes, args.out, options, args.seeds, args.quick, not args.no_progress,
+                     overwrite=args.overwrite)
         return 0
     from structattn.app.compare import compare_modes
     from structattn.app.experiment import ExperimentConfig
@@ -256,13 +266,14 @@ def _compare(args: argparse.Namespace) -> int:
 
     config = ExperimentConfig.from_options({**options, "task": args.task, "mode": modes[0]})
     compare_modes(config, modes, args.out, seeds=args.seeds, progress=not args.no_progress,
-                  resamples=args.resamples)
+                  resamples=args.resamples, overwrite=args.overwrite)
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
     from structattn.app.evaluation import evaluate_mode
     from structattn.app.experiment import ExperimentConfig, load_task, train_mode
+    from structattn.app.outputs import write_json
     from structattn.app.tasks import get_task
 
     options = get_task(args.task).options(_given(args))
@@ -271,14 +282,14 @@ def _train(args: argparse.Namespace) -> int:
     data = load_task(config)
     model, trained = train_mode(config, data, args.out, resume=args.resume,
                                 allow_config_change=args.allow_config_change,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 evaluates
         return 0
     evaluation = evaluate_mode(model, config, data, "dev", progress=not args.no_progress)
     metrics = {"mode": config.mode, "split": "dev", **evaluation.metrics,
                "best_step": trained.best_step, "seconds": trained.seconds,
                "ms_per_step": trained.ms_per_step, "dev_curve": trained.dev_curve}
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(args.out / "metrics.json", metrics, indent=2)
     print(json.dumps(metrics, indent=2))
     return 0
 

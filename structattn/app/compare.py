@@ -11,7 +11,6 @@ over the runner-up is significant.  On tasks with reference links the alignment 
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 import time
@@ -34,6 +33,7 @@ from structattn.app.experiment import (
     load_task,
     train_mode,
 )
+from structattn.app.outputs import RESULTS_NAME, claim_output, write_json
 from structattn.app.report import format_report, number
 from structattn.app.stats import (
     METRICS,
@@ -143,6 +143,7 @@ def compare_modes(
     confidence: float = 0.95,
     resamples: int = 1000,
     plots: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train and evaluate every mode with the same data, budget and seeds; returns the results.
 
@@ -157,6 +158,8 @@ def compare_modes(
         confidence: coverage of the intervals.
         resamples: bootstrap and permutation resamples.
         plots: draw figures into ``out``.
+        overwrite: replace the results of an earlier comparison in ``out`` (refused
+            otherwise, before any training; a second live run into ``out`` is always refused).
     """
     if not modes or len(set(modes)) != len(modes):
         raise ValueError(f"modes must be distinct mode names, got {list(modes)!r}")
@@ -166,6 +169,14 @@ def compare_modes(
         base.replace(mode=mode)  # validates every name before any data is loaded
     task = get_task(base.task)
     assert isinstance(task, Seq2SeqTask)
+    out = None if out is None else Path(out)
+    with claim_output(out, overwrite):
+        return _compare(base, task, modes, out, seeds, progress, confidence, resamples, plots)
+
+
+def _compare(base: ExperimentConfig, task: Seq2SeqTask, modes: Sequence[str], out: Path | None,
+             seeds: int, progress: bool, confidence: float, resamples: int,
+             plots: bool) -> dict[str, Any]:
     started = time.perf_counter()
     data = load_task(base)
     examples = list(data.test)[:base.eval_size]
@@ -185,7 +196,9 @@ def compare_modes(
         for offset in range(seeds):
             config = base.replace(mode=mode, seed=base.seed + offset)
             checkpoints = None if out is None else out / "checkpoints" / f"{mode}-seed{config.seed}"
-            model, trained = train_mode(config, data, checkpoints, progress=progress)
+            # (the comparison holds out/: checkpoints left by an interrupted one are replaced)
+            model, trained = train_mode(config, data, checkpoints, progress=progress,
+                                        overwrite=True)
             clock = time.perf_counter()
             evaluation = evaluate_mode(model, config, data, examples=examples, progress=progress)
             seconds = time.perf_counter() - clock
@@ -201,9 +214,7 @@ def compare_modes(
     print()
     print(format_report(results))
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=1))
-        written = [out / "results.json"]
+        written = [write_json(out / RESULTS_NAME, results)]
         if plots:
             from structattn.app.plots import plot_comparison
 

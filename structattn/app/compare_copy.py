@@ -8,13 +8,13 @@ true one: the soft attention's argmax and the exact posterior MAP.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from structattn.app.outputs import RESULTS_NAME, claim_output, write_json
 from structattn.app.plots import plot_alignments
 from structattn.app.report import format_rows
 from structattn.data.copy import aligned_copy_batch
@@ -70,7 +70,13 @@ def _evaluate(model: AlignedCopyModel, args) -> tuple[dict, dict]:
 
 
 def compare_copy(args, progress: bool = True) -> list[dict]:
-    """Train every mode in ``args.modes`` on the copy task; print, and write ``args.out``."""
+    """Train every mode in ``args.modes`` on the copy task; print, and write ``args.out``
+    (refused if it holds an earlier comparison's results, unless ``args.overwrite``)."""
+    with claim_output(args.out, getattr(args, "overwrite", False)):
+        return _compare(args, progress)
+
+
+def _compare(args, progress: bool) -> list[dict]:
     rows, examples = [], {}
     for mode in args.modes:
         model, seconds = _train(mode, args, progress)
@@ -87,8 +93,7 @@ def compare_copy(args, progress: bool = True) -> list[dict]:
               f"{' '.join(map(str, example['posterior_map'].tolist()))}")
     if args.out:
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(rows, indent=2))
+        write_json(out / RESULTS_NAME, rows, indent=2)
         panels = {}
         for mode, example in examples.items():
             panels[f"{mode}: soft attention"] = example["soft"]

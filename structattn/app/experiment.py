@@ -127,6 +127,7 @@ def train_mode(
     progress: bool = True,
     report: Callable[[str], None] | None = None,
     allow_config_change: bool = False,
+    overwrite: bool = False,
 ) -> tuple[Seq2Seq, TrainResult]:
     """Train one mode, selecting the parameters with the best dev perplexity.
 
@@ -140,6 +141,9 @@ def train_mode(
             ``progress``, silent otherwise).
         allow_config_change: with ``resume``, continue even if the checkpoint was written with
             other settings (refused otherwise, listing the differences).
+        overwrite: without ``resume``, replace the checkpoint of an earlier run in
+            ``checkpoint_dir`` (refused otherwise, with
+            :class:`~structattn.app.training.RunExistsError`).
     """
     from tqdm.auto import tqdm
 
@@ -182,7 +186,8 @@ def train_mode(
         model, lambda params: torch.optim.Adam(params, lr=config.lr), batches,
         max_steps=config.steps, checkpoint_dir=checkpoint_dir,
         checkpoint_every=config.checkpoint_every if checkpoint_dir else None,
-        resume=resume, device=config.device, grad_clip=config.grad_clip, seed=config.seed,
+        resume=resume, overwrite=overwrite, device=config.device, grad_clip=config.grad_clip,
+        seed=config.seed,
         progress=False, extra=extra, find_unused_parameters=True, log_fn=log, log_every=10,
         eval_fn=evaluate, eval_every=config.dev_every,
         # Resuming with other settings is refused; run length, evaluation and device may change.

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from structattn.app.outputs import RESULTS_NAME, claim_output, write_json
 from structattn.app.plots import pyplot, save_figure
 from structattn.data.tables import (
     LoadReport,
@@ -321,9 +321,11 @@ def run_tableqa_comparison(
     progress: Callable[[str], None] | None = print,
     budget: Budget | None = None,
     plot: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Train and evaluate every mode for every seed; write ``results.json`` (and
-    ``tables.png``) under ``out``; return the results dictionary."""
+    ``tables.png``) under ``out``; return the results dictionary.  ``overwrite`` replaces
+    the results of an earlier comparison in ``out`` (refused otherwise)."""
     unknown = [m for m in modes if m not in TABLE_QA_MODES]
     if unknown or not modes:
         raise ValueError(
@@ -333,7 +335,12 @@ def run_tableqa_comparison(
         raise ValueError("seeds must not be empty")
     budget = budget or BUDGETS["quick" if quick else "default"]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with claim_output(out, overwrite):
+        return _compare(modes, out, seeds, progress, budget, plot)
+
+
+def _compare(modes: Sequence[str], out: Path, seeds: Sequence[int],
+             progress: Callable[[str], None] | None, budget: Budget, plot: bool) -> dict:
     torch.set_num_threads(1)
     started = time.perf_counter()
     splits, report = build_splits(budget, seed=0)
@@ -401,8 +408,7 @@ def run_tableqa_comparison(
         print(f"{paired['mode']} seed {paired['seed']} vs soft: "
               + ", ".join(f"{key} {_interval(value) if isinstance(value, list) else f'{value:.3g}'}"
                           for key, value in paired.items() if key not in ("mode", "seed")))
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"wrote {out / 'results.json'}")
+    print(f"wrote {write_json(out / RESULTS_NAME, results, indent=2)}")
     if plot and test:
         picks = [test[i] for i in range(0, len(test), max(1, len(test) // 3))][:3]
         plot_tables(out / "tables.png", picks, models, vocab, budget)
@@ -418,7 +424,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         default=["soft", "enum", "hard-score", "sparse"],
         choices=sorted(TABLE_QA_MODES),
     )
-    parser.add_argument("--out", default="runs/tableqa")
+    parser.add_argument("--out", default="runs/tableqa",
+                        help="folder for results.json and tables.png (default runs/tableqa)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results of an earlier comparison in --out")
     parser.add_argument("--quick", action="store_true", help="small data and 600 steps")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--steps", type=int, default=None, help="override the budget's steps")
@@ -434,7 +443,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             parser.error("--steps must be >= 1")
         budget = Budget(**{**budget.__dict__, "steps": args.steps})
     return run_tableqa_comparison(
-        args.modes, args.out, args.quick, args.seeds, print, budget, plot=not args.no_plot
+        args.modes, args.out, args.quick, args.seeds, print, budget, plot=not args.no_plot,
+        overwrite=args.overwrite,
     )
 
 

@@ -74,8 +74,9 @@ class Task(abc.ABC):
         """The modes ``compare`` runs when ``--modes`` is not given."""
 
     def compare(self, modes: list[str], out: Any, options: dict[str, Any], seeds: int,
-                quick: bool, progress: bool) -> None:
-        """Run this task's own comparison (tasks that the seq2seq pipeline does not serve)."""
+                quick: bool, progress: bool, overwrite: bool = False) -> None:
+        """Run this task's own comparison (tasks that the seq2seq pipeline does not serve);
+        ``overwrite`` replaces the results of an earlier comparison in ``out``."""
         raise ValueError(f"task {self.name!r} has no comparison of its own")
 
 
@@ -240,12 +241,13 @@ class CopyTask(Task):
     def default_modes(self) -> tuple[str, ...]:
         return self.modes()
 
-    def compare(self, modes, out, options, seeds, quick, progress) -> None:
+    def compare(self, modes, out, options, seeds, quick, progress, overwrite=False) -> None:
         from argparse import Namespace
 
         from structattn.app.compare_copy import compare_copy
 
-        compare_copy(Namespace(modes=modes, out=out, **options), progress=progress)
+        compare_copy(Namespace(modes=modes, out=out, overwrite=overwrite, **options),
+                     progress=progress)
 
 
 @register_task("tableqa")
@@ -265,7 +267,7 @@ class TableQATask(Task):
     def default_modes(self) -> tuple[str, ...]:
         return ("soft", "enum", "hard-score", "sparse")
 
-    def compare(self, modes, out, options, seeds, quick, progress) -> None:
+    def compare(self, modes, out, options, seeds, quick, progress, overwrite=False) -> None:
         from dataclasses import replace
 
         from structattn.app.tableqa import BUDGETS, run_tableqa_comparison
@@ -276,4 +278,5 @@ class TableQATask(Task):
         first = options.get("seed") or 0
         run_tableqa_comparison(modes, out or "runs/tableqa", quick=quick,
                                seeds=list(range(first, first + seeds)),
-                               progress=print if progress else None, budget=budget)
+                               progress=print if progress else None, budget=budget,
+                               overwrite=overwrite)

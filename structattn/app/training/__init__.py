@@ -22,6 +22,7 @@ from structattn.app.training.errors import (
     CheckpointError,
     CheckpointWriteError,
     RunDirectoryError,
+    RunExistsError,
     RunLockedError,
     SettingsMismatchError,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "CheckpointWriteError",
     "RunDirectory",
     "RunDirectoryError",
+    "RunExistsError",
     "RunLockedError",
     "SettingsMismatchError",
     "TrainSummary",

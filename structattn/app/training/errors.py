@@ -43,6 +43,11 @@ class RunLockedError(RunDirectoryError):
     """Another live process trains in the same run directory."""
 
 
+class RunExistsError(RunDirectoryError):
+    """The directory holds the results of an earlier run that a new one would replace
+    (resume it, allow the overwrite, or choose another directory)."""
+
+
 class CheckpointWriteError(RunDirectoryError):
     """Writing a checkpoint failed (read-only file system, full disk, ...); the previous
     checkpoint is left as it was."""

@@ -45,7 +45,7 @@ from structattn.app.training.checkpoint import (
     write_checkpoint,
 )
 from structattn.app.training.distributed import Distributed
-from structattn.app.training.errors import RunDirectoryError
+from structattn.app.training.errors import RunDirectoryError, RunExistsError
 from structattn.app.training.restore import restore_objects
 from structattn.app.training.rng import capture_rng_state, restore_rng_state, seed_everything
 from structattn.app.training.rundir import RunDirectory
@@ -115,6 +115,10 @@ class Trainer:
             written at the end when ``checkpoint_dir`` is set).
         resume: ``True`` continues from ``checkpoint_dir/checkpoint.pt`` when it exists (and
             starts fresh otherwise); a path continues from that file, which must exist.
+        overwrite: start afresh even though ``checkpoint_dir`` holds the checkpoint of an
+            earlier run, which the new one replaces.  Without it (and without ``resume``),
+            such a directory is refused with :class:`RunExistsError`: nothing is lost by
+            running twice into one directory.
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (under torchrun, CUDA uses
             ``cuda:$LOCAL_RANK``).
         amp: bf16 autocast; ``None`` turns it on exactly when training on CUDA.
@@ -153,6 +157,7 @@ class Trainer:
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int | None = None,
         resume: bool | str | os.PathLike = False,
+        overwrite: bool = False,
         device: str | torch.device = "cpu",
         amp: bool | None = None,
         grad_clip: float | None = None,
@@ -233,6 +238,7 @@ class Trainer:
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.checkpoint_every = checkpoint_every
         self.resume = resume
+        self.overwrite = bool(overwrite)
         self.allow_config_change = bool(allow_config_change)
         self.grad_clip = grad_clip
         self.seed = seed
@@ -426,11 +432,20 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def _resume_path(self) -> Path | None:
-        if self.resume is False or self.resume is None:
-            return None
+        """The checkpoint to continue from, or None for a fresh run (which an earlier run's
+        checkpoint in the directory refuses, unless ``overwrite``)."""
+        existing = self.checkpoint_path
+        existing = existing if existing is not None and existing.exists() else None
         if self.resume is True:
-            path = self.checkpoint_path
-            return path if path is not None and path.exists() else None
+            return existing
+        if self.resume is False or self.resume is None:
+            if existing is not None and not self.overwrite:
+                raise RunExistsError(
+                    f"run directory {self.checkpoint_dir} already holds the checkpoint of an "
+                    "earlier run; resume it (--resume), replace it (--overwrite), or choose "
+                    "another directory"
+                )
+            return None
         path = Path(self.resume)
         if not path.exists():
             raise FileNotFoundError(f"resume checkpoint {path} does not exist")
