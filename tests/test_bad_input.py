@@ -207,6 +207,7 @@ ROWS = _map_rows() + [
      lambda: TransformerDecoderLayer(8, 2, 16)(torch.randn(2, 5, 8), torch.randn(2, 4, 7)),
      "memory must be"),
     ("layer-feedforward-zero", lambda: TransformerEncoderLayer(8, 2, 0), "dim_feedforward must"),
+    ("vocab-symbol-not-str", lambda: Vocab.build([["a", None]]), "symbols must be strings"),
     ("gather-along-index-range",
      lambda: gather_along(torch.randn(2, 3), torch.tensor([[5]])), "index must lie in"),
     ("hmm-null-nan",

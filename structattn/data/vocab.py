@@ -91,6 +91,11 @@ class Vocab:
             if isinstance(sequence, str):
                 raise ValueError("sequences must hold sequences of symbols, not strings")
             counts.update(sequence)
+        # (checked once per distinct symbol, not per token)
+        strange = [symbol for symbol in counts if not isinstance(symbol, str)]
+        if strange:
+            raise ValueError(f"symbols must be strings, got {strange[0]!r} "
+                             f"({type(strange[0]).__name__})")
         ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
         kept = [symbol for symbol, count in ranked if count >= min_count]
         if max_size is not None:
