@@ -25,7 +25,7 @@ from structattn.distributions import (
     SegmentationAlignment,
     SparsemaxAlignment,
 )
-from structattn.infer import gather, gather_along
+from structattn.infer import gather, gather_along, sample_alignment
 from structattn.nn import LatentAttention, TransformerDecoderLayer, TransformerEncoderLayer
 from structattn.nn.simplex import Entmax15, EntmaxBisect, Sparsemax
 
@@ -207,6 +207,12 @@ ROWS = _map_rows() + [
      lambda: TransformerDecoderLayer(8, 2, 16)(torch.randn(2, 5, 8), torch.randn(2, 4, 7)),
      "memory must be"),
     ("layer-feedforward-zero", lambda: TransformerEncoderLayer(8, 2, 0), "dim_feedforward must"),
+    ("site-name-not-str",
+     lambda: sample_alignment(3, Categorical(logits=X)), "name must be a string"),
+    ("site-dist-tensor", lambda: sample_alignment("z", X), "dist must be an alignment"),
+    ("site-mask-shape",
+     lambda: sample_alignment("z", Categorical(logits=torch.randn(2, 3, 4)),
+                              mask=torch.ones(2, 4, dtype=torch.bool)), "mask of shape"),
     ("vocab-symbol-not-str", lambda: Vocab.build([["a", None]]), "symbols must be strings"),
     ("gather-along-index-range",
      lambda: gather_along(torch.randn(2, 3), torch.tensor([[5]])), "index must lie in"),

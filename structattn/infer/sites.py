@@ -61,8 +61,20 @@ def sample_alignment(
         The sampled or enumerated value: integer ``(..., queries)`` (enumerated values carry
         extra leading dims), or one-hot ``(..., queries, keys)`` for ``"st"``.
     """
-    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool):
-        raise ValueError(f"mask must be a boolean tensor, got {getattr(mask, 'dtype', mask)!r}")
+    if not isinstance(name, str):
+        raise ValueError(f"name must be a string (the Pyro site name), got {name!r}")
+    if not isinstance(dist, torch.distributions.Distribution):
+        raise ValueError(f"dist must be an alignment distribution, got {type(dist).__name__}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise ValueError(
+                f"mask must be a boolean tensor, got {getattr(mask, 'dtype', mask)!r}")
+        try:
+            torch.broadcast_shapes(mask.shape, dist.batch_shape)
+        except RuntimeError as error:
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast with the "
+                             f"alignment's batch shape {tuple(dist.batch_shape)} (..., "
+                             "queries)") from error
     if estimator is None:
         if baseline is not None:
             raise ValueError("baseline= only applies to estimator='score'")
