@@ -674,7 +674,11 @@ def _sparsemax_backward(probs: Tensor, grad: Tensor) -> Tensor:
 
 @_MaybeCompiled
 def _entmax15_backward(probs: Tensor, grad: Tensor) -> Tensor:
-    return _weighted_centering(probs.sqrt(), grad)
+    # sqrt taken only where p > 0: its derivative there is finite, and a second derivative
+    # (create_graph=True) is then exact instead of inf * 0 = NaN off the support
+    positive = probs > 0
+    return _weighted_centering(torch.where(positive, torch.where(positive, probs, 1.0).sqrt(),
+                                           0.0), grad)
 
 
 def _log_probs(probs: Tensor) -> Tensor:
@@ -736,6 +740,23 @@ def _bisect_weight(
     positive = gap > 0
     ratio = torch.where(positive, probs / torch.where(positive, gap, 1.0), 0.0)
     return torch.where(slack > 0, ratio, probs)
+
+
+def _differentiable_bisect_backward(
+    probs: Tensor, alpha: Tensor, grad: Tensor, need_z: bool, need_alpha: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """alpha-entmax's vector-Jacobian products ``(dz, dalpha)`` from ``probs`` and ``alpha``
+    alone, in plain torch operations, for a backward pass that autograd differentiates again
+    (``create_graph=True``: Hessian-vector products, gradient penalties).  The fast backward
+    reads the forward's threshold, a constant to autograd, and so would drop that part of
+    the second derivative.  ``p^(2 - alpha)`` is the weight ``p / gap``."""
+    slack = (alpha - 1.0).to(probs.dtype)
+    log_p = _log_probs(probs)
+    weight = torch.where(probs > 0, torch.exp((1.0 - slack) * log_p), 0.0)
+    grad_z = _weighted_centering(weight, grad) if need_z else None
+    grad_alpha = (_alpha_gradient_terms(probs, log_p, weight, slack, grad).to(alpha.dtype)
+                  if need_alpha else None)
+    return grad_z, grad_alpha
 
 
 @_MaybeCompiled
@@ -852,12 +873,16 @@ class _NativeEntmaxBisectFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, z: Tensor, alpha: Tensor, n_iter: int, check_values: bool) -> Tensor:
         result = _native_forward(z, alpha, n_iter, check_values)
-        ctx.save_for_backward(z.detach(), result.probs, result.shift, result.slack, result.tau)
+        ctx.save_for_backward(z.detach(), result.probs, result.shift, result.slack, result.tau,
+                              alpha)
         return result.probs
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
-        z, probs, shift, slack, tau = ctx.saved_tensors
+        z, probs, shift, slack, tau, alpha = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a backward autograd differentiates again
+            return (*_differentiable_bisect_backward(probs, alpha, grad, *ctx.needs_input_grad[:2]),
+                    None, None)
         grad_z, grad_alpha = _native.backward(
             z, probs, shift, slack, tau, grad, bool(ctx.needs_input_grad[1]))
         return (grad_z if ctx.needs_input_grad[0] else None), grad_alpha, None, None
@@ -916,6 +941,9 @@ class _EntmaxBisectFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         z, probs, shift, slack, tau, alpha = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a backward autograd differentiates again
+            return (*_differentiable_bisect_backward(probs, alpha, grad, *ctx.needs_input_grad[:2]),
+                    None, None)
         grad_z = grad_alpha = None
         if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
             grad_z, grad_alpha = _bisect_backward_with_alpha(z, probs, shift, slack, tau, grad)

@@ -355,3 +355,27 @@ def test_nan_in_any_real_argument_is_a_value_error_naming_it(spec):
                 params.pop("scores", None)
         with pytest.raises(ValueError, match=name):
             made(**{**params, name: value})
+
+
+def test_second_derivatives_of_the_attention_match_differences_of_its_gradient(spec):
+    """Every class: the Hessian of ``<w, attention>`` in its first real parameter equals the
+    finite differences of the exact gradient (a backward pass that autograd cannot
+    differentiate correctly would show here)."""
+    params = spec.params((2,))
+    name = sorted(params)[0]
+    weights = torch.randn_like(spec.build(**params).attention)
+
+    def weighted(value):
+        return (spec.build(**{**params, name: value}).attention * weights).sum()
+
+    x = params[name]
+    hessian = torch.autograd.functional.hessian(weighted, x)
+
+    def gradient(point):
+        point = point.clone().requires_grad_()
+        return torch.autograd.grad(weighted(point), point)[0]
+
+    directions = torch.eye(x.numel(), dtype=x.dtype).reshape(x.numel(), *x.shape)
+    differences = torch.stack([(gradient(x + 1e-6 * d) - gradient(x - 1e-6 * d)) / 2e-6
+                               for d in directions]).reshape(hessian.shape)
+    torch.testing.assert_close(hessian, differences, rtol=1e-5, atol=1e-7)

@@ -159,6 +159,28 @@ def test_gradients_match_float64_general_path(triton_on_cpu, alpha):
 
 
 @interpreted
+def test_second_derivatives_through_the_kernel_match_float64(triton_on_cpu):
+    scores, mask = _scores_and_mask(8, 50, 3.0, seed=9)
+    gen = torch.Generator().manual_seed(10)
+    weights = torch.randn(8, 50, generator=gen)
+    alphas = 1.1 + torch.rand(8, 1, generator=gen)
+
+    def hessian_vector(z, a):
+        z = z.clone().requires_grad_(True)
+        a = a.clone().requires_grad_(True)
+        loss = (sa.entmax_bisect(z, a, mask=mask) * weights.to(z.dtype)).sum()
+        grad_z, grad_a = torch.autograd.grad(loss, (z, a), create_graph=True)
+        return torch.autograd.grad((grad_z * weights.to(z.dtype)).sum() + grad_a.sum(), (z, a))
+
+    got = hessian_vector(scores, alphas)
+    assert len(triton_on_cpu) == 1
+    for value, expected in zip(got, hessian_vector(scores.double(), alphas.double()),
+                               strict=True):
+        scale = expected.abs().max().item()
+        assert torch.allclose(value.double(), expected, rtol=0, atol=1e-4 * scale)
+
+
+@interpreted
 def test_scores_gradient_only_and_alpha_gradient_only(triton_on_cpu):
     scores, mask = _scores_and_mask(4, 30, 2.0, seed=11)
     alphas = torch.full((4, 1), 1.4)
