@@ -131,6 +131,10 @@ class _MaybeCompiled:
             or torch.compiler.is_compiling()
             or torch.jit.is_tracing()
             or torch.jit.is_scripting()
+            # a backward pass under create_graph=True: autograd records it, and compiled
+            # graphs do not support double backward
+            or (torch.is_grad_enabled()
+                and any(isinstance(a, Tensor) and a.requires_grad for a in args))
         ):
             return self.fn(*args)
         try:
@@ -791,32 +795,63 @@ def _bisect_backward_with_alpha(
 # --------------------------------------------------------------------------------------------
 
 
+def _fold_rows(z: Tensor, dim: int | None) -> Tensor:
+    """A ``torch.func.vmap`` batch at ``dim`` of rows ``(rows, keys)`` folded into more rows:
+    ``(batch * rows, keys)`` (the maps work row by row)."""
+    return z if dim is None else z.movedim(dim, 0).reshape(-1, z.shape[-1])
+
+
 class _SparsemaxFunction(torch.autograd.Function):
+    """sparsemax of rows, Jacobian ``diag(s) - s s^T / |S|``.  Under ``torch.func.vmap`` the
+    batch is folded into rows, so ``vmap``, ``grad``, ``jacrev`` (and ``jacrev`` of
+    ``jacrev``) work; forward mode (``jvp``, ``jacfwd``) is refused by torch: a ``jvp`` rule
+    that reads the saved output loses the outer tangent of nested forward mode, which gave
+    a zero second derivative silently."""
+
     @staticmethod
-    def forward(ctx: Any, z: Tensor) -> Tensor:
-        probs = _exact_threshold_map(_sparsemax_kernel, _sparsemax_sort, z, _MICHELOT_STEPS)
-        ctx.save_for_backward(probs)
-        return probs
+    def forward(z: Tensor) -> Tensor:
+        return _exact_threshold_map(_sparsemax_kernel, _sparsemax_sort, z, _MICHELOT_STEPS)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        ctx.save_for_backward(output)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
         (probs,) = ctx.saved_tensors
         return _sparsemax_backward(probs, grad)
 
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, z: Tensor) -> tuple[Tensor, int | None]:
+        rows = _SparsemaxFunction.apply(_fold_rows(z, in_dims[0]))
+        return (rows, None) if in_dims[0] is None else (rows.reshape(
+            info.batch_size, -1, z.shape[-1]), 0)
+
 
 class _Entmax15Function(torch.autograd.Function):
+    """1.5-entmax of rows, Jacobian ``diag(w) - w w^T / sum w`` with ``w = sqrt(p)`` (see
+    :class:`_SparsemaxFunction` for the ``torch.func`` transforms)."""
+
     @staticmethod
-    def forward(ctx: Any, z: Tensor) -> Tensor:
+    def forward(z: Tensor) -> Tensor:
         short = z.shape[-1] <= _SHORT_ROW_KEYS
         steps = _QUADRATIC_STEPS_SHORT_ROWS if short else _QUADRATIC_STEPS
-        probs = _exact_threshold_map(_entmax15_kernel, _entmax15_sort, z, steps)
-        ctx.save_for_backward(probs)
-        return probs
+        return _exact_threshold_map(_entmax15_kernel, _entmax15_sort, z, steps)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        ctx.save_for_backward(output)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
         (probs,) = ctx.saved_tensors
         return _entmax15_backward(probs, grad)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, z: Tensor) -> tuple[Tensor, int | None]:
+        rows = _Entmax15Function.apply(_fold_rows(z, in_dims[0]))
+        return (rows, None) if in_dims[0] is None else (rows.reshape(
+            info.batch_size, -1, z.shape[-1]), 0)
 
 
 def _native_applies(z: Tensor, tol: float | None) -> bool:
@@ -920,22 +955,29 @@ def _solve_rows(
     return merged[0], merged[1], merged[2]
 
 
+def _bisect_forward_rows(
+    z: Tensor, alpha: Tensor, n_iter: int, tol: float | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """alpha-entmax of rows ``z: (rows, keys)`` at ``alpha: (rows, 1)`` (alpha = 1 rows by
+    softmax): ``(probs, shift, slack, tau)``, what the backward passes read."""
+    # Detached, so that the compiled kernels see the same requires_grad with and without
+    # autograd (a mismatch recompiles them).
+    z = z.detach()
+    slack = (alpha.detach() - 1.0).to(torch.float64)
+    softmax_rows = slack == 0
+    probs, shift, tau = _solve_rows(z, torch.where(softmax_rows, 1.0, slack), n_iter, tol)
+    if bool(softmax_rows.any()):
+        dense = torch.softmax(z.masked_fill(z.isinf().all(-1, keepdim=True), 0.0), -1)
+        dense = torch.where(z > float("-inf"), dense, 0.0)
+        probs = torch.where(softmax_rows, dense, probs)
+    return probs, shift, slack, tau
+
+
 class _EntmaxBisectFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, z: Tensor, alpha: Tensor, n_iter: int, tol: float | None) -> Tensor:
-        # Detached, so that the compiled kernels see the same requires_grad with and without
-        # autograd (a mismatch recompiles them).
-        z = z.detach()
-        slack = (alpha.detach() - 1.0).to(torch.float64)
-        softmax_rows = slack == 0
-        probs, shift, tau = _solve_rows(
-            z, torch.where(softmax_rows, 1.0, slack), n_iter, tol
-        )
-        if bool(softmax_rows.any()):
-            dense = torch.softmax(z.masked_fill(z.isinf().all(-1, keepdim=True), 0.0), -1)
-            dense = torch.where(z > float("-inf"), dense, 0.0)
-            probs = torch.where(softmax_rows, dense, probs)
-        ctx.save_for_backward(z, probs, shift, slack, tau, alpha)
+        probs, shift, slack, tau = _bisect_forward_rows(z, alpha, n_iter, tol)
+        ctx.save_for_backward(z.detach(), probs, shift, slack, tau, alpha)
         return probs
 
     @staticmethod
@@ -976,6 +1018,41 @@ class _TritonEntmaxBisectFunction(torch.autograd.Function):
         return grad_z, grad_alpha
 
 
+class _FuncEntmaxBisectFunction(torch.autograd.Function):
+    """alpha-entmax of rows for ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``):
+    the same forward, the backward in torch operations from ``probs`` and ``alpha``
+    (:func:`_differentiable_bisect_backward`), and ``vmap`` folding the batch into rows."""
+
+    @staticmethod
+    def forward(z: Tensor, alpha: Tensor, n_iter: int, tol: float | None) -> Tensor:
+        return _bisect_forward_rows(z, alpha, n_iter, tol)[0]
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        ctx.save_for_backward(output, inputs[1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        probs, alpha = ctx.saved_tensors
+        return (*_differentiable_bisect_backward(probs, alpha, grad, *ctx.needs_input_grad[:2]),
+                None, None)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, z: Tensor, alpha: Tensor, n_iter: int,
+             tol: float | None) -> tuple[Tensor, int | None]:
+        z_dim, alpha_dim = in_dims[0], in_dims[1]
+        if z_dim is None and alpha_dim is None:
+            return _FuncEntmaxBisectFunction.apply(z, alpha, n_iter, tol), None
+        rows, keys = z.shape[-2], z.shape[-1]
+        z = z.movedim(z_dim, 0) if z_dim is not None else z.expand(info.batch_size, rows, keys)
+        alpha = (alpha.movedim(alpha_dim, 0) if alpha_dim is not None
+                 else alpha.expand(info.batch_size, *alpha.shape))
+        alpha = alpha.expand(info.batch_size, rows, 1)
+        probs = _FuncEntmaxBisectFunction.apply(z.reshape(-1, keys), alpha.reshape(-1, 1),
+                                                n_iter, tol)
+        return probs.reshape(info.batch_size, rows, keys), 0
+
+
 # --------------------------------------------------------------------------------------------
 # Shared plumbing: validation, moving ``dim`` last, masking, dtype
 # --------------------------------------------------------------------------------------------
@@ -992,6 +1069,15 @@ def _check_finite_scores(scores: Tensor, mask: Tensor | None) -> None:
         check_finite(scores, "scores", mask)
 
 
+def _transformed(*tensors: Tensor | None) -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ...) wraps any of
+    ``tensors``: Python cannot branch on their values under ``vmap``, so the checks of values
+    (NaN, infinite scores, fully masked rows, alpha's range) are skipped there."""
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return wrapped is not None and any(
+        isinstance(t, Tensor) and wrapped(t) for t in tensors)
+
+
 def _prepare(
     scores: Tensor, dim: int, mask: Tensor | None, check_values: bool = True
 ) -> tuple[int, Tensor | None]:
@@ -1005,9 +1091,10 @@ def _prepare(
         dim = normalize_dim(scores, dim)
         check_nonempty(scores, dim, "scores")
         mask = broadcast_mask(mask, scores.shape)
-        if mask is not None:
+        values = not _transformed(scores, mask)
+        if mask is not None and values:
             check_some_valid(mask.expand(scores.shape), dim)
-        if check_values:
+        if check_values and values:
             _check_finite_scores(scores, mask)
         return dim, mask
     dim = dim % scores.dim()
@@ -1131,7 +1218,7 @@ def _alpha_rows(
         if list(alpha.shape) != reduced:
             check_broadcasts_to(alpha.shape, reduced, "alpha",
                                 f"the scores' shape with dim {dim} reduced to 1,")
-        if alpha.numel() > 0:
+        if alpha.numel() > 0 and not _transformed(alpha):
             # One reduction for both checks (NaN propagates into it).
             with torch.no_grad():
                 low, high = (float(v) for v in torch.aminmax(alpha.detach()))
@@ -1222,6 +1309,11 @@ def entmax_bisect(
         if alpha_rows == 2.0:
             return sparsemax(scores, dim, mask)
     z = _to_rows(scores, dim, mask)
+    if _transformed(z, alpha_rows):  # torch.func: a Function with a vmap rule, torch backward
+        if isinstance(alpha_rows, float):
+            alpha_rows = torch.full_like(z[:, :1], alpha_rows)
+        probs = _FuncEntmaxBisectFunction.apply(z, alpha_rows, n_iter, tol)
+        return _from_rows(probs, scores, dim)
     use_triton = _use_triton(z, tol)
     # (Whether a tensor alpha suits the CPU kernel depends on its values, which a torch.jit
     # trace would freeze: traced, it takes the general Function, which splits rows itself.)

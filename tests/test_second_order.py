@@ -69,3 +69,17 @@ def test_the_cpu_kernel_gives_the_float64_hessian_vector_product_in_float32():
                                       create_graph=True)
         products.append(torch.autograd.grad((grad * weights.to(dtype)).sum(), x)[0].double())
     torch.testing.assert_close(products[0], products[1], rtol=0, atol=1e-5)
+
+
+def test_second_derivatives_after_the_kernels_were_compiled_on_a_large_input():
+    """Once a kernel is compiled it serves every size; a backward pass that autograd records
+    (create_graph=True) must still run eagerly (compiled graphs refuse double backward)."""
+    large = torch.randn(300, 100, dtype=torch.float64, requires_grad=True)
+    for fn in (sa.entmax15, sa.sparsemax, lambda z: sa.entmax_bisect(z, 1.3)):
+        (fn(large) * large.detach()).sum().backward()  # compiles forward and backward kernels
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.randn(2, 6, generator=generator, dtype=torch.float64)
+    weights = torch.randn(2, 6, generator=generator, dtype=torch.float64)
+    for fn in (sa.entmax15, lambda z: sa.entmax_bisect(z, 1.3)):
+        hessian_matches_differences_of_the_gradient(lambda z, fn=fn: (fn(z) * weights).sum(),
+                                                    scores)
