@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from test_second_order import hessian_matches_differences_of_the_gradient
 
 import structattn.distributions as sd
 
@@ -368,14 +369,4 @@ def test_second_derivatives_of_the_attention_match_differences_of_its_gradient(s
     def weighted(value):
         return (spec.build(**{**params, name: value}).attention * weights).sum()
 
-    x = params[name]
-    hessian = torch.autograd.functional.hessian(weighted, x)
-
-    def gradient(point):
-        point = point.clone().requires_grad_()
-        return torch.autograd.grad(weighted(point), point)[0]
-
-    directions = torch.eye(x.numel(), dtype=x.dtype).reshape(x.numel(), *x.shape)
-    differences = torch.stack([(gradient(x + 1e-6 * d) - gradient(x - 1e-6 * d)) / 2e-6
-                               for d in directions]).reshape(hessian.shape)
-    torch.testing.assert_close(hessian, differences, rtol=1e-5, atol=1e-7)
+    hessian_matches_differences_of_the_gradient(weighted, params[name])
