@@ -763,6 +763,15 @@ def _differentiable_bisect_backward(
     return grad_z, grad_alpha
 
 
+def _recorded_bisect_backward(
+    ctx: Any, probs: Tensor, alpha: Tensor, grad: Tensor
+) -> tuple[Tensor | None, Tensor | None, None, None]:
+    """The backward of an ``entmax_bisect`` Function ``(z, alpha, n_iter, tol-like)`` by
+    :func:`_differentiable_bisect_backward`: for ``create_graph=True`` and ``torch.func``."""
+    return (*_differentiable_bisect_backward(probs, alpha, grad, *ctx.needs_input_grad[:2]),
+            None, None)
+
+
 @_MaybeCompiled
 def _bisect_backward(
     z: Tensor, probs: Tensor, shift: Tensor, slack: Tensor, tau: Tensor, grad: Tensor
@@ -916,8 +925,7 @@ class _NativeEntmaxBisectFunction(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         z, probs, shift, slack, tau, alpha = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: a backward autograd differentiates again
-            return (*_differentiable_bisect_backward(probs, alpha, grad, *ctx.needs_input_grad[:2]),
-                    None, None)
+            return _recorded_bisect_backward(ctx, probs, alpha, grad)
         grad_z, grad_alpha = _native.backward(
             z, probs, shift, slack, tau, grad, bool(ctx.needs_input_grad[1]))
         return (grad_z if ctx.needs_input_grad[0] else None), grad_alpha, None, None
@@ -984,8 +992,7 @@ class _EntmaxBisectFunction(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         z, probs, shift, slack, tau, alpha = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: a backward autograd differentiates again
-            return (*_differentiable_bisect_backward(probs, alpha, grad, *ctx.needs_input_grad[:2]),
-                    None, None)
+            return _recorded_bisect_backward(ctx, probs, alpha, grad)
         grad_z = grad_alpha = None
         if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
             grad_z, grad_alpha = _bisect_backward_with_alpha(z, probs, shift, slack, tau, grad)
@@ -1034,8 +1041,7 @@ class _FuncEntmaxBisectFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         probs, alpha = ctx.saved_tensors
-        return (*_differentiable_bisect_backward(probs, alpha, grad, *ctx.needs_input_grad[:2]),
-                None, None)
+        return _recorded_bisect_backward(ctx, probs, alpha, grad)
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, z: Tensor, alpha: Tensor, n_iter: int,
