@@ -735,7 +735,8 @@ void reduce_alpha_sums(Back* rows, int64_t count) {
 // Phase 2's passes for the rows of a batch that are not done, then phase 3's powers and sums
 // (for every row, or with only_retry for the rows resuming after a crossing finish).  Kept
 // out of line: inlined at both call sites it slowed the passes by 5-10% (measured).
-__attribute__((noinline)) void passes_and_finish(Row* rows, int64_t count, int max_passes, bool lanes, bool only_retry) {
+__attribute__((noinline)) void passes_and_finish(Row* rows, int64_t count, int max_passes,
+                                                 bool lanes, bool only_retry) {
     for (int pass = 0; pass < max_passes; ++pass) {
         bool active = false;
         for (int64_t b = 0; b < count; ++b) {
