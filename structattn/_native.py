@@ -198,8 +198,12 @@ def _run(calls: list) -> None:
         future.result()
 
 
-def _address(tensor: Tensor, row: int) -> int:
-    return tensor.data_ptr() + row * tensor.stride(0) * tensor.element_size()
+def _plain(tensor: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``tensor`` contiguous (and of ``dtype``), without a call when it already is: the
+    kernel's fixed cost per call is mostly such calls."""
+    if dtype is not None and tensor.dtype != dtype:
+        tensor = tensor.to(dtype)
+    return tensor if tensor.is_contiguous() else tensor.contiguous()
 
 
 def _rows(z: Tensor, slack: Tensor, **same_shape: Tensor
@@ -208,23 +212,26 @@ def _rows(z: Tensor, slack: Tensor, **same_shape: Tensor
     bounds) and return ``(z, slack, slack_stride, rows, keys)`` as it takes them (the sizes as
     ints, also while ``torch.jit.trace`` records the autograd Function around the kernel, which
     makes sizes tensors)."""
-    if z.dim() != 2 or z.dtype != torch.float32 or z.device.type != "cpu":
+    if z.dim() != 2 or z.dtype != torch.float32 or not z.is_cpu:
         raise ValueError(f"z must be (rows, keys) float32 on the CPU, got {tuple(z.shape)} "
                          f"{z.dtype} on {z.device.type}")
     for name, tensor in same_shape.items():
-        if tensor.shape != z.shape or tensor.device.type != "cpu":
+        if tensor.shape != z.shape or not tensor.is_cpu:
             raise ValueError(f"{name} must be a CPU tensor of z's shape {tuple(z.shape)}, got "
                              f"{tuple(tensor.shape)} on {tensor.device.type}")
     rows, keys = (int(size) for size in z.shape)
-    slack = slack.reshape(-1).to(torch.float64).contiguous()
+    slack = _plain(slack.reshape(-1), torch.float64)
     values = int(slack.numel())
     if values not in (1, rows):
         raise ValueError(f"slack must hold one value or one per row ({rows}), got {values}")
-    return z.contiguous(), slack, int(values > 1), rows, keys
+    return _plain(z), slack, int(values > 1), rows, keys
 
 
 def _in_chunks(call: Callable[[int, int], None], rows: int, numel: int) -> None:
     """``call(start, stop)`` over row ranges, across threads for large inputs."""
+    if numel < 2 * _SPLIT_NUMEL or torch.get_num_threads() == 1:
+        call(0, rows)  # (one chunk: no list, partial or pool)
+        return
     _run([functools.partial(call, a, b) for a, b in _chunks(rows, numel)])
 
 
@@ -252,12 +259,15 @@ def forward(z: Tensor, slack: Tensor, max_passes: int, lib: ctypes.CDLL | None =
     shift = torch.empty(rows, 1, dtype=z.dtype)
     tau = torch.empty(rows, 1, dtype=torch.float64)
     counts = []
+    # Row r starts at base + r * (bytes per row): every tensor here is contiguous.
+    z_at, slack_at, probs_at = z.data_ptr(), slack.data_ptr(), probs.data_ptr()
+    shift_at, tau_at, row_bytes = shift.data_ptr(), tau.data_ptr(), 4 * keys
 
     def call(start: int, stop: int) -> None:
         nonfinite = ctypes.c_int64(0)
         unconverged = lib.structattn_entmax_bisect_f32(
-            _address(z, start), _address(slack, start * slack_stride), slack_stride,
-            _address(probs, start), _address(shift, start), _address(tau, start), None,
+            z_at + start * row_bytes, slack_at + 8 * start * slack_stride, slack_stride,
+            probs_at + start * row_bytes, shift_at + 4 * start, tau_at + 8 * start, None,
             stop - start, keys, max_passes, ctypes.byref(nonfinite))
         counts.append((unconverged, nonfinite.value))
 
@@ -272,17 +282,26 @@ def backward(z: Tensor, probs: Tensor, shift: Tensor, slack: Tensor, tau: Tensor
     ``alpha_grad``) to each row's alpha as ``(rows, 1)`` float32."""
     lib = library() if lib is None else lib
     z, slack, slack_stride, rows, keys = _rows(z, slack, probs=probs, grad=grad)
-    probs, grad = probs.contiguous(), grad.contiguous().to(z.dtype)
-    shift, tau = shift.contiguous(), tau.contiguous()
+    probs, grad = _plain(probs, torch.float32), _plain(grad, torch.float32)
+    shift, tau = _plain(shift, torch.float32), _plain(tau, torch.float64)
+    if shift.numel() != rows or tau.numel() != rows:
+        raise ValueError(f"shift and tau must hold one value per row ({rows}), got "
+                         f"{shift.numel()} and {tau.numel()}")
     grad_z = torch.empty_like(z)
     grad_alpha = torch.empty(rows, 1, dtype=z.dtype) if alpha_grad else None
+    # Row r starts at base + r * (bytes per row): every tensor here is contiguous.
+    z_at, probs_at, grad_at, out_at = z.data_ptr(), probs.data_ptr(), grad.data_ptr(), \
+        grad_z.data_ptr()
+    shift_at, slack_at, tau_at = shift.data_ptr(), slack.data_ptr(), tau.data_ptr()
+    alpha_at = None if grad_alpha is None else grad_alpha.data_ptr()
+    row_bytes = 4 * keys
 
     def call(start: int, stop: int) -> None:
         lib.structattn_entmax_bisect_backward_f32(
-            _address(z, start), _address(probs, start), _address(grad, start),
-            _address(shift, start), _address(slack, start * slack_stride), slack_stride,
-            _address(tau, start), _address(grad_z, start),
-            None if grad_alpha is None else _address(grad_alpha, start), stop - start, keys)
+            z_at + start * row_bytes, probs_at + start * row_bytes, grad_at + start * row_bytes,
+            shift_at + 4 * start, slack_at + 8 * start * slack_stride, slack_stride,
+            tau_at + 8 * start, out_at + start * row_bytes,
+            None if alpha_at is None else alpha_at + 4 * start, stop - start, keys)
 
     _in_chunks(call, rows, rows * keys)
     return grad_z, grad_alpha

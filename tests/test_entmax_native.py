@@ -363,4 +363,11 @@ def test_the_kernel_refuses_inputs_it_would_read_out_of_bounds_by_name():
     probs, shift, tau, *_ = _native.forward(z, slack, 50)
     with pytest.raises(ValueError, match="grad must be"):
         _native.backward(z, probs, shift, slack, tau, torch.ones(4, 8), False)
+    with pytest.raises(ValueError, match="shift and tau must hold one value per row"):
+        _native.backward(z, probs, shift[:2], slack, tau, torch.ones(4, 9), False)
+    # non-contiguous and float64 inputs are taken as the kernel needs them
+    grads = _native.backward(z.t().contiguous().t(), probs, shift, slack, tau,
+                             torch.ones(9, 4, dtype=torch.float64).t(), True)
+    reference_grads = _native.backward(z, probs, shift, slack, tau, torch.ones(4, 9), True)
+    torch.testing.assert_close(grads, reference_grads)
     assert _native.in_range(0.3) and not _native.in_range(0.05) and not _native.in_range(1.5)
