@@ -807,7 +807,10 @@ def _bisect_backward_with_alpha(
 def _fold_rows(z: Tensor, dim: int | None) -> Tensor:
     """A ``torch.func.vmap`` batch at ``dim`` of rows ``(rows, keys)`` folded into more rows:
     ``(batch * rows, keys)`` (the maps work row by row)."""
-    return z if dim is None else z.movedim(dim, 0).reshape(-1, z.shape[-1])
+    if dim is None:
+        return z
+    moved = z.movedim(dim, 0)
+    return moved.reshape(-1, moved.shape[-1])
 
 
 class _SparsemaxFunction(torch.autograd.Function):
@@ -834,7 +837,7 @@ class _SparsemaxFunction(torch.autograd.Function):
     def vmap(info: Any, in_dims: tuple, z: Tensor) -> tuple[Tensor, int | None]:
         rows = _SparsemaxFunction.apply(_fold_rows(z, in_dims[0]))
         return (rows, None) if in_dims[0] is None else (rows.reshape(
-            info.batch_size, -1, z.shape[-1]), 0)
+            info.batch_size, -1, rows.shape[-1]), 0)
 
 
 class _Entmax15Function(torch.autograd.Function):
@@ -860,7 +863,7 @@ class _Entmax15Function(torch.autograd.Function):
     def vmap(info: Any, in_dims: tuple, z: Tensor) -> tuple[Tensor, int | None]:
         rows = _Entmax15Function.apply(_fold_rows(z, in_dims[0]))
         return (rows, None) if in_dims[0] is None else (rows.reshape(
-            info.batch_size, -1, z.shape[-1]), 0)
+            info.batch_size, -1, rows.shape[-1]), 0)
 
 
 def _native_applies(z: Tensor, tol: float | None) -> bool:
@@ -1049,8 +1052,8 @@ class _FuncEntmaxBisectFunction(torch.autograd.Function):
         z_dim, alpha_dim = in_dims[0], in_dims[1]
         if z_dim is None and alpha_dim is None:
             return _FuncEntmaxBisectFunction.apply(z, alpha, n_iter, tol), None
+        z = z.movedim(z_dim, 0) if z_dim is not None else z.expand(info.batch_size, *z.shape)
         rows, keys = z.shape[-2], z.shape[-1]
-        z = z.movedim(z_dim, 0) if z_dim is not None else z.expand(info.batch_size, rows, keys)
         alpha = (alpha.movedim(alpha_dim, 0) if alpha_dim is not None
                  else alpha.expand(info.batch_size, *alpha.shape))
         alpha = alpha.expand(info.batch_size, rows, 1)

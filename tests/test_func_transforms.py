@@ -76,3 +76,11 @@ def test_per_sample_alphas_under_vmap_and_grad():
 def test_forward_mode_is_refused_rather_than_wrong(name):
     with pytest.raises(NotImplementedError, match="jvp"):
         torch.func.jacfwd(MAPS[name])(_rows()[0])
+
+
+@pytest.mark.parametrize("name", list(MAPS))
+def test_vmap_over_a_batch_in_the_last_dimension(name):
+    """The batch may sit anywhere in the physical tensor: (keys, batch) mapped over dim 1."""
+    fn, columns = MAPS[name], _rows().t()  # (keys, batch)
+    mapped = torch.func.vmap(fn, in_dims=1, out_dims=1)(columns)
+    torch.testing.assert_close(mapped, fn(columns.t()).t())
